@@ -1,0 +1,70 @@
+"""Reconstruction losses.
+
+Each loss is given as a pair of *sums* (error sum, entry count) so that a whole data set can be
+scored exactly in batches: the loss of a batch is ``sum / count`` and the loss of many batches is
+``total sum / total count``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+LOSSES = ("mse", "nonzero_mse")
+
+
+def mse_terms(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared-error sum and entry count over all entries."""
+    return ((x - x_hat) ** 2).sum(), torch.tensor(float(x.numel()), dtype=x.dtype)
+
+
+def nonzero_mse_terms(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared-error sum and entry count over the nonzero entries of the input ``x``.
+
+    With ``mask = (x != 0)`` the error sum is ``sum(mask * (x - x_hat * mask) ** 2)`` and the
+    count is ``sum(mask)``.
+    """
+    mask = (x != 0).to(x.dtype)
+    return (mask * (x - x_hat * mask) ** 2).sum(), mask.sum()
+
+
+def mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over all entries."""
+    total, count = mse_terms(x, x_hat)
+    return total / count
+
+
+def nonzero_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the nonzero entries of ``x``: ``sum(mask·(x − x̂)²) / sum(mask)``.
+
+    A batch without any nonzero entry has loss 0 (no signal to fit) rather than NaN.
+    """
+    total, count = nonzero_mse_terms(x, x_hat)
+    return total / count.clamp(min=1.0)
+
+
+LossTerms = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+_LOSS_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse": mse,
+    "nonzero_mse": nonzero_mse,
+}
+_LOSS_TERMS: dict[str, LossTerms] = {"mse": mse_terms, "nonzero_mse": nonzero_mse_terms}
+
+
+def get_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The batch loss function called ``name`` (one of :data:`LOSSES`)."""
+    _check_name(name)
+    return _LOSS_FUNCTIONS[name]
+
+
+def get_loss_terms(name: str) -> LossTerms:
+    """The (sum, count) function of the loss called ``name``."""
+    _check_name(name)
+    return _LOSS_TERMS[name]
+
+
+def _check_name(name: str) -> None:
+    if name not in _LOSS_FUNCTIONS:
+        raise ValueError(f"unknown loss '{name}'; expected one of: {', '.join(LOSSES)}")

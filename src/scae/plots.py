@@ -1,0 +1,90 @@
+"""Matplotlib figures of the study (object API only: no pyplot state, no display needed)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One scatter panel: 2-D coordinates with a title and axis names."""
+
+    title: str
+    coords: np.ndarray
+    xlabel: str = ""
+    ylabel: str = ""
+
+
+def label_colors(classes: Sequence[str]) -> dict[str, tuple]:
+    """A fixed colour per class (tab10 / tab20, then evenly spaced hues)."""
+    n = len(classes)
+    if n <= 10:
+        cmap, values = colormaps["tab10"], range(n)
+        return {c: cmap(v) for c, v in zip(classes, values)}
+    if n <= 20:
+        cmap = colormaps["tab20"]
+        return {c: cmap(i) for i, c in enumerate(classes)}
+    cmap = colormaps["turbo"]
+    return {c: cmap(i / max(1, n - 1)) for i, c in enumerate(classes)}
+
+
+def scatter_panels(panels: Sequence[Panel], labels: np.ndarray, title: str) -> Figure:
+    """Side-by-side scatter plots of the same cells, coloured by their known label."""
+    labels = np.asarray(labels)
+    classes = list(np.unique(labels))
+    colors = label_colors(classes)
+    n = len(panels)
+    fig = Figure(figsize=(4.6 * n + 1.6, 4.6), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    size = float(np.clip(30_000 / max(1, labels.size), 0.5, 12))
+    order = np.random.default_rng(0).permutation(labels.size)  # no class painted last on top
+    for ax, panel in zip(axes, panels):
+        xy = np.asarray(panel.coords)[order]
+        point_colors = [colors[c] for c in labels[order]]
+        ax.scatter(xy[:, 0], xy[:, 1], c=point_colors, s=size, linewidths=0, rasterized=True)
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_xlabel(panel.xlabel, fontsize=8)
+        ax.set_ylabel(panel.ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+    handles = [
+        axes[0].scatter([], [], color=colors[c], s=25, label=str(c)) for c in classes
+    ]
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False,
+               title="label", ncols=1 if len(classes) <= 20 else 2)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def loss_curves(
+    histories: dict[str, list[dict]], keys: Sequence[str], title: str, log_scale: bool = True
+) -> Figure:
+    """One panel per history key (e.g. ``train_loss``, ``test_loss``), one line per run."""
+    fig = Figure(figsize=(5.2 * len(keys), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        for name, history in histories.items():
+            epochs = [row["epoch"] for row in history if key in row]
+            values = [row[key] for row in history if key in row]
+            ax.plot(epochs, values, marker="o", markersize=2.5, linewidth=1.3, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.set_title(key.replace("_", " "), fontsize=10)
+        if log_scale:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
+    """Render a figure to PNG."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
