@@ -9,6 +9,7 @@ import scipy.sparse as sp
 from sklearn.decomposition import PCA
 from tqdm.auto import tqdm
 
+COVARIANCE_MAX_FEATURES = 2048
 TSNE_INPUT_DIMS = 50
 """t-SNE runs on the representation itself up to this many dimensions, else on its top PCs."""
 
@@ -31,13 +32,19 @@ class TSNEConfig:
 
 
 def fit_pca(X, n_components: int = 50, seed: int = 0) -> PCA:
-    """Fit a seeded PCA; works on dense or sparse input (sparse is centred implicitly)."""
+    """Fit a seeded PCA on dense or sparse input (sparse is centred implicitly, never densified).
+
+    Up to :data:`COVARIANCE_MAX_FEATURES` features the exact covariance eigensolver is used (one
+    pass over the data, fastest for many cells); above it a randomized (dense) or ARPACK
+    (sparse) solver.
+    """
     n_components = max(1, min(n_components, X.shape[0] - 1, X.shape[1]))
-    if sp.issparse(X):
-        solver = "covariance_eigh" if X.shape[1] <= 4096 else "arpack"
-        X = sp.csr_matrix(X, dtype=np.float32)
+    if X.shape[1] <= COVARIANCE_MAX_FEATURES and X.shape[0] > X.shape[1]:
+        solver = "covariance_eigh"
     else:
-        solver = "auto"
+        solver = "arpack" if sp.issparse(X) else "randomized"
+    if sp.issparse(X):
+        X = sp.csr_matrix(X, dtype=np.float32)
     return PCA(n_components=n_components, svd_solver=solver, random_state=seed).fit(X)
 
 

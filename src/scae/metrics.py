@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
 SILHOUETTE_MAX_CELLS = 10_000
+DENSIFY_BYTES = 1024**3
 """Silhouette is quadratic in the number of cells; above this it is computed on a seeded sample."""
 
 
@@ -25,6 +27,8 @@ def cluster_scores(
         ``ari``, ``ari_std``, ``nmi``, ``nmi_std``, ``silhouette``.
     """
     labels = np.asarray(labels)
+    if sp.issparse(X) and X.shape[0] * X.shape[1] * 4 <= DENSIFY_BYTES:
+        X = X.toarray()  # pairwise distances are several times faster dense
     k = np.unique(labels).size
     aris, nmis = [], []
     for s in range(seed, seed + n_seeds):
@@ -56,6 +60,13 @@ def convergence_epoch(losses: list[float], fraction: float = 0.95) -> int | None
     return int(np.flatnonzero(values <= target)[0])
 
 
+def epochs_to_near_best(losses: list[float], tolerance: float = 0.01) -> int:
+    """First epoch whose loss is within ``tolerance`` (relative) of the lowest loss reached."""
+    values = np.asarray(losses, dtype=float)
+    best = values.min()
+    return int(np.flatnonzero(values <= best + tolerance * abs(best))[0])
+
+
 def linear_separability(
     Z_train: np.ndarray, y_train: np.ndarray, Z_test: np.ndarray, y_test: np.ndarray, seed: int = 0
 ) -> float:
@@ -74,27 +85,35 @@ def linear_separability(
     return float(balanced_accuracy_score(y_test, classifier.predict(np.asarray(Z_test))))
 
 
-def pca_reconstruction_errors(pca, X_train, X_test, batch_size: int = 4096) -> dict[str, dict[str, float]]:
-    """MSE over all and over nonzero entries of a fitted PCA's reconstruction (a linear baseline).
+def pca_reconstruction_errors(
+    pca, X_train, X_test, n_components: list[int], batch_size: int = 4096
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Reconstruction errors of a fitted PCA truncated to each of ``n_components`` (a linear baseline).
 
-    Returns ``{"train": {"mse", "nonzero_mse"}, "test": {...}}`` computed exactly in batches.
+    PCA subspaces are nested, so one fit with the largest size serves every smaller one. Returns
+    ``{"pca<k>": {"train": {"mse", "nonzero_mse"}, "test": {...}}}`` computed exactly in batches.
     """
     import scipy.sparse as sp
     import torch
 
     from scae.losses import mse_terms, nonzero_mse_terms
 
-    out = {}
+    ks = [k for k in n_components if k <= pca.n_components_]
+    out: dict[str, dict] = {f"pca{k}": {} for k in ks}
+    mean, components = pca.mean_.astype(np.float64), pca.components_.astype(np.float64)
     for part, X in (("train", X_train), ("test", X_test)):
-        sums = {"mse": [0.0, 0.0], "nonzero_mse": [0.0, 0.0]}
+        sums = {k: {"mse": [0.0, 0.0], "nonzero_mse": [0.0, 0.0]} for k in ks}
         for start in range(0, X.shape[0], batch_size):
             x = X[start : start + batch_size]
-            x = x.toarray() if sp.issparse(x) else np.asarray(x)
-            x_hat = pca.inverse_transform(pca.transform(x))
-            xt, xh = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(x_hat.astype(np.float64))
-            for name, terms in (("mse", mse_terms), ("nonzero_mse", nonzero_mse_terms)):
-                err, count = terms(xt, xh)
-                sums[name][0] += float(err)
-                sums[name][1] += float(count)
-        out[part] = {name: (e / c if c else 0.0) for name, (e, c) in sums.items()}
+            x = (x.toarray() if sp.issparse(x) else np.asarray(x)).astype(np.float64)
+            scores = (x - mean) @ components.T
+            xt = torch.from_numpy(x)
+            for k in ks:
+                x_hat = torch.from_numpy(mean + scores[:, :k] @ components[:k])
+                for name, terms in (("mse", mse_terms), ("nonzero_mse", nonzero_mse_terms)):
+                    err, count = terms(xt, x_hat)
+                    sums[k][name][0] += float(err)
+                    sums[k][name][1] += float(count)
+        for k in ks:
+            out[f"pca{k}"][part] = {name: (e / c if c else 0.0) for name, (e, c) in sums[k].items()}
     return out

@@ -61,10 +61,11 @@ def scatter_panels(panels: Sequence[Panel], labels: np.ndarray, title: str) -> F
     return fig
 
 
-def loss_curves(
-    histories: dict[str, list[dict]], keys: Sequence[str], title: str, log_scale: bool = True
-) -> Figure:
-    """One panel per history key (e.g. ``train_loss``, ``test_loss``), one line per run."""
+def loss_curves(histories: dict[str, list[dict]], keys: Sequence[str], title: str) -> Figure:
+    """One panel per history key (e.g. ``train_loss``, ``test_loss``), one line per run.
+
+    The y axis is logarithmic when a panel's values span more than a factor of 20.
+    """
     fig = Figure(figsize=(5.2 * len(keys), 4.0), layout="constrained")
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     for ax, key in zip(axes, keys):
@@ -75,7 +76,8 @@ def loss_curves(
         ax.set_xlabel("epoch")
         ax.set_ylabel(key.replace("_", " "))
         ax.set_title(key.replace("_", " "), fontsize=10)
-        if log_scale:
+        values = [row[key] for h in histories.values() for row in h if key in row]
+        if values and min(values) > 0 and max(values) / min(values) > 20:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -25,7 +25,7 @@ DEFAULT_N_GENES = 1000
 DEFAULT_N_POPULATIONS = 3
 DEFAULT_SEED = 0
 
-CHUNK_SIZE = 10_000  #: cells per chunk; a constant, so output depends only on the arguments
+CHUNK_SIZE = 2_000  #: cells per chunk; a constant, so output depends only on the arguments
 TARGET_SUM = 1e4  #: counts per cell after library-size normalization
 
 # Count-model parameters, tuned for ~76 % zeros and populations that overlap in PCA.
@@ -36,12 +36,14 @@ DE_LOG_MEAN, DE_LOG_SD = 1.0, 0.3  # |log fold change| ~ N(mean, sd), half up, h
 MIX_MAX = 0.5  # each cell expresses a share ~ U(0, MIX_MAX) of another population's program
 LIB_LOG_MEDIAN, LIB_LOG_SD = math.log(2000.0), 0.4  # library size ~ lognormal
 DISPERSION, DISPERSION_LOG_SD = 0.3, 0.5  # NB dispersion: global × gene-wise lognormal
-DROPOUT_MID, DROPOUT_SLOPE = 1.0, 1.0  # P(drop) = expit(slope·(mid − log μ)), μ at median depth
+# P(dropout) = expit(slope·(mid − log μ)) with μ the gene's expected count in the cell's
+# expression profile at the median library size (so dropout does not track sequencing depth).
+DROPOUT_MID, DROPOUT_SLOPE = 1.0, 1.0
 
 
 def _check_args(n_cells: int, n_genes: int, n_populations: int, seed: int) -> None:
-    for name, value in [("n_cells", n_cells), ("n_genes", n_genes),
-                        ("n_populations", n_populations), ("seed", seed)]:
+    args = {"n_cells": n_cells, "n_genes": n_genes, "n_populations": n_populations, "seed": seed}
+    for name, value in args.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise ScaeInputError(f"{name}={value!r}; expected an integer")
     if n_populations < 2:
@@ -94,7 +96,7 @@ def _simulate_chunk(
     rows, cols = np.nonzero(rng.random(log_mu.shape, dtype=np.float32) >= expit(drop_logit))
     mean = np.exp(log_mu[rows, cols]) * lib[rows]  # NB noise only where nothing dropped out
     disp = dispersion[cols]
-    counts = rng.poisson(rng.gamma(1.0 / disp, mean * disp))
+    counts = rng.poisson(rng.standard_gamma(1.0 / disp) * (mean * disp))  # gamma-Poisson
     nz = counts > 0
     rows, cols, counts = rows[nz], cols[nz], counts[nz].astype(np.float32)
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])
@@ -105,6 +107,25 @@ def _simulate_chunk(
         ones = np.ones(empty.size, dtype=np.float32)
         X = (X + sp.csr_matrix((ones, (empty, top)), shape=X.shape)).tocsr()
     return X
+
+
+def _simulate(
+    n_cells: int, n_genes: int, n_populations: int, seed: int, normalize: bool
+) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Counts (or their log-normalized values), generated and optionally normalized chunk-wise."""
+    _check_args(n_cells, n_genes, n_populations, seed)
+    labels, log_base, log_fc, dispersion = _population_model(n_cells, n_genes, n_populations, seed)
+    chunks = []
+    for i, start in enumerate(range(0, n_cells, CHUNK_SIZE)):
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, i)))
+        chunk_labels = labels[start : start + CHUNK_SIZE]
+        X = _simulate_chunk(rng, chunk_labels, log_base, log_fc, dispersion)
+        if normalize:
+            scale = TARGET_SUM / np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
+            X.data *= np.repeat(scale.astype(np.float32), np.diff(X.indptr))
+            np.log1p(X.data, out=X.data)
+        chunks.append(X)
+    return sp.vstack(chunks, format="csr", dtype=np.float32), labels
 
 
 def simulate_counts(
@@ -136,14 +157,7 @@ def simulate_counts(
     ScaeInputError
         If an argument is not an integer or out of range.
     """
-    _check_args(n_cells, n_genes, n_populations, seed)
-    labels, log_base, log_fc, dispersion = _population_model(n_cells, n_genes, n_populations, seed)
-    chunks = []
-    for i, start in enumerate(range(0, n_cells, CHUNK_SIZE)):
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, i)))
-        chunk_labels = labels[start : start + CHUNK_SIZE]
-        chunks.append(_simulate_chunk(rng, chunk_labels, log_base, log_fc, dispersion))
-    return sp.vstack(chunks, format="csr", dtype=np.float32), labels
+    return _simulate(n_cells, n_genes, n_populations, seed, normalize=False)
 
 
 def simulate_dataset(
@@ -157,17 +171,19 @@ def simulate_dataset(
     Parameters
     ----------
     n_cells, n_genes, n_populations, seed
-        As for :func:`simulate_counts`.
+        As for :func:`simulate_counts`, whose counts (same arguments) this transforms.
 
     Returns
     -------
     Dataset
         Float32 CSR matrix ``log1p(counts / total * 1e4)`` with labels ``'pop0'``, ``'pop1'``, ….
+
+    Raises
+    ------
+    ScaeInputError
+        If an argument is not an integer or out of range.
     """
-    X, labels = simulate_counts(n_cells, n_genes, n_populations, seed)
-    totals = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()  # > 0 for every cell
-    X.data *= np.repeat(TARGET_SUM / totals, np.diff(X.indptr)).astype(np.float32)
-    np.log1p(X.data, out=X.data)
+    X, labels = _simulate(n_cells, n_genes, n_populations, seed, normalize=True)
     name = (
         f"built-in simulated dataset ({n_cells} cells × {n_genes} genes, "
         f"{n_populations} populations, seed {seed})"

@@ -24,7 +24,13 @@ from scae.data import Dataset, stratified_split
 from scae.embeddings import TSNEConfig, fit_pca, subsample_indices, tsne_coordinates
 from scae.errors import ScaeInputError
 from scae.files import atomic_path, check_writable, write_bytes, write_text
-from scae.metrics import cluster_scores, convergence_epoch, linear_separability, pca_reconstruction_errors
+from scae.metrics import (
+    cluster_scores,
+    convergence_epoch,
+    epochs_to_near_best,
+    linear_separability,
+    pca_reconstruction_errors,
+)
 from scae.models import Autoencoder
 from scae.plots import Panel, loss_curves, png_bytes, scatter_panels
 
@@ -88,6 +94,9 @@ class RunResult:
     reconstruction: np.ndarray
     errors: dict[str, dict[str, float]]
     convergence_epoch: int | None
+    """First epoch with 95% of the total test-loss decrease made."""
+    near_best_epoch: int
+    """First epoch with a test loss within 1% of the lowest one."""
 
 
 @dataclass
@@ -119,6 +128,7 @@ class StudyResult:
                 "history": run.model.history_,
                 "errors": run.errors,
                 "convergence_epoch": run.convergence_epoch,
+                "epoch_within_1pct_of_best": run.near_best_epoch,
             }
         return {
             "scae_version": __version__,
@@ -244,6 +254,7 @@ def run_study(
             reconstruction=reconstruction,
             errors=errors,
             convergence_epoch=convergence_epoch([row["test_loss"] for row in model.history_]),
+            near_best_epoch=epochs_to_near_best([row["test_loss"] for row in model.history_]),
         )
 
     with watch.stage("pca", "PCA of original, reconstructions and latents"):
@@ -258,10 +269,7 @@ def run_study(
         dims = sorted({spec.latent_dim for spec in config.runs})
         cumulative = np.cumsum(pca.explained_variance_ratio_)
         explained = {str(k): float(cumulative[min(k, cumulative.size) - 1]) for k in dims}
-        pca_baselines = {
-            f"pca{k}": pca_reconstruction_errors(fit_pca(X_train, k, seed), X_train, X_test)
-            for k in dims
-        }
+        pca_baselines = pca_reconstruction_errors(fit_pca(X_train, max(dims), seed), X_train, X_test, dims)
 
     representations = _score_representations(dataset, runs, views, train_idx, test_idx, embed_idx, config, watch)
 

@@ -1,0 +1,85 @@
+"""Time the default study stage by stage and record its peak memory.
+
+Usage::
+
+    .venv/bin/python benchmarks/study.py [--out benchmarks/results/study.json] [--repeats 1]
+        [--cells 5000] [--genes 1000] [--epochs 50]
+
+Runs the study on the built-in dataset exactly as ``scae study`` does (all outputs written to a
+temporary directory) and writes a JSON file with the wall time of each stage, the total, the
+peak resident memory and the machine's core count. Aim: the default study in under 60 s on
+2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import scae
+from scae.simulate import simulate_dataset
+from scae.study import StudyConfig, run_study
+
+
+def run_once(cells: int, genes: int, epochs: int, seed: int) -> dict:
+    started = time.perf_counter()
+    dataset = simulate_dataset(cells, genes, 3, 0)
+    data_seconds = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as out:
+        result = run_study(dataset, out, StudyConfig(epochs=epochs, seed=seed, progress=False), data_seconds)
+        sizes = {p.name: p.stat().st_size for p in Path(out).iterdir() if p.is_file()}
+    total = time.perf_counter() - started
+    return {
+        "total_seconds": round(total, 2),
+        "stages": {k: round(v, 3) for k, v in result.timings.items()},
+        "output_bytes": sizes,
+        "test_mse": {k: round(r.errors["test"]["mse"], 5) for k, r in result.runs.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/study.json"))
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--cells", type=int, default=5000)
+    parser.add_argument("--genes", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    runs = [run_once(args.cells, args.genes, args.epochs, args.seed) for _ in range(args.repeats)]
+    report = {
+        "benchmark": "default study, stage by stage",
+        "scae_version": scae.__version__,
+        "cells": args.cells,
+        "genes": args.genes,
+        "epochs": args.epochs,
+        "cpu_cores": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "total_seconds": [r["total_seconds"] for r in runs],
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    best = min(report["total_seconds"])
+    print(f"default study: {best:.1f} s (best of {args.repeats}), peak RSS {report['peak_rss_mib']} MiB "
+          f"on {report['cpu_cores']} cores -> {args.out}")
+    for stage, seconds in sorted(runs[0]["stages"].items(), key=lambda kv: -kv[1]):
+        print(f"  {stage:45s} {seconds:7.2f} s")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Shared fixtures: small simulated data and the end-to-end study runs (run once per session)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import scae
+from scae.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+
+# Size of the small end-to-end study (kept small so the whole suite stays fast).
+STUDY_CELLS = 300
+STUDY_GENES = 150
+STUDY_EPOCHS = 3
+SIM_SEED = 1
+
+
+def scae_env() -> dict[str, str]:
+    """Environment for a child ``python -m scae.cli`` that imports the package from src/."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+@pytest.fixture(scope="session")
+def small_dataset() -> scae.Dataset:
+    """A small simulated dataset: 300 cells × 120 genes, 3 populations, sparse CSR."""
+    return scae.simulate_dataset(300, 120, 3, seed=3)
+
+
+@pytest.fixture(scope="session")
+def small_dense(small_dataset) -> np.ndarray:
+    """The small dataset's matrix as a dense float32 array."""
+    return small_dataset.X.toarray()
+
+
+@pytest.fixture(scope="session")
+def sim_dir(tmp_path_factory) -> Path:
+    """counts.npy + labels.txt written by ``scae simulate`` (the CLI, in-process)."""
+    out = tmp_path_factory.mktemp("sim")
+    rc = main([
+        "simulate", "--out", str(out), "--cells", str(STUDY_CELLS), "--genes", str(STUDY_GENES),
+        "--populations", "3", "--seed", str(SIM_SEED),
+    ])
+    assert rc == 0
+    return out
+
+
+def study_args(sim_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "study", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+        "--out", str(out), "--epochs", str(STUDY_EPOCHS), "--quiet", "--seed", "0", *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def study_run(sim_dir, tmp_path_factory):
+    """One full study through ``python -m scae.cli`` in a child process.
+
+    Returns ``(out_dir, completed_process)``; every test that inspects the study outputs
+    shares this run.
+    """
+    out = tmp_path_factory.mktemp("study") / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "scae.cli", *study_args(sim_dir, out)],
+        cwd=REPO, env=scae_env(), capture_output=True, text=True, timeout=600,
+    )
+    return out, proc
+
+
+@pytest.fixture(scope="session")
+def study_out(study_run) -> Path:
+    """Output directory of the shared study run (fails the dependent test if the run failed)."""
+    out, proc = study_run
+    assert proc.returncode == 0, proc.stderr
+    return out

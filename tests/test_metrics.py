@@ -1,0 +1,217 @@
+"""Cluster scores, convergence, separability, PCA baselines, t-SNE and subsampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from scae.embeddings import fit_pca, pca_coordinates, subsample_indices, tsne_coordinates
+from scae.metrics import cluster_scores, convergence_epoch, linear_separability, pca_reconstruction_errors
+
+
+def blobs(n_per=60, k=3, dims=8, spread=0.3, seed=0):
+    """Well-separated Gaussian blobs (centres 10 apart) and their labels."""
+    rng = np.random.default_rng(seed)
+    centres = np.eye(k, dims) * 10.0
+    X = np.concatenate([c + spread * rng.normal(size=(n_per, dims)) for c in centres])
+    y = np.repeat([f"c{i}" for i in range(k)], n_per)
+    order = rng.permutation(len(y))
+    return X[order].astype(np.float32), y[order]
+
+
+# ---------------------------------------------------------------- convergence_epoch
+@pytest.mark.parametrize(
+    "losses,expected",
+    [
+        # start 10, min 0 -> target 10 - 0.95*10 = 0.5: first epoch with loss <= 0.5
+        ([10, 5, 2, 1, 0.5, 0.2, 0], 4),
+        ([10, 5, 2, 1, 0.6, 0.2, 0], 5),
+        # min 2 at the end -> target 10 - 0.95*8 = 2.4
+        ([10, 6, 3, 2.5, 2.4, 2.0], 4),
+        # drops at once
+        ([4.0, 1.0, 1.0, 1.0], 1),
+        # rises again after the minimum (overfitting): target from min 1 -> 4 - 2.85 = 1.15
+        ([4.0, 2.0, 1.1, 1.0, 1.5, 3.0], 2),
+        # numpy and torch floats, not only python floats
+        (list(np.array([3.0, 2.0, 1.0], dtype=np.float32)), 2),
+    ],
+)
+def test_convergence_epoch_95_percent_rule(losses, expected):
+    got = convergence_epoch(losses)
+    assert got == expected
+    assert isinstance(got, int)
+
+
+@pytest.mark.parametrize("losses", [[1.0, 1.0, 1.0], [1.0, 2.0, 3.0], [5.0], [2.0, 2.0, 2.5]])
+def test_convergence_epoch_never_decreasing_is_none(losses):
+    assert convergence_epoch(losses) is None
+
+
+@pytest.mark.parametrize(
+    "losses,expected",
+    [
+        ([10, 5, 2.015, 2.0, 2.5], 2),  # best 2.0: within 1% means <= 2.02
+        ([10, 5, 2.025, 2.0, 2.5], 3),
+        ([3.0, 3.0, 3.0], 0),
+        ([1.0, 2.0, 3.0], 0),  # the start is the best
+        ([-2.0, -2.965, -2.975, -3.0], 2),  # relative to |best|: <= -2.97
+    ],
+)
+def test_epochs_to_near_best(losses, expected):
+    from scae.metrics import epochs_to_near_best
+
+    assert epochs_to_near_best(losses) == expected
+
+
+def test_convergence_epoch_custom_fraction():
+    losses = [10, 8, 6, 4, 2, 0]
+    assert convergence_epoch(losses, fraction=0.5) == 3  # target 5
+    assert convergence_epoch(losses, fraction=1.0) == 5  # target 0
+    assert convergence_epoch(losses, fraction=0.2) == 1  # target 8
+
+
+# ---------------------------------------------------------------- cluster_scores
+def test_cluster_scores_well_separated():
+    X, y = blobs()
+    s = cluster_scores(X, y, n_seeds=3, seed=0)
+    assert set(s) == {"ari", "ari_std", "nmi", "nmi_std", "silhouette"}
+    assert s["ari"] > 0.99 and s["nmi"] > 0.99
+    assert s["silhouette"] > 0.8
+    assert 0 <= s["ari_std"] < 0.01 and 0 <= s["nmi_std"] < 0.01
+    assert all(isinstance(v, float) for v in s.values())
+
+
+def test_cluster_scores_random_labels():
+    X, y = blobs(seed=1)
+    rng = np.random.default_rng(5)
+    random_labels = rng.permutation(y)
+    s = cluster_scores(X, random_labels, n_seeds=3, seed=0)
+    assert abs(s["ari"]) < 0.05
+    assert s["nmi"] < 0.1
+    assert s["silhouette"] < 0.05
+
+
+def test_cluster_scores_deterministic_and_sampled_silhouette():
+    X, y = blobs(n_per=40, seed=2)
+    a = cluster_scores(X, y, n_seeds=2, seed=3)
+    b = cluster_scores(X, y, n_seeds=2, seed=3)
+    assert a == b
+    c = cluster_scores(X, y, n_seeds=2, seed=3, silhouette_max_cells=50)  # sampled silhouette
+    assert c["silhouette"] == pytest.approx(a["silhouette"], abs=0.05)
+    assert c["ari"] == a["ari"]
+
+
+def test_cluster_scores_ari_matches_sklearn():
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(90, 4)).astype(np.float32)
+    X[:30, 0] += 1.5  # weak structure: k-means varies by seed
+    y = np.repeat(["a", "b", "c"], 30)
+    s = cluster_scores(X, y, n_seeds=4, seed=2)
+    aris = [adjusted_rand_score(y, KMeans(3, n_init=1, random_state=r).fit_predict(X)) for r in range(2, 6)]
+    assert s["ari"] == pytest.approx(np.mean(aris), abs=1e-12)
+    assert s["ari_std"] == pytest.approx(np.std(aris), abs=1e-12)
+    assert s["silhouette"] == pytest.approx(silhouette_score(X, y), abs=1e-6)
+
+
+# ---------------------------------------------------------------- linear_separability
+def test_linear_separability_separable_and_shuffled():
+    X, y = blobs(n_per=80, seed=3)
+    Xtr, ytr, Xte, yte = X[:160], y[:160], X[160:], y[160:]
+    assert linear_separability(Xtr, ytr, Xte, yte) > 0.99
+    rng = np.random.default_rng(0)
+    ytr_shuffled = rng.permutation(ytr)
+    acc = linear_separability(Xtr, ytr_shuffled, Xte, yte)
+    assert acc < 0.6  # chance is 1/3
+    assert 0.0 <= acc <= 1.0
+
+
+# ---------------------------------------------------------------- PCA baselines
+@pytest.mark.parametrize("sparse", [False, True])
+def test_pca_reconstruction_errors_match_numpy(small_dense, sparse):
+    X = small_dense
+    X_train, X_test = X[:220], X[220:]
+    wrap = sp.csr_matrix if sparse else (lambda M: M)
+    pca = fit_pca(wrap(X_train), 10, seed=0)
+    got = pca_reconstruction_errors(pca, wrap(X_train), wrap(X_test), [2, 10, 50], batch_size=64)
+    assert set(got) == {"pca2", "pca10"}  # 50 > the fitted 10 components: not reported
+    comps = pca.components_.astype(np.float64)
+    mean = pca.mean_.astype(np.float64)
+    for k in (2, 10):
+        for part, M in (("train", X_train), ("test", X_test)):
+            M = M.astype(np.float64)
+            R = (M - mean) @ comps[:k].T @ comps[:k] + mean
+            mask = M != 0
+            assert got[f"pca{k}"][part]["mse"] == pytest.approx(np.mean((M - R) ** 2), rel=1e-6)
+            assert got[f"pca{k}"][part]["nonzero_mse"] == pytest.approx(
+                np.sum((M[mask] - R[mask]) ** 2) / mask.sum(), rel=1e-6
+            )
+
+
+def test_pca_truncation_equals_separately_fitted_pca(small_dense):
+    """The top k of a larger PCA reconstruct like a PCA fitted with k components."""
+    X_train, X_test = small_dense[:220].astype(np.float64), small_dense[220:].astype(np.float64)
+    got = pca_reconstruction_errors(fit_pca(X_train, 20), X_train, X_test, [3, 20])
+    for k in (3, 20):
+        own = fit_pca(X_train, k)
+        for part, M in (("train", X_train), ("test", X_test)):
+            R = own.inverse_transform(own.transform(M))
+            assert got[f"pca{k}"][part]["mse"] == pytest.approx(np.mean((M - R) ** 2), rel=1e-4)
+    assert got["pca3"]["train"]["mse"] > got["pca20"]["train"]["mse"]
+
+
+def test_fit_pca_caps_components():
+    X = np.random.default_rng(0).normal(size=(20, 7))
+    assert fit_pca(X, 50).n_components_ == 7
+    assert fit_pca(X[:5], 50).n_components_ == 4
+    assert pca_coordinates(X, 3).shape == (20, 3)
+    assert pca_coordinates(X, 3).dtype == np.float32
+
+
+# ---------------------------------------------------------------- t-SNE
+@pytest.fixture(scope="module")
+def tsne_input():
+    X, y = blobs(n_per=70, k=3, dims=60, spread=1.0, seed=4)  # > 50 dims: PCA first
+    return X[:200], y[:200]
+
+
+def test_tsne_shape_dtype_deterministic(tsne_input):
+    X, y = tsne_input
+    a = tsne_coordinates(X, seed=0)
+    b = tsne_coordinates(X, seed=0)
+    assert a.shape == (200, 2)
+    assert a.dtype == np.float32
+    assert np.all(np.isfinite(a))
+    np.testing.assert_array_equal(a, b)
+    # the embedding keeps the separated blobs apart
+    s = cluster_scores(a, y, n_seeds=2)
+    assert s["ari"] > 0.95
+
+
+def test_tsne_different_seed_differs(tsne_input):
+    X, _ = tsne_input
+    from scae.embeddings import TSNEConfig
+
+    fast = TSNEConfig(early_exaggeration_iter=50, n_iter=50)
+    a = tsne_coordinates(X[:120, :20], seed=0, config=fast)
+    b = tsne_coordinates(X[:120, :20], seed=1, config=fast)
+    assert a.shape == (120, 2)
+    assert not np.allclose(a, b)
+
+
+# ---------------------------------------------------------------- subsample_indices
+def test_subsample_indices():
+    idx = subsample_indices(1000, 123, seed=5)
+    assert idx.size == 123
+    assert np.all(np.diff(idx) > 0)  # sorted and unique
+    assert idx.min() >= 0 and idx.max() < 1000
+    np.testing.assert_array_equal(idx, subsample_indices(1000, 123, seed=5))
+    assert not np.array_equal(idx, subsample_indices(1000, 123, seed=6))
+
+
+@pytest.mark.parametrize("n,max_cells", [(50, None), (50, 50), (50, 80)])
+def test_subsample_indices_keeps_all_when_small(n, max_cells):
+    np.testing.assert_array_equal(subsample_indices(n, max_cells, seed=1), np.arange(n))
