@@ -143,11 +143,6 @@ def test_text_file_instead_of_npy(tmp_path):
     assert ".npy" in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: data._load_npy reports any non-.npy file (e.g. CSV text) as 'holds Python objects "
-    "(needs pickle …)', because np.load(allow_pickle=False) falls back to the pickle branch",
-)
 def test_text_file_error_names_the_real_problem(tmp_path):
     path = tmp_path / "counts.npy"
     path.write_text("gene1,gene2\n1,2\n")
@@ -487,3 +482,14 @@ def test_split_too_few_cells(labels):
 def test_split_smallest_label_named():
     msg = input_error(stratified_split, np.array(["a"] * 10 + ["rare"]), 0.2, 0)
     assert "label 'rare' has 1 cell(s)" in msg
+
+
+def test_read_h5ad_without_X_needs_layer(tmp_path):
+    obs = pd.DataFrame({"ct": ["a", "b", "a", "b"]}, index=list("wxyz"))
+    layer = sp.csr_matrix(np.arange(12, dtype=np.float32).reshape(4, 3))
+    path = tmp_path / "nox.h5ad"
+    ad.AnnData(obs=obs, var=pd.DataFrame(index=["g1", "g2", "g3"]), layers={"counts": layer}).write_h5ad(path)
+    msg = input_error(read_h5ad, path, "ct")
+    assert str(path) in msg and "X is empty" in msg and "--layer" in msg
+    ds = read_h5ad(path, "ct", layer="counts")
+    np.testing.assert_array_equal(ds.X.toarray(), layer.toarray())

@@ -215,3 +215,12 @@ def test_subsample_indices():
 @pytest.mark.parametrize("n,max_cells", [(50, None), (50, 50), (50, 80)])
 def test_subsample_indices_keeps_all_when_small(n, max_cells):
     np.testing.assert_array_equal(subsample_indices(n, max_cells, seed=1), np.arange(n))
+
+
+def test_cluster_scores_sparse_equals_dense(small_dataset, small_dense):
+    labels = small_dataset.labels
+    a = cluster_scores(small_dataset.X, labels, n_seeds=2)
+    b = cluster_scores(small_dense, labels, n_seeds=2)
+    assert a["ari"] == pytest.approx(b["ari"], abs=1e-9)
+    assert a["nmi"] == pytest.approx(b["nmi"], abs=1e-9)
+    assert a["silhouette"] == pytest.approx(b["silhouette"], abs=1e-5)

@@ -267,11 +267,6 @@ def test_unfitted_save_raises(tmp_path):
     assert not (tmp_path / "m.pt").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: models.Autoencoder.transform/reconstruct/... evaluate self.net_ before self._source(X), "
-    "so an unfitted model raises AttributeError instead of the intended RuntimeError('not fitted')",
-)
 @pytest.mark.parametrize("method", ["transform", "reconstruct", "transform_and_reconstruct", "reconstruction_error"])
 def test_unfitted_model_raises_not_fitted(small_dense, method):
     with pytest.raises(RuntimeError, match="not fitted"):
@@ -284,21 +279,11 @@ def test_unfitted_model_raises(small_dense, method):
         getattr(Autoencoder(), method)(small_dense)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Autoencoder.fit checks eval_X's width before n_features_in_ is set, so on a fresh "
-    "model the check is a no-op and a wrong-width eval_X fails inside torch (RuntimeError)",
-)
 def test_fit_rejects_eval_matrix_with_wrong_genes(small_dense):
     with pytest.raises(ValueError, match="genes"):
         Autoencoder(latent_dim=2, hidden=(4,), epochs=1).fit(small_dense, eval_X=small_dense[:, :100])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Autoencoder.fit compares eval_X with the n_features_in_ of the PREVIOUS fit, so "
-    "refitting on a different gene set with eval_X raises ValueError",
-)
 def test_refit_on_other_genes_with_eval(small_dense):
     m = Autoencoder(latent_dim=2, hidden=(4,), epochs=1).fit(small_dense)
     m.fit(small_dense[:, :100], eval_X=small_dense[:50, :100])

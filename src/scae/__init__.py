@@ -2,25 +2,37 @@
 
 Train autoencoders on cells × genes expression matrices, extract latent representations,
 reconstruct (denoise) the data, and measure whether cell populations stay apart.
+
+The public names below are imported lazily, so ``import scae.embeddings`` (for instance in a
+t-SNE worker process) does not pay for importing PyTorch.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from scae.data import Dataset, make_dataset, read_counts_labels, read_h5ad  # noqa: E402
-from scae.errors import ScaeInputError  # noqa: E402
-from scae.models import Autoencoder  # noqa: E402
-from scae.simulate import simulate_dataset  # noqa: E402
-from scae.study import StudyConfig, StudyResult, run_study  # noqa: E402
+_EXPORTS = {
+    "Autoencoder": "scae.models",
+    "Dataset": "scae.data",
+    "ScaeInputError": "scae.errors",
+    "StudyConfig": "scae.study",
+    "StudyResult": "scae.study",
+    "make_dataset": "scae.data",
+    "read_counts_labels": "scae.data",
+    "read_h5ad": "scae.data",
+    "run_study": "scae.study",
+    "simulate_dataset": "scae.simulate",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "Autoencoder",
-    "Dataset",
-    "ScaeInputError",
-    "StudyConfig",
-    "StudyResult",
-    "make_dataset",
-    "read_counts_labels",
-    "read_h5ad",
-    "run_study",
-    "simulate_dataset",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'scae' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

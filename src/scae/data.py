@@ -207,8 +207,19 @@ def read_counts_labels(counts_path: str | Path, labels_path: str | Path) -> Data
     )
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
 def _load_npy(path: Path) -> np.ndarray:
     _check_readable(path, "counts file")
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(len(NPY_MAGIC))
+    except OSError as err:
+        raise ScaeInputError(f"{path}: cannot be read ({err.strerror})") from None
+    if head != NPY_MAGIC:
+        kind = " (it is a .npz archive)" if head.startswith(b"PK") else ""
+        raise ScaeInputError(f"{path}: not a NumPy .npy file{kind}; expected a cells × genes matrix saved with numpy.save")
     try:
         X = np.load(path, allow_pickle=False)
     except ValueError as err:
@@ -220,9 +231,6 @@ def _load_npy(path: Path) -> np.ndarray:
         raise ScaeInputError(f"{path}: not a readable NumPy .npy file ({err})") from None
     except (OSError, EOFError) as err:
         raise ScaeInputError(f"{path}: cannot be read as a NumPy .npy file ({err})") from None
-    if isinstance(X, np.lib.npyio.NpzFile):
-        X.close()
-        raise ScaeInputError(f"{path}: is an .npz archive; expected a single .npy matrix")
     return as_matrix(X, str(path))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,32 +55,21 @@ def pca_coordinates(X, n_components: int = 50, seed: int = 0) -> np.ndarray:
     return fit_pca(X, n_components, seed).transform(X).astype(np.float32)
 
 
-def tsne_coordinates(
-    X,
-    seed: int = 0,
-    config: TSNEConfig = TSNEConfig(),
-    n_jobs: int = 1,
-    progress: bool = False,
-    description: str = "t-SNE",
-) -> np.ndarray:
-    """2-D openTSNE embedding with PCA initialisation.
+def tsne_input(X, seed: int = 0) -> np.ndarray:
+    """What t-SNE runs on: ``X`` itself up to :data:`TSNE_INPUT_DIMS` columns, else its top PCs."""
+    if X.shape[1] > TSNE_INPUT_DIMS:
+        X = pca_coordinates(X, TSNE_INPUT_DIMS, seed)
+    elif sp.issparse(X):
+        X = X.toarray()
+    return np.asarray(X, dtype=np.float64)
 
-    ``X`` with more than :data:`TSNE_INPUT_DIMS` columns is first reduced to its top 50
-    principal components.
-    """
+
+def tsne_coordinates(X, seed: int = 0, config: TSNEConfig = TSNEConfig(), n_jobs: int = 1) -> np.ndarray:
+    """2-D openTSNE embedding of ``X`` (reduced by :func:`tsne_input`), PCA initialisation, seeded."""
     from openTSNE import TSNE
 
-    X = pca_coordinates(X, TSNE_INPUT_DIMS, seed) if X.shape[1] > TSNE_INPUT_DIMS else X
-    X = np.asarray(X, dtype=np.float64)
+    X = tsne_input(X, seed)
     n = X.shape[0]
-    total = config.early_exaggeration_iter + config.n_iter
-    every = 25
-    bar = tqdm(total=total, desc=description, unit="it", disable=not progress, leave=False)
-
-    def advance(iteration: int, error: float, embedding: np.ndarray) -> bool:
-        bar.update(every)
-        return False
-
     tsne = TSNE(
         n_components=2,
         perplexity=min(config.perplexity, max(1.0, (n - 1) / 3.0)),
@@ -89,14 +80,49 @@ def tsne_coordinates(
         initialization="pca",
         n_jobs=n_jobs,
         random_state=seed,
-        callbacks=advance if progress else None,
-        callbacks_every_iters=every,
     )
+    return np.asarray(tsne.fit(X), dtype=np.float32)
+
+
+def _single_threaded_tsne(X: np.ndarray, seed: int, config: TSNEConfig) -> np.ndarray:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return tsne_coordinates(X, seed, config, n_jobs=1)
+
+
+def tsne_many(
+    inputs: dict[str, np.ndarray],
+    seed: int = 0,
+    config: TSNEConfig = TSNEConfig(),
+    workers: int = 1,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """t-SNE of several matrices, run side by side in ``workers`` single-threaded processes.
+
+    Independent single-threaded runs use the cores better than one multi-threaded run at a
+    time (openTSNE's threads scale poorly, and badly when the machine is busy). Results do not
+    depend on ``workers``.
+    """
+    reduced = {key: tsne_input(X, seed) for key, X in inputs.items()}
+    bar = tqdm(total=len(reduced), desc="t-SNE", unit="embedding", disable=not progress, leave=False)
     try:
-        embedding = tsne.fit(X)
+        if workers <= 1 or len(reduced) <= 1:
+            out = {}
+            for key, X in reduced.items():
+                out[key] = _single_threaded_tsne(X, seed, config)
+                bar.update()
+            return out
+        context = multiprocessing.get_context("spawn")  # no fork after OpenMP/torch threads
+        with ProcessPoolExecutor(max_workers=min(workers, len(reduced)), mp_context=context) as pool:
+            futures = {pool.submit(_single_threaded_tsne, X, seed, config): key for key, X in reduced.items()}
+            out = {}
+            for future in as_completed(futures):
+                out[futures[future]] = future.result()
+                bar.update()
+        return {key: out[key] for key in reduced}
     finally:
         bar.close()
-    return np.asarray(embedding, dtype=np.float32)
 
 
 def subsample_indices(n: int, max_cells: int | None, seed: int = 0) -> np.ndarray:

@@ -81,8 +81,9 @@ def linear_separability(
     from sklearn.preprocessing import StandardScaler
 
     classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
-    classifier.fit(np.asarray(Z_train), y_train)
-    return float(balanced_accuracy_score(y_test, classifier.predict(np.asarray(Z_test))))
+    dense = lambda Z: Z.toarray() if sp.issparse(Z) else np.asarray(Z)  # noqa: E731
+    classifier.fit(dense(Z_train), y_train)
+    return float(balanced_accuracy_score(y_test, classifier.predict(dense(Z_test))))
 
 
 def pca_reconstruction_errors(

@@ -144,7 +144,10 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         test = None
         if eval_X is not None:
             eval_X = as_matrix(eval_X, "evaluation matrix")
-            self._check_n_features(eval_X)
+            if eval_X.shape[1] != X.shape[1]:
+                raise ValueError(
+                    f"eval_X has {eval_X.shape[1]} genes (columns); the training matrix has {X.shape[1]}"
+                )
             test = RowSource(eval_X)
         self.n_features_in_ = int(X.shape[1])
         self.net_ = self._build(self.n_features_in_)
@@ -178,19 +181,23 @@ class Autoencoder(TransformerMixin, BaseEstimator):
 
     def transform(self, X) -> np.ndarray:
         """Latent representation, cells × ``latent_dim``."""
-        return encode(self.net_, self._source(X))
+        source = self._source(X)
+        return encode(self.net_, source)
 
     def reconstruct(self, X) -> np.ndarray:
         """Reconstructed (denoised) expression, cells × genes."""
-        return predict(self.net_, self._source(X))[1]
+        source = self._source(X)
+        return predict(self.net_, source)[1]
 
     def transform_and_reconstruct(self, X) -> tuple[np.ndarray, np.ndarray]:
         """Latent representation and reconstruction in one pass."""
-        return predict(self.net_, self._source(X))
+        source = self._source(X)
+        return predict(self.net_, source)
 
     def reconstruction_error(self, X) -> dict[str, float]:
         """MSE over all entries (``mse``) and over the nonzero entries (``nonzero_mse``)."""
-        return evaluate_losses(self.net_, self._source(X))
+        source = self._source(X)
+        return evaluate_losses(self.net_, source)
 
     def save(self, path: str | Path) -> None:
         """Save parameters, weights and history to one file (written atomically)."""

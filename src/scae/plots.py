@@ -52,8 +52,8 @@ def scatter_panels(panels: Sequence[Panel], labels: np.ndarray, title: str) -> F
         ax.set_xlabel(panel.xlabel, fontsize=8)
         ax.set_ylabel(panel.ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
-    handles = [
-        axes[0].scatter([], [], color=colors[c], s=25, label=str(c)) for c in classes
+    handles = [  # "$" would start matplotlib mathtext in a user's label
+        axes[0].scatter([], [], color=colors[c], s=25, label=str(c).replace("$", r"\$")) for c in classes
     ]
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False,
                title="label", ncols=1 if len(classes) <= 20 else 2)

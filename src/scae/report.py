@@ -304,6 +304,12 @@ def _section_q2(result: StudyResult, metrics: dict, images: dict) -> str:
     )
 
 
+def _largest_pca(reps: dict) -> str:
+    """Key of the input's largest PCA representation ('' when there is none)."""
+    keys = [k for k in reps if k.startswith("original_pca")]
+    return max(keys, key=lambda k: reps[k]["dims"]) if keys else ""
+
+
 def _section_q3(result: StudyResult, images: dict) -> str:
     run = _roles(result)["q3"]
     if run is None:
@@ -316,14 +322,16 @@ def _section_q3(result: StudyResult, images: dict) -> str:
                      f"as well as on the original, within {SURVIVES_ARI_DROP} ARI.")
     else:
         items.append(f"The reconstruction loses cluster structure: its k-means ARI is {drop:.3f} below the original's.")
-    items.append(_compare_scores(reps, "original_pca50", f"{n}_reconstruction", "the top 50 PCs of the input", f"the {n} reconstruction"))
+    pcs = _largest_pca(reps)
+    if pcs:
+        items.append(_compare_scores(reps, pcs, f"{n}_reconstruction", f"the top {reps[pcs]['dims']} PCs of the input", f"the {n} reconstruction"))
     return (
         f"<section><h2>Q3 · Do the clusters survive reconstruction? ({n})</h2>"
         "<p>Left: the input; right: its reconstruction. The PCA panels share the input's principal axes, so "
         "positions are directly comparable; each t-SNE is computed on its own data (top 50 PCs), with the same seed.</p>"
         + _figure(images, "q3_pca_original_vs_reconstruction", "PCA of original vs reconstruction")
         + _figure(images, "q3_tsne_original_vs_reconstruction", "t-SNE of original vs reconstruction")
-        + _table(SCORE_HEADER, _score_rows(reps, ["original", "original_pca50", f"{n}_reconstruction", f"{n}_latent"]))
+        + _table(SCORE_HEADER, _score_rows(reps, ["original", pcs, f"{n}_reconstruction", f"{n}_latent"]))
         + _findings(items)
         + "</section>"
     )

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from scae import __version__
 from scae.data import Dataset, stratified_split
-from scae.embeddings import TSNEConfig, fit_pca, subsample_indices, tsne_coordinates
+from scae.embeddings import TSNEConfig, fit_pca, subsample_indices, tsne_many
 from scae.errors import ScaeInputError
 from scae.files import atomic_path, check_writable, write_bytes, write_text
 from scae.metrics import (
@@ -169,7 +169,8 @@ class StudyResult:
 
 
 def _jsonable(params: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
+    """Estimator parameters for JSON; ``progress`` is left out (it does not change results)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items() if k != "progress"}
 
 
 class _Stopwatch:
@@ -273,11 +274,9 @@ def run_study(
 
     representations = _score_representations(dataset, runs, views, train_idx, test_idx, embed_idx, config, watch)
 
-    for key, matrix, title in _tsne_inputs(X, runs):
-        with watch.stage(f"tsne_{key}", f"t-SNE of {title} ({embed_idx.size} cells)"):
-            views[key] = tsne_coordinates(
-                matrix[embed_idx], seed, config.tsne, _n_jobs(), config.progress, f"t-SNE {title}"
-            )
+    tsne_inputs = {key: matrix[embed_idx] for key, matrix in _tsne_inputs(X, runs)}
+    with watch.stage("tsne", f"t-SNE of {len(tsne_inputs)} representations ({embed_idx.size} cells)"):
+        views.update(tsne_many(tsne_inputs, seed, config.tsne, _n_jobs(), config.progress))
 
     result = StudyResult(
         dataset=dataset,
@@ -298,13 +297,14 @@ def run_study(
 
 
 def _tsne_inputs(X, runs: dict[str, RunResult]):
-    yield "X_tsne", X, "original"
+    """(obsm key, matrix) of every representation that gets a t-SNE."""
+    yield "X_tsne", X
     for name, run in runs.items():
         if run.spec.tsne_reconstruction:
-            yield f"X_{name}_reconstruction_tsne", run.reconstruction, f"{name} reconstruction"
+            yield f"X_{name}_reconstruction_tsne", run.reconstruction
     for name, run in runs.items():
         if run.spec.tsne_latent:
-            yield f"X_{name}_tsne", run.latent, f"{name} latent"
+            yield f"X_{name}_tsne", run.latent
 
 
 def _score_representations(dataset, runs, views, train_idx, test_idx, embed_idx, config, watch) -> dict:

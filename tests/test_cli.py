@@ -1,0 +1,528 @@
+"""The command line end to end: simulate, study outputs, consistency, determinism, bad input."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from conftest import STUDY_CELLS, STUDY_EPOCHS, STUDY_GENES, SIM_SEED, study_args
+from sklearn.decomposition import PCA
+from sklearn.metrics import silhouette_score
+
+import scae
+from scae.cli import main
+from scae.report import figure_plan
+from scae.study import DEFAULT_RUNS
+
+RUN_NAMES = ["ae10", "ae50", "ae2", "ae10_nonzero"]
+LATENT = {"ae10": 10, "ae50": 50, "ae2": 2, "ae10_nonzero": 10}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def strict_json(path: Path) -> dict:
+    """Load JSON refusing NaN/Infinity (which are not valid JSON)."""
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def conv_epoch_95(losses):
+    """The 95% rule, written out independently of scae.metrics."""
+    start, low = losses[0], min(losses)
+    if not start > low:
+        return None
+    for epoch, value in enumerate(losses):
+        if start - value >= 0.95 * (start - low) - 1e-12:
+            return epoch
+
+
+def expected_figure_stems(metrics: dict) -> set[str]:
+    """Stems report.figure_plan names for the default runs (a light stand-in for StudyResult)."""
+    runs = {
+        spec.name: SimpleNamespace(
+            spec=spec,
+            model=SimpleNamespace(history_=metrics["runs"][spec.name]["history"]),
+            convergence_epoch=metrics["runs"][spec.name]["convergence_epoch"],
+        )
+        for spec in DEFAULT_RUNS
+    }
+    return set(figure_plan(SimpleNamespace(runs=runs)))
+
+
+# ---------------------------------------------------------------- shared outputs
+@pytest.fixture(scope="module")
+def metrics(study_out) -> dict:
+    return strict_json(study_out / "metrics.json")
+
+
+@pytest.fixture(scope="module")
+def results(study_out):
+    return ad.read_h5ad(study_out / "results.h5ad")
+
+
+@pytest.fixture(scope="module")
+def report(study_out) -> str:
+    return (study_out / "report.html").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def inputs(sim_dir):
+    X = np.load(sim_dir / "counts.npy")
+    labels = (sim_dir / "labels.txt").read_text().splitlines()
+    return X, np.array(labels)
+
+
+# ---------------------------------------------------------------- simulate
+def test_simulate_writes_readable_files(sim_dir):
+    counts, labels = sim_dir / "counts.npy", sim_dir / "labels.txt"
+    X = np.load(counts, allow_pickle=False)
+    assert X.shape == (STUDY_CELLS, STUDY_GENES) and X.dtype == np.float32
+    lines = labels.read_text().splitlines()
+    assert len(lines) == STUDY_CELLS
+    assert set(lines) == {"pop0", "pop1", "pop2"}
+    expected = scae.simulate_dataset(STUDY_CELLS, STUDY_GENES, 3, SIM_SEED)
+    np.testing.assert_array_equal(X, expected.X.toarray())
+    assert lines == expected.labels.tolist()
+    ds = scae.read_counts_labels(counts, labels)
+    assert ds.n_cells == STUDY_CELLS and ds.n_genes == STUDY_GENES
+    assert not list(sim_dir.glob(".*.part"))
+
+
+def test_simulate_bad_arguments_exit_2(tmp_path, capsys):
+    rc = main(["simulate", "--out", str(tmp_path / "s"), "--cells", "3", "--populations", "3"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scae: error: ") and "n_cells=3" in err
+    assert not (tmp_path / "s" / "counts.npy").exists()
+
+
+# ---------------------------------------------------------------- the subprocess run
+def test_study_subprocess_exit_code_and_clean_stderr(study_run):
+    out, proc = study_run
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "scae: training" not in proc.stderr  # --quiet: no stage messages
+    assert str(out / "report.html") in proc.stdout
+
+
+def test_output_files_exist(study_out, metrics):
+    for name in ("report.html", "metrics.json", "results.h5ad"):
+        assert (study_out / name).is_file() and (study_out / name).stat().st_size > 0
+    assert sorted(p.name for p in (study_out / "models").iterdir()) == sorted(f"{n}.pt" for n in RUN_NAMES)
+    stems = expected_figure_stems(metrics)
+    assert len(stems) >= 8
+    assert {p.stem for p in (study_out / "figures").glob("*.png")} == stems
+    for png in (study_out / "figures").glob("*.png"):
+        assert png.read_bytes()[:8] == PNG_MAGIC
+    assert not list(study_out.rglob("*.part"))  # no temporary files left
+
+
+# ---------------------------------------------------------------- report.html
+def test_report_is_self_contained(report, study_out):
+    assert report.startswith("<!DOCTYPE html>")
+    assert report.rstrip().endswith("</html>")
+    assert "data:image/png;base64," in report
+    assert 'src="http' not in report and "src='http" not in report
+    assert "<script" not in report.lower()
+    assert "<link" not in report.lower()
+    # every figure file is embedded, byte for byte
+    pngs = sorted((study_out / "figures").glob("*.png"))
+    assert report.count("<img ") == len(pngs)
+    for png in pngs:
+        assert base64.b64encode(png.read_bytes()).decode("ascii") in report
+        assert f"figures/{png.name}" in report
+
+
+def test_report_sections_and_findings(report, metrics):
+    for q in ("Q1", "Q2", "Q3", "Q4", "Q5"):
+        assert f"<h2>{q} " in report
+    assert report.index("<h2>Q1") < report.index("<h2>Q2") < report.index("<h2>Q3") < report.index("<h2>Q4") < report.index("<h2>Q5")
+    assert report.count("Findings") >= 5
+    split = metrics["split"]
+    assert f"{split['n_train']} training / {split['n_test']} test cells" in report
+    assert f"{STUDY_CELLS} cells × {STUDY_GENES} genes" in report
+    assert "counts.npy + labels.txt" in report
+    assert f"{STUDY_EPOCHS} epochs" in report
+
+
+# ---------------------------------------------------------------- metrics.json
+def test_metrics_structure(metrics, inputs):
+    X, labels = inputs
+    assert {"dataset", "config", "split", "runs", "representations", "timings"} <= set(metrics)
+    d = metrics["dataset"]
+    assert d["n_cells"] == STUDY_CELLS and d["n_genes"] == STUDY_GENES
+    assert d["storage"] == "dense"
+    classes, counts = np.unique(labels, return_counts=True)
+    assert d["label_counts"] == {str(c): int(n) for c, n in zip(classes, counts)}
+    assert d["zero_fraction"] == pytest.approx(float(np.mean(X == 0)), abs=1e-6)
+    assert d["value_min"] == pytest.approx(float(X.min())) and d["value_max"] == pytest.approx(float(X.max()))
+    cfg = metrics["config"]
+    assert cfg["epochs"] == STUDY_EPOCHS and cfg["seed"] == 0 and cfg["hidden"] == [100]
+    assert "progress" not in cfg
+    split = metrics["split"]
+    assert split["n_test"] == math.ceil(0.2 * STUDY_CELLS)
+    assert split["n_train"] + split["n_test"] == STUDY_CELLS
+    assert split["n_scored"] == STUDY_CELLS
+    assert sorted(metrics["runs"]) == sorted(RUN_NAMES)
+    assert all(isinstance(v, (int, float)) and v >= 0 for v in metrics["timings"].values())
+    assert {f"train_{n}" for n in RUN_NAMES} <= set(metrics["timings"])
+
+
+@pytest.mark.parametrize("name", RUN_NAMES)
+def test_metrics_runs(metrics, name):
+    run = metrics["runs"][name]
+    assert run["latent_dim"] == LATENT[name]
+    assert run["loss"] == ("nonzero_mse" if name.endswith("nonzero") else "mse")
+    assert run["model_params"]["latent_dim"] == LATENT[name]
+    assert run["model_params"]["epochs"] == STUDY_EPOCHS
+    h = run["history"]
+    assert len(h) == STUDY_EPOCHS + 1
+    assert [r["epoch"] for r in h] == list(range(STUDY_EPOCHS + 1))
+    for r in h:
+        assert {"train_loss", "test_loss", "test_mse"} <= set(r)
+        assert all(math.isfinite(r[k]) for k in ("train_loss", "test_loss", "test_mse"))
+    for part in ("train", "test"):
+        assert set(run["errors"][part]) == {"mse", "nonzero_mse"}
+        assert all(v > 0 and math.isfinite(v) for v in run["errors"][part].values())
+    losses = [r["test_loss"] for r in h]
+    assert run["convergence_epoch"] == conv_epoch_95(losses)
+    if "epoch_within_1pct_of_best" in run:
+        best = min(losses)
+        assert run["epoch_within_1pct_of_best"] == next(i for i, v in enumerate(losses) if v <= best + 0.01 * abs(best))
+    # the history's last test numbers are the final errors on the test cells
+    assert h[-1]["test_mse"] == pytest.approx(run["errors"]["test"]["mse"], rel=1e-5)
+    assert h[-1]["test_loss"] == pytest.approx(run["errors"]["test"][run["loss"]], rel=1e-5)
+    assert h[-1]["test_loss"] < h[0]["test_loss"]  # even 3 epochs improve on the untrained net
+
+
+def test_metrics_representations(metrics):
+    reps = metrics["representations"]
+    expected = {"original", "original_pca2", "original_pca10", "original_pca50"}
+    expected |= {f"{n}_latent" for n in RUN_NAMES} | {f"{n}_reconstruction" for n in RUN_NAMES}
+    assert set(reps) == expected
+    for key, r in reps.items():
+        assert -0.5 <= r["ari"] <= 1 and 0 <= r["nmi"] <= 1 and -1 <= r["silhouette"] <= 1, key
+        assert r["ari_std"] >= 0 and r["nmi_std"] >= 0
+        if r["dims"] <= 50:
+            assert 0 <= r["linear_accuracy"] <= 1
+        else:
+            assert "linear_accuracy" not in r
+    for n in RUN_NAMES:
+        assert reps[f"{n}_latent"]["dims"] == LATENT[n]
+        assert reps[f"{n}_reconstruction"]["dims"] == STUDY_GENES
+    assert reps["original"]["dims"] == STUDY_GENES
+    assert reps["original_pca10"]["dims"] == 10
+
+
+def test_metrics_pca_baselines_match_sklearn(metrics, results):
+    X = np.asarray(results.X, dtype=np.float64)
+    test = (results.obs["split"] == "test").to_numpy()
+    base = metrics["pca_baselines"]
+    assert set(base) == {"pca2", "pca10", "pca50"}
+    for k in (2, 10, 50):
+        pca = PCA(n_components=k, svd_solver="full").fit(X[~test])
+        for part, M in (("train", X[~test]), ("test", X[test])):
+            R = pca.inverse_transform(pca.transform(M))
+            mask = M != 0
+            assert base[f"pca{k}"][part]["mse"] == pytest.approx(np.mean((M - R) ** 2), rel=1e-3)
+            assert base[f"pca{k}"][part]["nonzero_mse"] == pytest.approx(
+                np.sum((M[mask] - R[mask]) ** 2) / mask.sum(), rel=1e-3
+            )
+    ev = metrics["pca_explained_variance"]
+    cumulative = np.cumsum(PCA(n_components=50, svd_solver="full").fit(X).explained_variance_ratio_)
+    for k in (2, 10, 50):
+        assert ev[str(k)] == pytest.approx(cumulative[k - 1], rel=1e-4)
+
+
+# ---------------------------------------------------------------- results.h5ad
+def test_results_h5ad_contents(results, inputs, metrics):
+    X, labels = inputs
+    n = STUDY_CELLS
+    assert results.shape == (n, STUDY_GENES)
+    np.testing.assert_array_equal(np.asarray(results.X), X)
+    assert results.obs["label"].astype(str).tolist() == labels.tolist()
+    assert (results.obs["split"] == "test").sum() == metrics["split"]["n_test"]
+    assert (results.obs["split"] == "train").sum() == metrics["split"]["n_train"]
+    assert results.obs["scored"].all()
+    for name in RUN_NAMES:
+        Z = results.obsm[f"X_{name}"]
+        assert Z.shape == (n, LATENT[name]) and np.all(np.isfinite(Z))
+        R = results.layers[f"{name}_reconstruction"]
+        assert R.shape == X.shape and np.all(np.isfinite(R))
+    assert results.obsm["X_pca"].shape == (n, 50)
+    for key in ("X_tsne", "X_ae10_tsne", "X_ae10_nonzero_tsne", "X_ae10_reconstruction_tsne"):
+        assert results.obsm[key].shape == (n, 2) and np.all(np.isfinite(results.obsm[key])), key
+    config = json.loads(results.uns["scae"]["config"])
+    assert config == metrics["config"]
+
+
+def test_split_is_stratified(results):
+    obs = results.obs
+    total_test = int((obs["split"] == "test").sum())
+    for label, group in obs.groupby("label", observed=True):
+        n_test = int((group["split"] == "test").sum())
+        assert abs(n_test - len(group) * total_test / STUDY_CELLS) <= 1, label
+
+
+@pytest.mark.parametrize("name", RUN_NAMES)
+def test_metrics_errors_match_h5ad(metrics, results, name):
+    X = np.asarray(results.X, dtype=np.float64)
+    R = np.asarray(results.layers[f"{name}_reconstruction"], dtype=np.float64)
+    errors = metrics["runs"][name]["errors"]
+    for part in ("train", "test"):
+        rows = (results.obs["split"] == part).to_numpy()
+        x, r = X[rows], R[rows]
+        mask = x != 0
+        assert errors[part]["mse"] == pytest.approx(np.mean((x - r) ** 2), rel=1e-5)
+        assert errors[part]["nonzero_mse"] == pytest.approx(np.sum(mask * (x - r * mask) ** 2) / mask.sum(), rel=1e-5)
+
+
+def test_representation_scores_match_h5ad(metrics, results):
+    labels = results.obs["label"].astype(str).to_numpy()
+    reps = metrics["representations"]
+    assert reps["ae10_latent"]["silhouette"] == pytest.approx(silhouette_score(results.obsm["X_ae10"], labels), abs=1e-4)
+    assert reps["ae2_latent"]["silhouette"] == pytest.approx(silhouette_score(results.obsm["X_ae2"], labels), abs=1e-4)
+    assert reps["original"]["silhouette"] == pytest.approx(silhouette_score(np.asarray(results.X), labels), abs=1e-4)
+    assert reps["original_pca10"]["silhouette"] == pytest.approx(
+        silhouette_score(results.obsm["X_pca"][:, :10], labels), abs=1e-4
+    )
+    assert reps["ae50_reconstruction"]["silhouette"] == pytest.approx(
+        silhouette_score(results.layers["ae50_reconstruction"], labels), abs=1e-4
+    )
+
+
+@pytest.mark.parametrize("name", RUN_NAMES)
+def test_saved_models_reproduce_results(study_out, results, metrics, name):
+    model = scae.Autoencoder.load(study_out / "models" / f"{name}.pt")
+    assert model.latent_dim == LATENT[name]
+    assert model.loss == metrics["runs"][name]["loss"]
+    assert model.history_ == metrics["runs"][name]["history"]
+    X = np.asarray(results.X)
+    np.testing.assert_allclose(model.transform(X), results.obsm[f"X_{name}"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.reconstruct(X), results.layers[f"{name}_reconstruction"], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- determinism
+def test_second_run_same_seed_identical(sim_dir, study_out, metrics, tmp_path, capsys):
+    out = tmp_path / "again"
+    assert main(study_args(sim_dir, out)) == 0
+    capsys.readouterr()
+    again = strict_json(out / "metrics.json")
+    a = {k: v for k, v in metrics.items() if k != "timings"}
+    b = {k: v for k, v in again.items() if k != "timings"}
+    assert a == b
+    r1, r2 = ad.read_h5ad(study_out / "results.h5ad"), ad.read_h5ad(out / "results.h5ad")
+    for key in ("X_ae10", "X_ae2", "X_pca"):
+        np.testing.assert_array_equal(r1.obsm[key], r2.obsm[key])
+    np.testing.assert_array_equal(r1.layers["ae10_nonzero_reconstruction"], r2.layers["ae10_nonzero_reconstruction"])
+    np.testing.assert_array_equal(r1.obsm["X_tsne"], r2.obsm["X_tsne"])
+    np.testing.assert_array_equal(r1.obsm["X_ae10_nonzero_tsne"], r2.obsm["X_ae10_nonzero_tsne"])
+
+
+# ---------------------------------------------------------------- h5ad input, escaping, subsampling
+@pytest.fixture(scope="module")
+def h5ad_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("h5ad_run")
+    ds = scae.simulate_dataset(260, 100, 3, seed=2)
+    names = {"pop0": "<script>alert('x')</script>", "pop1": "B & T <b>cells</b>", "pop2": "plain"}
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical([names[lab] for lab in ds.labels]), "batch": "one"},
+        index=[f"bc{i}" for i in range(260)],
+    )
+    path = tmp / "input.h5ad"
+    ad.AnnData(X=sp.csr_matrix(ds.X), obs=obs).write_h5ad(path)
+    out = tmp / "out"
+    rc = main(["study", "--h5ad", str(path), "--label-key", "cell_type", "--out", str(out), "--epochs", "2",
+               "--quiet", "--max-embed-cells", "200", "--hidden", "32", "--seed", "5"])
+    return SimpleNamespace(rc=rc, out=out, path=path, dataset=ds, obs=obs, names=names)
+
+
+def test_h5ad_input_study(h5ad_run):
+    assert h5ad_run.rc == 0
+    m = strict_json(h5ad_run.out / "metrics.json")
+    assert m["dataset"]["n_cells"] == 260 and m["dataset"]["n_genes"] == 100
+    assert m["dataset"]["storage"] == "sparse CSR"
+    assert "input.h5ad" in m["dataset"]["name"] and "cell_type" in m["dataset"]["name"]
+    assert set(m["dataset"]["label_counts"]) == set(h5ad_run.names.values())
+    assert m["config"]["hidden"] == [32] and m["config"]["seed"] == 5
+    assert all(len(r["history"]) == 3 for r in m["runs"].values())
+    res = ad.read_h5ad(h5ad_run.out / "results.h5ad")
+    assert res.obs_names.tolist() == h5ad_run.obs.index.tolist()
+    assert res.obs["label"].astype(str).tolist() == h5ad_run.obs["cell_type"].astype(str).tolist()
+    np.testing.assert_array_equal(
+        res.X.toarray() if sp.issparse(res.X) else np.asarray(res.X), h5ad_run.dataset.X.toarray()
+    )
+
+
+def test_h5ad_run_subsamples_scored_cells(h5ad_run):
+    m = strict_json(h5ad_run.out / "metrics.json")
+    assert m["split"]["n_scored"] == 200
+    res = ad.read_h5ad(h5ad_run.out / "results.h5ad")
+    scored = res.obs["scored"].to_numpy()
+    assert scored.sum() == 200
+    tsne = res.obsm["X_tsne"]
+    assert np.all(np.isfinite(tsne[scored])) and np.all(np.isnan(tsne[~scored]))
+    assert np.all(np.isfinite(res.obsm["X_pca"]))  # PCA covers every cell
+    assert np.all(np.isfinite(res.obsm["X_ae10"]))
+
+
+def test_report_escapes_label_html(h5ad_run):
+    html = (h5ad_run.out / "report.html").read_text(encoding="utf-8")
+    assert "<script" not in html
+    assert "<b>cells</b>" not in html
+    assert "&lt;script&gt;" in html
+    assert "B &amp; T &lt;b&gt;cells&lt;/b&gt;" in html
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.fixture
+def small_files(tmp_path):
+    X = scae.simulate_dataset(40, 20, 2, seed=0).X.toarray()
+    counts = tmp_path / "counts.npy"
+    np.save(counts, X)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(["a", "b"] * 20) + "\n")
+    h5 = tmp_path / "in.h5ad"
+    ad.AnnData(X=X, obs=pd.DataFrame({"ct": ["a", "b"] * 20}, index=[f"c{i}" for i in range(40)])).write_h5ad(h5)
+    return SimpleNamespace(dir=tmp_path, X=X, counts=counts, labels=labels, h5ad=h5)
+
+
+def _bad_case(case: str, f) -> tuple[list[str], str]:
+    """CLI arguments (without --out) for one bad-input case, and a phrase the error must contain."""
+    d = f.dir
+    if case == "missing_counts":
+        return ["--counts", str(d / "absent.npy"), "--labels", str(f.labels)], f"{d / 'absent.npy'}: counts file not found"
+    if case == "labels_mismatch":
+        short = d / "short.txt"
+        short.write_text("\n".join(["a", "b"] * 19 + ["a"]) + "\n")
+        return ["--counts", str(f.counts), "--labels", str(short)], "39 labels, but"
+    if case == "nan":
+        X = f.X.copy()
+        X[5, 7] = np.nan
+        bad = d / "nan.npy"
+        np.save(bad, X)
+        return ["--counts", str(bad), "--labels", str(f.labels)], "row 5, column 7"
+    if case == "unknown_label_key":
+        return ["--h5ad", str(f.h5ad), "--label-key", "celltype"], "no obs column 'celltype'"
+    if case == "unknown_layer":
+        return ["--h5ad", str(f.h5ad), "--label-key", "ct", "--layer", "raw"], "no layer 'raw'"
+    if case == "counts_without_labels":
+        return ["--counts", str(f.counts)], "--counts and --labels go together"
+    if case == "h5ad_without_label_key":
+        return ["--h5ad", str(f.h5ad)], "--label-key is required"
+    if case == "h5ad_and_counts":
+        return ["--h5ad", str(f.h5ad), "--label-key", "ct", "--counts", str(f.counts), "--labels", str(f.labels)], "not both"
+    if case == "label_key_without_h5ad":
+        return ["--counts", str(f.counts), "--labels", str(f.labels), "--label-key", "ct"], "go with --h5ad"
+    if case == "pickled_counts":
+        bad = d / "obj.npy"
+        np.save(bad, np.array([[{"a": 1}]], dtype=object), allow_pickle=True)
+        return ["--counts", str(bad), "--labels", str(f.labels)], "pickle"
+    if case == "single_label":
+        one = d / "one.txt"
+        one.write_text("a\n" * 40)
+        return ["--counts", str(f.counts), "--labels", str(one)], "only 1 distinct label"
+    raise AssertionError(case)
+
+
+BAD_CASES = [
+    "missing_counts", "labels_mismatch", "nan", "unknown_label_key", "unknown_layer", "counts_without_labels",
+    "h5ad_without_label_key", "h5ad_and_counts", "label_key_without_h5ad", "pickled_counts", "single_label",
+]
+
+
+def assert_one_line_error(capsys, needle: str) -> str:
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.startswith("scae: error: "), err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert needle in err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_exit_2_single_line(small_files, capsys, case):
+    args, needle = _bad_case(case, small_files)
+    out = small_files.dir / "out"
+    rc = main(["study", *args, "--out", str(out), "--epochs", "1", "--quiet"])
+    assert rc == 2
+    assert_one_line_error(capsys, needle)
+    assert not (out / "report.html").exists()
+    assert not (out / "metrics.json").exists()
+    assert not (out / "results.h5ad").exists()
+
+
+@pytest.mark.parametrize("beneath", [False, True])
+def test_output_path_is_a_file(small_files, capsys, beneath):
+    blocker = small_files.dir / "blocker"
+    blocker.write_text("keep me\n")
+    out = blocker / "sub" if beneath else blocker
+    rc = main(["study", "--counts", str(small_files.counts), "--labels", str(small_files.labels),
+               "--out", str(out), "--epochs", "1", "--quiet"])
+    assert rc == 2
+    err = assert_one_line_error(capsys, "cannot write the output directory")
+    assert str(out) in err
+    assert blocker.read_text() == "keep me\n"
+
+
+def test_stale_report_removed_when_new_run_fails(small_files, study_out, capsys):
+    out = small_files.dir / "previous"
+    out.mkdir()
+    shutil.copy(study_out / "report.html", out / "report.html")
+    shutil.copy(study_out / "metrics.json", out / "metrics.json")
+    (out / "notes.txt").write_text("user file\n")
+    rc = main(["study", "--counts", str(small_files.dir / "absent.npy"), "--labels", str(small_files.labels),
+               "--out", str(out), "--quiet"])
+    assert rc == 2
+    assert_one_line_error(capsys, "not found")
+    assert not (out / "report.html").exists()
+    assert not (out / "metrics.json").exists()
+    assert (out / "notes.txt").read_text() == "user file\n"  # nothing else is deleted
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["study", "--out", "x", "--epochs", "0"], "positive integer"),
+        (["study", "--out", "x", "--hidden", "-3"], "positive integer"),
+        (["study", "--out", "x", "--activation", "swish"], "invalid choice"),
+        (["study"], "--out"),
+        (["bogus"], "invalid choice"),
+    ],
+)
+def test_usage_errors_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "x" / "report.html").exists()
+
+
+def test_keyboard_interrupt_exit_130(small_files, capsys, monkeypatch):
+    import scae.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scae.cli, "load_input", interrupted)
+    out = small_files.dir / "interrupted"
+    rc = main(["study", "--counts", str(small_files.counts), "--labels", str(small_files.labels),
+               "--out", str(out), "--quiet"])
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (out / "report.html").exists() and not (out / "metrics.json").exists()

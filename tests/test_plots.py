@@ -1,0 +1,37 @@
+"""Figures: PNG output and robustness to user label text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scae.plots import Panel, label_colors, loss_curves, png_bytes, scatter_panels
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_scatter_and_loss_figures_render_png():
+    rng = np.random.default_rng(0)
+    labels = np.array(["a", "b", "c"] * 10)
+    fig = scatter_panels([Panel("one", rng.normal(size=(30, 2)), "x", "y"), Panel("two", rng.normal(size=(30, 2)))],
+                         labels, "title")
+    assert len(fig.axes) == 2
+    assert png_bytes(fig)[:8] == PNG_MAGIC
+    history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "test_loss": 1.2 / (e + 1)} for e in range(4)]
+    fig = loss_curves({"run": history}, ["train_loss", "test_loss"], "loss")
+    assert len(fig.axes) == 2
+    assert png_bytes(fig)[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("n", [3, 10, 15, 30])
+def test_label_colors_distinct(n):
+    colors = label_colors([f"c{i}" for i in range(n)])
+    assert len(colors) == n
+    assert len(set(colors.values())) == n
+
+
+def test_labels_with_dollar_signs_do_not_break_figures():
+    rng = np.random.default_rng(1)
+    labels = np.array(["$\\x{$"] * 10 + ["T cells"] * 10)
+    fig = scatter_panels([Panel("p", rng.normal(size=(20, 2)))], labels, "title")
+    assert png_bytes(fig)[:8] == PNG_MAGIC

@@ -1,0 +1,84 @@
+"""The study through the Python API on edge-case shapes, and its helpers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import scae
+from scae.embeddings import TSNEConfig, tsne_coordinates, tsne_many
+from scae.errors import ScaeInputError
+from scae.study import RunSpec, StudyConfig, prepare_output_dir
+
+FAST_TSNE = TSNEConfig(early_exaggeration_iter=30, n_iter=30)
+
+
+def fast_config(**kwargs) -> StudyConfig:
+    return StudyConfig(epochs=1, progress=False, kmeans_seeds=1, tsne=FAST_TSNE, hidden=(16,), **kwargs)
+
+
+def test_prepare_output_dir(tmp_path):
+    out = tmp_path / "a" / "b"
+    assert prepare_output_dir(out) == out
+    assert (out / "figures").is_dir() and (out / "models").is_dir()
+    for name in ("report.html", "metrics.json"):
+        (out / name).write_text("old")
+    (out / "results.h5ad").write_text("old")
+    prepare_output_dir(out)
+    assert not (out / "report.html").exists() and not (out / "metrics.json").exists()
+    assert (out / "results.h5ad").read_text() == "old"  # replaced atomically later, not removed
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ScaeInputError, match="cannot write the output directory"):
+        prepare_output_dir(blocker)
+
+
+def test_study_config_to_dict_is_json():
+    cfg = StudyConfig(epochs=7, hidden=(64, 32), seed=3)
+    d = cfg.to_dict()
+    assert "progress" not in d
+    assert d["epochs"] == 7 and d["hidden"] == [64, 32] and d["seed"] == 3
+    assert [r["name"] for r in d["runs"]] == ["ae10", "ae50", "ae2", "ae10_nonzero"]
+    json.dumps(d, allow_nan=False)
+
+
+def test_run_study_without_output_dir(small_dataset):
+    result = scae.run_study(small_dataset, None, fast_config())
+    assert set(result.runs) == {"ae10", "ae50", "ae2", "ae10_nonzero"}
+    n = small_dataset.n_cells
+    assert result.train_idx.size + result.test_idx.size == n
+    for run in result.runs.values():
+        assert run.latent.shape == (n, run.spec.latent_dim)
+        assert run.reconstruction.shape == (n, small_dataset.n_genes)
+    assert result.views["X_tsne"].shape == (n, 2)
+    adata = result.to_anndata()
+    assert adata.obsm["X_ae2"].shape == (n, 2)
+    json.dumps(result.metrics(), allow_nan=False)
+
+
+def test_tsne_many_independent_of_workers():
+    rng = np.random.default_rng(0)
+    inputs = {"a": rng.normal(size=(90, 12)), "b": rng.normal(size=(90, 70)).astype(np.float32)}
+    one = tsne_many(inputs, seed=2, config=FAST_TSNE, workers=1)
+    two = tsne_many(inputs, seed=2, config=FAST_TSNE, workers=2)
+    assert list(one) == list(two) == ["a", "b"]
+    for key in inputs:
+        assert one[key].shape == (90, 2) and one[key].dtype == np.float32
+        np.testing.assert_array_equal(one[key], two[key])
+        np.testing.assert_array_equal(one[key], tsne_coordinates(inputs[key], 2, FAST_TSNE))
+
+
+def test_study_on_few_genes_dense(tmp_path):
+    ds = scae.simulate_dataset(120, 30, 3, seed=0)
+    dense = scae.make_dataset(ds.X.toarray(), ds.labels)
+    only_q3 = (RunSpec("ae10", 10, "mse", tsne_reconstruction=True),)  # the run the Q3 section needs
+    scae.run_study(dense, tmp_path, fast_config(runs=only_q3))
+    assert (tmp_path / "report.html").is_file()
+
+
+def test_study_on_few_genes_sparse():
+    ds = scae.simulate_dataset(120, 30, 3, seed=0)
+    result = scae.run_study(ds, None, fast_config())
+    assert "linear_accuracy" in result.representations["original"]
