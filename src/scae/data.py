@@ -91,6 +91,21 @@ class Dataset:
         return ad.AnnData(X=self.X, obs=obs, var=var)
 
 
+DENSE_BYTES_LIMIT = 1024**3
+"""Sparse matrices whose dense float32 form is at most this large are densified for computing."""
+
+
+def dense_if_small(X: Matrix, limit: int = DENSE_BYTES_LIMIT) -> Matrix:
+    """``X`` as a dense array when its dense float32 form fits in ``limit`` bytes, else unchanged.
+
+    Dense arithmetic (PCA, k-means, distances, minibatches) is several times faster than sparse
+    at the sizes where memory is no concern.
+    """
+    if sp.issparse(X) and X.shape[0] * X.shape[1] * 4 <= limit:
+        return X.toarray()
+    return X
+
+
 def make_dataset(
     X,
     labels,

@@ -20,9 +20,11 @@ TSNE_INPUT_DIMS = 50
 class TSNEConfig:
     """openTSNE settings.
 
-    The defaults (Barnes-Hut with ``theta=0.8``, 250 early-exaggeration plus 250 normal
-    iterations, learning rate n/12) reach the same KL divergence as openTSNE's 250 + 500
-    default on 5,000 cells in about half the time; see ``benchmarks/``.
+    Early exaggeration runs with FFT-accelerated gradients, the normal phase with Barnes-Hut
+    (``theta``) up to ``fft_above`` cells and FFT above: each is the faster method for its phase
+    at a few thousand cells. 250 + 250 iterations reach practically the same KL divergence as
+    openTSNE's default 250 + 500 on the built-in dataset in about two thirds of the time
+    (``benchmarks/tsne_settings.py``).
     """
 
     perplexity: float = 30.0
@@ -30,7 +32,7 @@ class TSNEConfig:
     n_iter: int = 250
     theta: float = 0.8
     fft_above: int = 20_000
-    """Use FFT-accelerated gradients instead of Barnes-Hut above this many cells."""
+    exact_neighbors_below: int = 10_000
 
 
 def fit_pca(X, n_components: int = 50, seed: int = 0) -> PCA:
@@ -65,23 +67,35 @@ def tsne_input(X, seed: int = 0) -> np.ndarray:
 
 
 def tsne_coordinates(X, seed: int = 0, config: TSNEConfig = TSNEConfig(), n_jobs: int = 1) -> np.ndarray:
-    """2-D openTSNE embedding of ``X`` (reduced by :func:`tsne_input`), PCA initialisation, seeded."""
-    from openTSNE import TSNE
+    """2-D openTSNE embedding of ``X`` (reduced by :func:`tsne_input`), PCA initialisation, seeded.
+
+    The standard two phases (early exaggeration 12 at momentum 0.5, then exaggeration 1 at
+    momentum 0.8, learning rate n / exaggeration) on perplexity-based affinities; exact nearest
+    neighbours up to :attr:`TSNEConfig.exact_neighbors_below` cells, Annoy above.
+    """
+    from openTSNE import TSNEEmbedding, affinity, initialization
 
     X = tsne_input(X, seed)
     n = X.shape[0]
-    tsne = TSNE(
-        n_components=2,
+    affinities = affinity.PerplexityBasedNN(
+        X,
         perplexity=min(config.perplexity, max(1.0, (n - 1) / 3.0)),
-        early_exaggeration_iter=config.early_exaggeration_iter,
-        n_iter=config.n_iter,
-        theta=config.theta,
-        negative_gradient_method="fft" if n > config.fft_above else "bh",
-        initialization="pca",
+        method="exact" if n < config.exact_neighbors_below else "annoy",
         n_jobs=n_jobs,
         random_state=seed,
     )
-    return np.asarray(tsne.fit(X), dtype=np.float32)
+    embedding = TSNEEmbedding(
+        initialization.pca(X, random_state=seed),
+        affinities,
+        negative_gradient_method="fft",
+        theta=config.theta,
+        n_jobs=n_jobs,
+        random_state=seed,
+    )
+    embedding = embedding.optimize(n_iter=config.early_exaggeration_iter, exaggeration=12, momentum=0.5)
+    main_method = "fft" if n > config.fft_above else "bh"
+    embedding = embedding.optimize(n_iter=config.n_iter, momentum=0.8, negative_gradient_method=main_method)
+    return np.asarray(embedding, dtype=np.float32)
 
 
 def _single_threaded_tsne(X: np.ndarray, seed: int, config: TSNEConfig) -> np.ndarray:
@@ -91,6 +105,66 @@ def _single_threaded_tsne(X: np.ndarray, seed: int, config: TSNEConfig) -> np.nd
         return tsne_coordinates(X, seed, config, n_jobs=1)
 
 
+class BackgroundTSNE:
+    """t-SNE of several matrices, computed in worker processes while the caller does other work.
+
+    Each embedding runs single-threaded and ``workers`` run side by side: independent
+    single-threaded runs use the cores better than one multi-threaded run at a time (openTSNE's
+    threads scale poorly, and badly on a busy machine). Results do not depend on ``workers``;
+    with ``workers <= 1`` everything runs in this process when :meth:`results` is called.
+
+    Use as a context manager so the worker processes are always shut down::
+
+        with BackgroundTSNE(inputs, seed, config, workers=2) as jobs:
+            ...  # other work
+            coordinates = jobs.results()
+    """
+
+    def __init__(
+        self,
+        inputs: dict[str, np.ndarray],
+        seed: int = 0,
+        config: TSNEConfig = TSNEConfig(),
+        workers: int = 1,
+        progress: bool = False,
+    ) -> None:
+        self._seed, self._config, self._progress = seed, config, progress
+        self._reduced = {key: tsne_input(X, seed) for key, X in inputs.items()}
+        self._pool = None
+        self._futures: dict = {}
+        if workers > 1 and len(self._reduced) > 1:
+            context = multiprocessing.get_context("spawn")  # no fork after OpenMP/torch threads
+            self._pool = ProcessPoolExecutor(max_workers=min(workers, len(self._reduced)), mp_context=context)
+            self._futures = {
+                self._pool.submit(_single_threaded_tsne, X, seed, config): key
+                for key, X in self._reduced.items()
+            }
+
+    def results(self) -> dict[str, np.ndarray]:
+        """Wait for (or compute) every embedding; keys in the order they were given."""
+        bar = tqdm(total=len(self._reduced), desc="t-SNE", unit="embedding", disable=not self._progress, leave=False)
+        out: dict[str, np.ndarray] = {}
+        try:
+            if self._pool is None:
+                for key, X in self._reduced.items():
+                    out[key] = _single_threaded_tsne(X, self._seed, self._config)
+                    bar.update()
+            else:
+                for future in as_completed(self._futures):
+                    out[self._futures[future]] = future.result()
+                    bar.update()
+        finally:
+            bar.close()
+        return {key: out[key] for key in self._reduced}
+
+    def __enter__(self) -> BackgroundTSNE:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def tsne_many(
     inputs: dict[str, np.ndarray],
     seed: int = 0,
@@ -98,31 +172,9 @@ def tsne_many(
     workers: int = 1,
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """t-SNE of several matrices, run side by side in ``workers`` single-threaded processes.
-
-    Independent single-threaded runs use the cores better than one multi-threaded run at a
-    time (openTSNE's threads scale poorly, and badly when the machine is busy). Results do not
-    depend on ``workers``.
-    """
-    reduced = {key: tsne_input(X, seed) for key, X in inputs.items()}
-    bar = tqdm(total=len(reduced), desc="t-SNE", unit="embedding", disable=not progress, leave=False)
-    try:
-        if workers <= 1 or len(reduced) <= 1:
-            out = {}
-            for key, X in reduced.items():
-                out[key] = _single_threaded_tsne(X, seed, config)
-                bar.update()
-            return out
-        context = multiprocessing.get_context("spawn")  # no fork after OpenMP/torch threads
-        with ProcessPoolExecutor(max_workers=min(workers, len(reduced)), mp_context=context) as pool:
-            futures = {pool.submit(_single_threaded_tsne, X, seed, config): key for key, X in reduced.items()}
-            out = {}
-            for future in as_completed(futures):
-                out[futures[future]] = future.result()
-                bar.update()
-        return {key: out[key] for key in reduced}
-    finally:
-        bar.close()
+    """t-SNE of several matrices, ``workers`` single-threaded processes side by side."""
+    with BackgroundTSNE(inputs, seed, config, workers, progress) as jobs:
+        return jobs.results()
 
 
 def subsample_indices(n: int, max_cells: int | None, seed: int = 0) -> np.ndarray:

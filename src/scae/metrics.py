@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 from sklearn.cluster import KMeans
+
+from scae.data import dense_if_small
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
 SILHOUETTE_MAX_CELLS = 10_000
-DENSIFY_BYTES = 1024**3
 """Silhouette is quadratic in the number of cells; above this it is computed on a seeded sample."""
 
 
@@ -27,8 +28,7 @@ def cluster_scores(
         ``ari``, ``ari_std``, ``nmi``, ``nmi_std``, ``silhouette``.
     """
     labels = np.asarray(labels)
-    if sp.issparse(X) and X.shape[0] * X.shape[1] * 4 <= DENSIFY_BYTES:
-        X = X.toarray()  # pairwise distances are several times faster dense
+    X = dense_if_small(X)  # pairwise distances are several times faster dense
     k = np.unique(labels).size
     aris, nmis = [], []
     for s in range(seed, seed + n_seeds):
@@ -81,9 +81,8 @@ def linear_separability(
     from sklearn.preprocessing import StandardScaler
 
     classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
-    dense = lambda Z: Z.toarray() if sp.issparse(Z) else np.asarray(Z)  # noqa: E731
-    classifier.fit(dense(Z_train), y_train)
-    return float(balanced_accuracy_score(y_test, classifier.predict(dense(Z_test))))
+    classifier.fit(dense_if_small(Z_train), y_train)
+    return float(balanced_accuracy_score(y_test, classifier.predict(dense_if_small(Z_test))))
 
 
 def pca_reconstruction_errors(
@@ -94,7 +93,6 @@ def pca_reconstruction_errors(
     PCA subspaces are nested, so one fit with the largest size serves every smaller one. Returns
     ``{"pca<k>": {"train": {"mse", "nonzero_mse"}, "test": {...}}}`` computed exactly in batches.
     """
-    import scipy.sparse as sp
     import torch
 
     from scae.losses import mse_terms, nonzero_mse_terms

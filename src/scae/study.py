@@ -20,8 +20,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scae import __version__
-from scae.data import Dataset, stratified_split
-from scae.embeddings import TSNEConfig, fit_pca, subsample_indices, tsne_many
+from scae.data import Dataset, dense_if_small, stratified_split
+from threadpoolctl import threadpool_limits
+
+from scae.embeddings import BackgroundTSNE, TSNEConfig, fit_pca, subsample_indices
 from scae.errors import ScaeInputError
 from scae.files import atomic_path, check_writable, write_bytes, write_text
 from scae.metrics import (
@@ -221,7 +223,7 @@ def run_study(
     watch = _Stopwatch(config.progress)
     if data_seconds is not None:
         watch.timings["data"] = data_seconds
-    X, labels, seed = dataset.X, dataset.labels, config.seed
+    X, labels, seed = dense_if_small(dataset.X), dataset.labels, config.seed
 
     with watch.stage("split"):
         train_idx, test_idx = stratified_split(labels, config.test_fraction, seed)
@@ -272,11 +274,19 @@ def run_study(
         explained = {str(k): float(cumulative[min(k, cumulative.size) - 1]) for k in dims}
         pca_baselines = pca_reconstruction_errors(fit_pca(X_train, max(dims), seed), X_train, X_test, dims)
 
-    representations = _score_representations(dataset, runs, views, train_idx, test_idx, embed_idx, config, watch)
-
+    # t-SNE runs in worker processes while this process computes the cluster scores
+    # (single-threaded, so the two do not fight over the cores).
     tsne_inputs = {key: matrix[embed_idx] for key, matrix in _tsne_inputs(X, runs)}
-    with watch.stage("tsne", f"t-SNE of {len(tsne_inputs)} representations ({embed_idx.size} cells)"):
-        views.update(tsne_many(tsne_inputs, seed, config.tsne, _n_jobs(), config.progress))
+    # Stage timings stay disjoint: "scores" runs while t-SNE is under way, "tsne_wait" is the rest.
+    with watch.stage("tsne_start", f"t-SNE of {len(tsne_inputs)} representations ({embed_idx.size} cells), in the background"):
+        tsne_jobs = BackgroundTSNE(tsne_inputs, seed, config.tsne, _n_jobs(), config.progress)
+    with tsne_jobs:
+        with threadpool_limits(1):
+            representations = _score_representations(
+                dataset, X, runs, views, train_idx, test_idx, embed_idx, config, watch
+            )
+        with watch.stage("tsne_wait", "waiting for t-SNE"):
+            views.update(tsne_jobs.results())
 
     result = StudyResult(
         dataset=dataset,
@@ -307,10 +317,10 @@ def _tsne_inputs(X, runs: dict[str, RunResult]):
             yield f"X_{name}_tsne", run.latent
 
 
-def _score_representations(dataset, runs, views, train_idx, test_idx, embed_idx, config, watch) -> dict:
+def _score_representations(dataset, X, runs, views, train_idx, test_idx, embed_idx, config, watch) -> dict:
     """Cluster scores for every representation; linear separability for the small ones."""
     candidates: list[tuple[str, str, object]] = [
-        ("original", f"input matrix ({dataset.n_genes} genes)", dataset.X),
+        ("original", f"input matrix ({dataset.n_genes} genes)", X),
     ]
     for k in (2, 10, 50):
         if views["X_pca"].shape[1] >= k:

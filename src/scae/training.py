@@ -2,7 +2,7 @@
 
 The network passed in must map a batch ``x`` to ``(latent, reconstruction)``. Matrices may be
 dense NumPy arrays or SciPy CSR matrices; sparse data is densified one batch at a time unless it
-fits comfortably in memory as a dense tensor (see :data:`DENSE_BYTES_LIMIT`).
+fits comfortably in memory as a dense tensor (see :func:`scae.data.dense_if_small`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from scae.data import dense_if_small
 from scae.losses import get_loss, get_loss_terms
-
-DENSE_BYTES_LIMIT = 2 * 1024**3
-"""Sparse matrices up to this many bytes when dense are densified once before training."""
 
 EVAL_BATCH_SIZE = 4096
 
@@ -32,10 +30,7 @@ class RowSource:
     """
 
     def __init__(self, X) -> None:
-        if sp.issparse(X):
-            X = sp.csr_matrix(X, dtype=np.float32)
-            if X.shape[0] * X.shape[1] * 4 <= DENSE_BYTES_LIMIT:
-                X = X.toarray()
+        X = dense_if_small(sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else X)
         if sp.issparse(X):
             self._sparse = X
             self._dense = None
