@@ -391,15 +391,21 @@ def _section_q5(result: StudyResult, images: dict) -> str:
                          "includes the zeros it fills in (which a denoising view may want, but MSE counts as error).")
         for kind in ("latent", "reconstruction"):
             items.append(_compare_scores(reps, f"{m}_{kind}", f"{n}_{kind}", f"{m} {kind}", f"{n} {kind}"))
-        better = sum(reps[f"{n}_{k}"][s] > reps[f"{m}_{k}"][s] + 0.01 for k in ("latent", "reconstruction") for s in ("ari", "nmi", "silhouette"))
-        worse = sum(reps[f"{n}_{k}"][s] < reps[f"{m}_{k}"][s] - 0.01 for k in ("latent", "reconstruction") for s in ("ari", "nmi", "silhouette"))
-        if better > worse:
-            verdict = f"the nonzero loss captures the population structure better here ({better} of 6 scores higher by > 0.01, {worse} lower)"
-        elif worse > better:
-            verdict = f"the nonzero loss does not capture the population structure better here ({worse} of 6 scores lower by > 0.01, {better} higher)"
-        else:
-            verdict = f"no clear winner ({better} of 6 scores higher and {worse} lower by > 0.01)"
-        items.append(f"Does the nonzero loss capture structure better? Comparing latent and reconstruction ARI, NMI and silhouette with {m}: {verdict}.")
+        verdicts = []
+        for kind in ("latent", "reconstruction"):
+            a, b = reps[f"{n}_{kind}"], reps[f"{m}_{kind}"]
+            up = [s_ for s_ in ("ari", "nmi", "silhouette") if a[s_] > b[s_] + 0.01]
+            down = [s_ for s_ in ("ari", "nmi", "silhouette") if a[s_] < b[s_] - 0.01]
+            if up and not down:
+                word = "better"
+            elif down and not up:
+                word = "worse"
+            else:
+                word = "mixed" if up else "no clear difference"
+            detail = f"{len(up)} of 3 scores (ARI, NMI, silhouette) higher by > 0.01, {len(down)} lower"
+            verdicts.append(f"its <b>{kind}</b> keeps the populations {word} than {m}'s ({detail})" if word in ("better", "worse")
+                            else f"its <b>{kind}</b>: {word} ({detail})")
+        items.append("Does the nonzero loss capture structure better? " + "; ".join(verdicts) + ".")
     items.append(_compare_scores(reps, "original", f"{n}_latent", "the original data", f"the {n} latent"))
     return (
         f"<section><h2>Q5 · Does the nonzero loss capture structure better? ({n})</h2>"
