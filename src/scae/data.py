@@ -8,6 +8,7 @@ that names the file and the problem. Readers never modify their input files.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -285,7 +286,9 @@ def read_h5ad(path: str | Path, label_key: str, layer: str | None = None) -> Dat
     path = Path(path)
     _check_readable(path, "AnnData file")
     try:
-        adata = ad.read_h5ad(path)
+        with warnings.catch_warnings():  # files from old anndata versions read fine but warn per element
+            warnings.simplefilter("ignore", getattr(ad, "OldFormatWarning", UserWarning))
+            adata = ad.read_h5ad(path)
     except Exception as err:  # anndata raises many types for a corrupt or foreign file
         raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file ({err})") from None
     if label_key not in adata.obs.columns:
