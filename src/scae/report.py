@@ -85,27 +85,33 @@ def figure_plan(result: StudyResult) -> dict[str, dict]:
         )
     if (q5 := roles["q5"]) is not None:
         n, ref = q5.spec.name, roles["q5_reference"]
-        extra = lambda suffix, title: [(title.format(ref.spec.name), f"X_{ref.spec.name}{suffix}", pc if "pca" in suffix else ())] if ref else []  # noqa: E731
+
+        def reference(suffix: str, what: str, available: bool = True) -> list[tuple]:
+            """The same view of the MSE run with the same latent size, for comparison."""
+            if ref is None or not available:
+                return []
+            return [(f"{ref.spec.name} {what} (MSE)", f"X_{ref.spec.name}{suffix}", pc if "pca" in suffix else ())]
+
         plan["q5_pca_reconstruction_vs_original"] = _scatter(
             f"PCA: {n} reconstruction vs original (original's principal axes)",
             [("original", "X_pca", pc), (f"{n} reconstruction", f"X_{n}_reconstruction_pca", pc)]
-            + extra("_reconstruction_pca", "{} reconstruction (MSE)"),
+            + reference("_reconstruction_pca", "reconstruction"),
         )
         plan["q5_pca_latent_vs_original"] = _scatter(
             f"PCA: {n} latent vs original",
-            [("original", "X_pca", pc), (f"{n} latent", f"X_{n}_pca", pc)] + extra("_pca", "{} latent (MSE)"),
+            [("original", "X_pca", pc), (f"{n} latent", f"X_{n}_pca", pc)] + reference("_pca", "latent"),
         )
         if q5.spec.tsne_reconstruction:
             plan["q5_tsne_reconstruction_vs_original"] = _scatter(
                 f"t-SNE: {n} reconstruction vs original",
                 [("original", "X_tsne", ()), (f"{n} reconstruction", f"X_{n}_reconstruction_tsne", ())]
-                + (extra("_reconstruction_tsne", "{} reconstruction (MSE)") if ref and ref.spec.tsne_reconstruction else []),
+                + reference("_reconstruction_tsne", "reconstruction", ref is not None and ref.spec.tsne_reconstruction),
             )
         if q5.spec.tsne_latent:
             plan["q5_tsne_latent_vs_original"] = _scatter(
                 f"t-SNE: {n} latent vs original",
                 [("original", "X_tsne", ()), (f"{n} latent", f"X_{n}_tsne", ())]
-                + (extra("_tsne", "{} latent (MSE)") if ref and ref.spec.tsne_latent else []),
+                + reference("_tsne", "latent", ref is not None and ref.spec.tsne_latent),
             )
     latent_panels = []
     for name, run in result.runs.items():
