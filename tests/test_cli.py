@@ -534,3 +534,12 @@ def _without_timings(value):
     if isinstance(value, list):
         return [_without_timings(v) for v in value]
     return value
+
+
+def test_version_flag_prints_package_version(capsys):
+    import scae
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"scae {scae.__version__}"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scae import __version__
 from scae.errors import ScaeInputError
 
 EXIT_USAGE = 2
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="scae",
         description="Single-cell autoencoders: train, embed, reconstruct, and measure cluster structure.",
     )
+    parser.add_argument("--version", action="version", version=f"scae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     study = sub.add_parser(
