@@ -156,7 +156,6 @@ def time_epoch(X_train, X_test, threads: int) -> dict:
 
 
 def run_child(n_cells: int, n_genes: int, skip_study: bool) -> dict:
-    import numpy as np
     import scipy.sparse as sp
     import torch
 

@@ -26,8 +26,8 @@ is computed once, and two t-SNE runs on it are compared, both single-threaded
 How the KL divergence is obtained
 ---------------------------------
 ``tsne_coordinates`` returns coordinates only. To read openTSNE's own KL for scae's settings
-the same steps are run once more (:func:`scae_steps`, a line-by-line copy of
-``tsne_coordinates`` that keeps the final ``TSNEEmbedding``); its coordinates are checked to be
+the embedding is computed once more with ``scae.embeddings.tsne_embedding`` (which
+``tsne_coordinates`` wraps, and which returns the ``TSNEEmbedding``); its coordinates are checked to be
 identical to those ``tsne_coordinates`` returned (``scae_replica_identical`` in the JSON), so
 its ``.kl_divergence`` belongs to the embedding that was timed. Three KL numbers are reported:
 
@@ -78,7 +78,7 @@ from threadpoolctl import threadpool_limits
 
 import scae
 from scae.data import dense_if_small
-from scae.embeddings import TSNEConfig, tsne_coordinates, tsne_input
+from scae.embeddings import TSNEConfig, tsne_coordinates, tsne_embedding, tsne_input
 from scae.models import Autoencoder
 from scae.simulate import simulate_dataset
 
@@ -88,32 +88,6 @@ N_NEIGHBORS_CLASSIFIER = 10
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def scae_steps(X: np.ndarray, seed: int = 0, config: TSNEConfig = TSNEConfig(), n_jobs: int = 1):
-    """The steps of ``scae.embeddings.tsne_coordinates``, returning the final ``TSNEEmbedding``."""
-    from openTSNE import TSNEEmbedding, affinity, initialization
-
-    X = tsne_input(X, seed)
-    n = X.shape[0]
-    affinities = affinity.PerplexityBasedNN(
-        X,
-        perplexity=min(config.perplexity, max(1.0, (n - 1) / 3.0)),
-        method="exact" if n < config.exact_neighbors_below else "annoy",
-        n_jobs=n_jobs,
-        random_state=seed,
-    )
-    embedding = TSNEEmbedding(
-        initialization.pca(X, random_state=seed),
-        affinities,
-        negative_gradient_method="fft",
-        theta=config.theta,
-        n_jobs=n_jobs,
-        random_state=seed,
-    )
-    embedding = embedding.optimize(n_iter=config.early_exaggeration_iter, exaggeration=12, momentum=0.5)
-    main_method = "fft" if n > config.fft_above else "bh"
-    return embedding.optimize(n_iter=config.n_iter, momentum=0.8, negative_gradient_method=main_method)
 
 
 def exact_kl(P, Y: np.ndarray, block: int = 1000) -> float:
@@ -193,7 +167,7 @@ def compare(name: str, M, labels: np.ndarray) -> dict:
         scae_seconds = time.perf_counter() - started
         load_mid = load_average()
         started = time.perf_counter()
-        replica = scae_steps(Z, 0, TSNEConfig(), n_jobs=1)
+        replica = tsne_embedding(Z, 0, TSNEConfig(), n_jobs=1)
         replica_seconds = time.perf_counter() - started
         load_after = load_average()
         out["scae"] = {

@@ -224,3 +224,19 @@ def test_cluster_scores_sparse_equals_dense(small_dataset, small_dense):
     assert a["ari"] == pytest.approx(b["ari"], abs=1e-9)
     assert a["nmi"] == pytest.approx(b["nmi"], abs=1e-9)
     assert a["silhouette"] == pytest.approx(b["silhouette"], abs=1e-5)
+
+
+@pytest.mark.parametrize("n_cells", [300, 800])
+def test_tsne_does_not_collapse_on_small_inputs(n_cells):
+    """Regression: momentum 0.5 in early exaggeration collapsed 800-cell embeddings to a point."""
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from scae.embeddings import tsne_coordinates
+    from scae.simulate import simulate_dataset
+
+    data = simulate_dataset(n_cells, 1000, 3, 0)
+    coords = tsne_coordinates(data.X, 0)
+    assert np.ptp(coords, axis=0).min() > 1.0  # a spread-out map, not a collapsed point
+    accuracy = cross_val_score(KNeighborsClassifier(10), coords, data.labels, cv=5).mean()
+    assert accuracy > 0.6  # neighbours in 2-D still share labels (3 classes: chance ~0.5 here)
