@@ -27,7 +27,7 @@ import torch
 
 import scae
 from scae.simulate import simulate_dataset
-from scae.study import StudyConfig, run_study
+from scae.study import StudyConfig, available_cores, run_study
 
 
 def run_once(cells: int, genes: int, epochs: int, seed: int) -> dict:
@@ -35,7 +35,7 @@ def run_once(cells: int, genes: int, epochs: int, seed: int) -> dict:
     dataset = simulate_dataset(cells, genes, 3, 0)
     data_seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as out:
-        result = run_study(dataset, out, StudyConfig(epochs=epochs, seed=seed, progress=False), data_seconds)
+        result = run_study(dataset, out, StudyConfig(epochs=epochs, seed=seed, progress=False, tsne_workers=available_cores()), data_seconds)
         sizes = {p.name: p.stat().st_size for p in Path(out).iterdir() if p.is_file()}
     total = time.perf_counter() - started
     return {

@@ -476,7 +476,7 @@ def test_output_path_is_a_file(small_files, capsys, beneath):
     assert blocker.read_text() == "keep me\n"
 
 
-def test_stale_report_removed_when_new_run_fails(small_files, study_out, capsys):
+def test_previous_report_kept_when_input_is_bad(small_files, study_out, capsys):
     out = small_files.dir / "previous"
     out.mkdir()
     shutil.copy(study_out / "report.html", out / "report.html")
@@ -486,9 +486,10 @@ def test_stale_report_removed_when_new_run_fails(small_files, study_out, capsys)
                "--out", str(out), "--quiet"])
     assert rc == 2
     assert_one_line_error(capsys, "not found")
-    assert not (out / "report.html").exists()
-    assert not (out / "metrics.json").exists()
-    assert (out / "notes.txt").read_text() == "user file\n"  # nothing else is deleted
+    # the run never started: the previous, complete report is left as it was
+    assert (out / "report.html").read_bytes() == (study_out / "report.html").read_bytes()
+    assert (out / "metrics.json").read_bytes() == (study_out / "metrics.json").read_bytes()
+    assert (out / "notes.txt").read_text() == "user file\n"
 
 
 @pytest.mark.parametrize(
@@ -543,3 +544,16 @@ def test_version_flag_prints_package_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"scae {scae.__version__}"
+
+
+def test_study_refuses_to_overwrite_its_h5ad_input(tmp_path, capsys):
+    data = scae.simulate_dataset(200, 60, 3, seed=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    source = out / "results.h5ad"
+    data.to_anndata().write_h5ad(source)
+    before = source.read_bytes()
+    code = main(["study", "--h5ad", str(source), "--label-key", "label", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "would overwrite it" in err and err.startswith("scae: error:")
+    assert source.read_bytes() == before

@@ -396,8 +396,9 @@ def test_as_matrix_accepts_anndata_sparse_and_ints():
 @pytest.mark.parametrize(
     "X,needle",
     [
-        (np.zeros((0, 4)), "both > 0"),
-        (np.zeros((3, 0)), "both > 0"),
+        (np.zeros((0, 4)), "at least 1 cell and 2 genes"),
+        (np.zeros((3, 0)), "at least 1 cell and 2 genes"),
+        (np.ones((3, 1)), "at least 1 cell and 2 genes"),
         (np.array([["x"]]), "dtype"),
         (np.array([[1 + 1j]]), "dtype"),
         (np.ones(5), "2-D"),
@@ -493,3 +494,9 @@ def test_read_h5ad_without_X_needs_layer(tmp_path):
     assert str(path) in msg and "X is empty" in msg and "--layer" in msg
     ds = read_h5ad(path, "ct", layer="counts")
     np.testing.assert_array_equal(ds.X.toarray(), layer.toarray())
+
+
+def test_labels_file_with_byte_order_mark(tmp_path):
+    path = tmp_path / "labels.txt"
+    path.write_bytes("\ufeffA\nB\nA\n".encode("utf-8"))
+    assert read_labels_txt(path) == ["A", "B", "A"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import scae
-from scae.embeddings import TSNEConfig, tsne_coordinates, tsne_many
+from scae.embeddings import BackgroundTSNE, TSNEConfig, tsne_coordinates
 from scae.errors import ScaeInputError
 from scae.study import RunSpec, StudyConfig, prepare_output_dir
 
@@ -58,11 +58,15 @@ def test_run_study_without_output_dir(small_dataset):
     json.dumps(result.metrics(), allow_nan=False)
 
 
-def test_tsne_many_independent_of_workers():
+def test_background_tsne_independent_of_workers():
     rng = np.random.default_rng(0)
     inputs = {"a": rng.normal(size=(90, 12)), "b": rng.normal(size=(90, 70)).astype(np.float32)}
-    one = tsne_many(inputs, seed=2, config=FAST_TSNE, workers=1)
-    two = tsne_many(inputs, seed=2, config=FAST_TSNE, workers=2)
+    results = {}
+    for workers in (1, 2):
+        with BackgroundTSNE(inputs, seed=2, config=FAST_TSNE, workers=workers) as jobs:
+            results[workers] = jobs.results()
+        assert set(jobs.seconds) == {"a", "b"} and all(v > 0 for v in jobs.seconds.values())
+    one, two = results[1], results[2]
     assert list(one) == list(two) == ["a", "b"]
     for key in inputs:
         assert one[key].shape == (90, 2) and one[key].dtype == np.float32
@@ -82,3 +86,10 @@ def test_study_on_few_genes_sparse():
     ds = scae.simulate_dataset(120, 30, 3, seed=0)
     result = scae.run_study(ds, None, fast_config())
     assert "linear_accuracy" in result.representations["original"]
+
+
+def test_too_small_embed_sample_is_refused_before_training(tmp_path):
+    ds = scae.simulate_dataset(120, 30, 3, seed=0)
+    with pytest.raises(scae.ScaeInputError, match="max_embed_cells 20 is too small for 3 labels"):
+        scae.run_study(ds, tmp_path / "out", fast_config(max_embed_cells=20))
+    assert not (tmp_path / "out").exists()

@@ -93,11 +93,12 @@ def load_input(args: argparse.Namespace):
 
 
 def run_study_command(args: argparse.Namespace) -> int:
-    from scae.study import StudyConfig, prepare_output_dir, run_study
+    from scae.study import StudyConfig, available_cores, prepare_output_dir, run_study
 
-    prepare_output_dir(args.out)  # fail fast, before loading or training
+    prepare_output_dir(args.out, remove_stale=False)  # fail fast, before loading or training
     started = time.perf_counter()
     dataset = load_input(args)
+    _refuse_overwriting_input(args)
     load_seconds = time.perf_counter() - started
     if not args.quiet:
         print(f"scae: {dataset.name}: {dataset.n_cells} cells × {dataset.n_genes} genes, "
@@ -111,11 +112,22 @@ def run_study_command(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         max_embed_cells=args.max_embed_cells,
         progress=not args.quiet,
+        tsne_workers=available_cores(),
     )
-    result = run_study(dataset, args.out, config, data_seconds=load_seconds)
-    total = sum(result.timings.values())
-    print(f"scae: study finished in {total:.1f} s; report: {args.out / 'report.html'}")
+    run_study(dataset, args.out, config, data_seconds=load_seconds)
+    print(f"scae: study finished in {time.perf_counter() - started:.1f} s; report: {args.out / 'report.html'}")
     return 0
+
+
+def _refuse_overwriting_input(args: argparse.Namespace) -> None:
+    """The study writes results.h5ad; it must never replace the file it reads."""
+    written = (args.out / "results.h5ad").resolve()
+    for given in (args.h5ad, args.counts, args.labels):
+        if given is not None and given.resolve() == written:
+            raise ScaeInputError(
+                f"{given}: is the input, and the study would overwrite it with its results.h5ad; "
+                "choose another --out directory"
+            )
 
 
 def run_simulate_command(args: argparse.Namespace) -> int:

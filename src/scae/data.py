@@ -176,8 +176,10 @@ def as_matrix(X, source: str = "matrix") -> Matrix:
             )
         X = X.astype(np.float32, copy=False)
         values = X
-    if X.shape[0] == 0 or X.shape[1] == 0:
-        raise ScaeInputError(f"{source}: matrix has shape {X.shape}; expected cells × genes, both > 0")
+    if X.shape[0] == 0 or X.shape[1] < 2:
+        raise ScaeInputError(
+            f"{source}: matrix has shape {X.shape}; expected cells × genes with at least 1 cell and 2 genes"
+        )
     bad = ~np.isfinite(values)
     if bad.any():
         n_bad = int(bad.sum())
@@ -255,7 +257,7 @@ def read_labels_txt(path: str | Path) -> list[str]:
     path = Path(path)
     _check_readable(path, "labels file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of a label
     except UnicodeDecodeError:
         raise ScaeInputError(f"{path}: not UTF-8 text; expected one label per line") from None
     except OSError as err:

@@ -103,11 +103,16 @@ def tsne_embedding(X, seed: int = 0, config: TSNEConfig = TSNEConfig(), n_jobs: 
     return embedding.optimize(n_iter=config.n_iter, momentum=0.8, negative_gradient_method=main_method)
 
 
-def _single_threaded_tsne(X: np.ndarray, seed: int, config: TSNEConfig) -> np.ndarray:
+def _single_threaded_tsne(X: np.ndarray, seed: int, config: TSNEConfig) -> tuple[np.ndarray, float]:
+    """Coordinates and the seconds they took, on one thread."""
+    import time
+
     from threadpoolctl import threadpool_limits
 
+    started = time.perf_counter()
     with threadpool_limits(1):
-        return tsne_coordinates(X, seed, config, n_jobs=1)
+        coords = tsne_coordinates(X, seed, config, n_jobs=1)
+    return coords, time.perf_counter() - started
 
 
 class BackgroundTSNE:
@@ -117,6 +122,10 @@ class BackgroundTSNE:
     single-threaded runs use the cores better than one multi-threaded run at a time (openTSNE's
     threads scale poorly, and badly on a busy machine). Results do not depend on ``workers``;
     with ``workers <= 1`` everything runs in this process when :meth:`results` is called.
+
+    After :meth:`results`, ``seconds`` holds each embedding's own computing time. With
+    ``workers > 1`` the workers are started with "spawn", so a Python *script* that starts a
+    study must keep its top-level code under ``if __name__ == "__main__":``.
 
     Use as a context manager so the worker processes are always shut down::
 
@@ -137,6 +146,7 @@ class BackgroundTSNE:
         self._reduced = {key: tsne_input(X, seed) for key, X in inputs.items()}
         self._pool = None
         self._futures: dict = {}
+        self.seconds: dict[str, float] = {}
         if workers > 1 and len(self._reduced) > 1:
             context = multiprocessing.get_context("spawn")  # no fork after OpenMP/torch threads
             self._pool = ProcessPoolExecutor(max_workers=min(workers, len(self._reduced)), mp_context=context)
@@ -148,7 +158,7 @@ class BackgroundTSNE:
     def results(self) -> dict[str, np.ndarray]:
         """Wait for (or compute) every embedding; keys in the order they were given."""
         bar = tqdm(total=len(self._reduced), desc="t-SNE", unit="embedding", disable=not self._progress, leave=False)
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, tuple[np.ndarray, float]] = {}
         try:
             if self._pool is None:
                 for key, X in self._reduced.items():
@@ -160,7 +170,8 @@ class BackgroundTSNE:
                     bar.update()
         finally:
             bar.close()
-        return {key: out[key] for key in self._reduced}
+        self.seconds = {key: out[key][1] for key in self._reduced}
+        return {key: out[key][0] for key in self._reduced}
 
     def __enter__(self) -> BackgroundTSNE:
         return self
@@ -168,18 +179,6 @@ class BackgroundTSNE:
     def __exit__(self, *exc_info) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def tsne_many(
-    inputs: dict[str, np.ndarray],
-    seed: int = 0,
-    config: TSNEConfig = TSNEConfig(),
-    workers: int = 1,
-    progress: bool = False,
-) -> dict[str, np.ndarray]:
-    """t-SNE of several matrices, ``workers`` single-threaded processes side by side."""
-    with BackgroundTSNE(inputs, seed, config, workers, progress) as jobs:
-        return jobs.results()
 
 
 def subsample_indices(n: int, max_cells: int | None, seed: int = 0) -> np.ndarray:

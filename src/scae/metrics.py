@@ -85,34 +85,52 @@ def linear_separability(
     return float(balanced_accuracy_score(y_test, classifier.predict(dense_if_small(Z_test))))
 
 
+def reconstruction_errors(X, reconstruction, batch_size: int = 4096) -> dict[str, float]:
+    """Exact MSE over all entries and over the nonzero entries of ``X``, in float64 batches.
+
+    Parameters
+    ----------
+    X
+        Cells × genes, dense or sparse.
+    reconstruction
+        An array of ``X``'s shape, or a function mapping a dense batch of rows of ``X`` to
+        its reconstruction.
+    """
+    import torch
+
+    from scae.losses import mse_terms, nonzero_mse_terms
+
+    sums = {"mse": [0.0, 0.0], "nonzero_mse": [0.0, 0.0]}
+    for start in range(0, X.shape[0], batch_size):
+        x = X[start : start + batch_size]
+        x = (x.toarray() if sp.issparse(x) else np.asarray(x)).astype(np.float64)
+        x_hat = reconstruction(x) if callable(reconstruction) else reconstruction[start : start + batch_size]
+        xt, xh = torch.from_numpy(x), torch.from_numpy(np.asarray(x_hat, dtype=np.float64))
+        for name, terms in (("mse", mse_terms), ("nonzero_mse", nonzero_mse_terms)):
+            err, count = terms(xt, xh)
+            sums[name][0] += float(err)
+            sums[name][1] += float(count)
+    return {name: (e / c if c else 0.0) for name, (e, c) in sums.items()}
+
+
 def pca_reconstruction_errors(
     pca, X_train, X_test, n_components: list[int], batch_size: int = 4096
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Reconstruction errors of a fitted PCA truncated to each of ``n_components`` (a linear baseline).
 
     PCA subspaces are nested, so one fit with the largest size serves every smaller one. Returns
-    ``{"pca<k>": {"train": {"mse", "nonzero_mse"}, "test": {...}}}`` computed exactly in batches.
+    ``{"pca<k>": {"train": {"mse", "nonzero_mse"}, "test": {...}}}``.
     """
-    import torch
-
-    from scae.losses import mse_terms, nonzero_mse_terms
-
-    ks = [k for k in n_components if k <= pca.n_components_]
-    out: dict[str, dict] = {f"pca{k}": {} for k in ks}
     mean, components = pca.mean_.astype(np.float64), pca.components_.astype(np.float64)
-    for part, X in (("train", X_train), ("test", X_test)):
-        sums = {k: {"mse": [0.0, 0.0], "nonzero_mse": [0.0, 0.0]} for k in ks}
-        for start in range(0, X.shape[0], batch_size):
-            x = X[start : start + batch_size]
-            x = (x.toarray() if sp.issparse(x) else np.asarray(x)).astype(np.float64)
-            scores = (x - mean) @ components.T
-            xt = torch.from_numpy(x)
-            for k in ks:
-                x_hat = torch.from_numpy(mean + scores[:, :k] @ components[:k])
-                for name, terms in (("mse", mse_terms), ("nonzero_mse", nonzero_mse_terms)):
-                    err, count = terms(xt, x_hat)
-                    sums[k][name][0] += float(err)
-                    sums[k][name][1] += float(count)
-        for k in ks:
-            out[f"pca{k}"][part] = {name: (e / c if c else 0.0) for name, (e, c) in sums[k].items()}
-    return out
+
+    def truncated(k: int):
+        return lambda x: mean + ((x - mean) @ components[:k].T) @ components[:k]
+
+    return {
+        f"pca{k}": {
+            "train": reconstruction_errors(X_train, truncated(k), batch_size),
+            "test": reconstruction_errors(X_test, truncated(k), batch_size),
+        }
+        for k in n_components
+        if k <= pca.n_components_
+    }

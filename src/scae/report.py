@@ -184,11 +184,18 @@ def _score_rows(reps: dict, keys: list[str]) -> list[list[str]]:
 SCORE_HEADER = ["representation", "dims", "k-means ARI", "k-means NMI", "silhouette (labels)", "linear accuracy (test cells)"]
 
 
+def _noise(ra: dict, rb: dict, score: str) -> float:
+    """Smallest difference in ``score`` between two representations that counts as real."""
+    if score == "silhouette":
+        return 0.01
+    return max(0.02, ra[f"{score}_std"] + rb[f"{score}_std"])
+
+
 def _compare_scores(reps: dict, a: str, b: str, name_a: str, name_b: str) -> str:
     """One sentence comparing the cluster scores of representations ``a`` and ``b``."""
     ra, rb = reps[a], reps[b]
     d_ari = rb["ari"] - ra["ari"]
-    noise = max(0.02, ra["ari_std"] + rb["ari_std"])
+    noise = _noise(ra, rb, "ari")
     if abs(d_ari) <= noise:
         ari_text = f"k-means ARI is about the same ({ra['ari']:.3f} vs {rb['ari']:.3f}; the difference is within the k-means seed spread of {noise:.3f})"
     else:
@@ -233,8 +240,13 @@ def _section_q1(result: StudyResult, images: dict) -> str:
             f"(test − train = {_f(gap, 3)}); lowest test loss {_f(best['test_loss'])} at epoch {best['epoch']}"
         )
         rise = (last["test_loss"] - best["test_loss"]) / best["test_loss"]
+        train_at_best = h[best["epoch"]]["train_loss"]
         if best["epoch"] < last["epoch"] and rise > 0.01:
-            text += f", after which it rose by {rise * 100:.1f}%: the model starts to overfit the training cells."
+            if last["train_loss"] < train_at_best:
+                text += (f", after which it rose by {rise * 100:.1f}% while the training loss kept falling "
+                         f"({_f(train_at_best)} → {_f(last['train_loss'])}): the model overfits the training cells.")
+            else:
+                text += f", after which it rose by {rise * 100:.1f}% (the training loss did not fall either)."
         elif last["test_loss"] < h[-2]["test_loss"] - 0.001 * abs(h[-2]["test_loss"]):
             text += "; the test loss was still falling in the last epoch, so more epochs could help."
         else:
@@ -249,8 +261,10 @@ def _section_q1(result: StudyResult, images: dict) -> str:
         + ". Epoch 0 is the untrained network. The training loss of an epoch is the mean of its minibatch "
         "losses; the test loss is computed on all held-out cells after the epoch. Convergence epoch: the "
         "first epoch at which the test loss has made 95% of its total decrease (from epoch 0 to its minimum); "
-        "because the first epoch already removes most of the untrained error, the first epoch within 1% of the "
-        "lowest test loss is shown too.</p>"
+        "the first epoch within 1% of the lowest test loss is shown too"
+        + (" (here the 95% point comes within the first two epochs, which remove most of the untrained error, so "
+           "the 1% measure is the one that tells the runs apart)" if all((r.convergence_epoch or 99) <= 2 for r in runs) else "")
+        + ".</p>"
         + _figure(images, "q1_loss_history", "Training and test loss per epoch")
         + _table(
             ["run", "convergence epoch (95%)", "epoch within 1% of best", "final train loss", "final test loss", "min test loss (epoch)"],
@@ -277,18 +291,24 @@ def _section_q2(result: StudyResult, metrics: dict, images: dict) -> str:
         items.append(f"Lowest test MSE among the MSE-trained runs: {best.spec.name}. Ranking by test MSE: {ranking}.")
         by_dim = sorted(mse_runs, key=lambda r: r.spec.latent_dim)
         for small, large in zip(by_dim[:-1], by_dim[1:]):
-            verdict = "reconstructs better" if large.errors["test"]["mse"] < small.errors["test"]["mse"] else "does not reconstruct better"
+            change = _pct_change(large.errors["test"]["mse"], small.errors["test"]["mse"])
+            verdict = ("reconstructs about as well as" if change == "the same"
+                       else "reconstructs better than" if "lower" in change else "reconstructs worse than")
             items.append(
-                f"Latent {large.spec.latent_dim} {verdict} than latent {small.spec.latent_dim}: its test MSE is "
+                f"Latent {large.spec.latent_dim} {verdict} latent {small.spec.latent_dim}: its test MSE is "
                 f"{_pct_change(large.errors['test']['mse'], small.errors['test']['mse'])}."
             )
     ev = result.explained_variance
-    if ev:
-        items.append(
-            "Why: a bottleneck of k dimensions can keep at most what k directions carry. On this data the top "
-            + ", ".join(f"{k} PCs explain {v * 100:.1f}%" for k, v in ev.items())
-            + " of the variance, so more latent dimensions leave room for more of the signal."
-        )
+    if ev and mse_runs:
+        by_dim = sorted(mse_runs, key=lambda r: r.spec.latent_dim)
+        ordered = all(a.errors["test"]["mse"] > b.errors["test"]["mse"] for a, b in zip(by_dim[:-1], by_dim[1:]))
+        variance = ", ".join(f"{k} PCs explain {v * 100:.1f}%" for k, v in ev.items())
+        if ordered:
+            items.append(f"Why: a bottleneck of k dimensions can keep at most what k directions carry; on this data the "
+                         f"top {variance} of the variance, and the test MSE falls as the latent size grows, as that predicts.")
+        else:
+            items.append(f"On this data the top {variance} of the variance; a larger bottleneck could keep more, but the "
+                         "test MSE does not fall with every increase in latent size here, so capacity is not what limits these runs.")
     for r in result.runs.values():
         base = result.pca_baselines.get(f"pca{r.spec.latent_dim}")
         if base and r.spec.loss == "mse":
@@ -355,10 +375,11 @@ def _section_q4(result: StudyResult, images: dict) -> str:
         else "partly separable" if acc >= PARTLY_SEPARABLE_ACCURACY
         else "not separable"
     )
+    chance = 1.0 / len(result.dataset.classes)
     items = [
         f"The 2-D latent space is {verdict}: a logistic regression fitted on the training cells' 2-D codes "
-        f"classifies the held-out cells with balanced accuracy {acc:.3f} (≥ {SEPARABLE_ACCURACY} counts as largely "
-        f"separable, ≥ {PARTLY_SEPARABLE_ACCURACY} as partly).",
+        f"classifies the held-out cells with balanced accuracy {acc:.3f} (chance: {chance:.3f}; ≥ {SEPARABLE_ACCURACY} "
+        f"counts as largely separable, ≥ {PARTLY_SEPARABLE_ACCURACY} as partly).",
         f"k-means in the 2-D latent: ARI {r['ari']:.3f} ± {r['ari_std']:.3f}, NMI {r['nmi']:.3f}; silhouette of the labels {r['silhouette']:.3f}.",
     ]
     if "original_pca2" in reps:
@@ -400,15 +421,16 @@ def _section_q5(result: StudyResult, images: dict) -> str:
         verdicts = []
         for kind in ("latent", "reconstruction"):
             a, b = reps[f"{n}_{kind}"], reps[f"{m}_{kind}"]
-            up = [s_ for s_ in ("ari", "nmi", "silhouette") if a[s_] > b[s_] + 0.01]
-            down = [s_ for s_ in ("ari", "nmi", "silhouette") if a[s_] < b[s_] - 0.01]
+            up = [s_ for s_ in ("ari", "nmi", "silhouette") if a[s_] > b[s_] + _noise(a, b, s_)]
+            down = [s_ for s_ in ("ari", "nmi", "silhouette") if a[s_] < b[s_] - _noise(a, b, s_)]
             if up and not down:
                 word = "better"
             elif down and not up:
                 word = "worse"
             else:
                 word = "mixed" if up else "no clear difference"
-            detail = f"{len(up)} of 3 scores (ARI, NMI, silhouette) higher by > 0.01, {len(down)} lower"
+            detail = (f"{len(up)} of 3 scores (ARI, NMI, silhouette) higher and {len(down)} lower by more than "
+                      "the k-means seed spread (at least 0.02) or, for the silhouette, 0.01")
             verdicts.append(f"its <b>{kind}</b> keeps the populations {word} than {m}'s ({detail})" if word in ("better", "worse")
                             else f"its <b>{kind}</b>: {word} ({detail})")
         items.append("Does the nonzero loss capture structure better? " + "; ".join(verdicts) + ".")
@@ -438,7 +460,8 @@ def _section_all(result: StudyResult, metrics: dict, images: dict) -> str:
         "balanced accuracy on the test cells of a logistic regression fitted on the training cells (representations up to 50-D).</p>"
         + _figure(images, "latent_pca_all", "PCA of every latent space")
         + _table(SCORE_HEADER, _score_rows(reps, list(reps)))
-        + "<h2>Timings</h2>"
+        + "<h2>Timings</h2><p>Stages in order; <code>tsne_worker_*</code> is each t-SNE's own time in a worker "
+        "process, overlapping <code>scores</code> and <code>tsne_wait</code>.</p>"
         + _table(["stage", "seconds"], timing_rows)
         + "</section>"
     )

@@ -27,6 +27,7 @@ from scae.embeddings import BackgroundTSNE, TSNEConfig, fit_pca, subsample_indic
 from scae.errors import ScaeInputError
 from scae.files import atomic_path, check_writable, write_bytes, write_text
 from scae.metrics import (
+    reconstruction_errors,
     cluster_scores,
     convergence_epoch,
     epochs_to_near_best,
@@ -77,11 +78,16 @@ class StudyConfig:
     tsne: TSNEConfig = field(default_factory=TSNEConfig)
     runs: tuple[RunSpec, ...] = DEFAULT_RUNS
     progress: bool = True
+    tsne_workers: int = 1
+    """Processes computing t-SNEs side by side (results do not depend on it). The command line
+    uses every available core; from a Python script, more than 1 needs the script's top-level
+    code under ``if __name__ == "__main__":`` (worker processes are spawned)."""
 
     def to_dict(self) -> dict:
-        """JSON-ready settings (without ``progress``, which does not change results)."""
+        """JSON-ready settings (without ``progress`` and ``tsne_workers``, which do not change results)."""
         out = asdict(self)
         out.pop("progress")
+        out.pop("tsne_workers")
         out["hidden"] = list(self.hidden)
         return out
 
@@ -196,7 +202,8 @@ class _Stopwatch:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
 
 
-def _n_jobs() -> int:
+def available_cores() -> int:
+    """CPU cores this process may use."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
@@ -223,6 +230,7 @@ def run_study(
         Time spent loading ``dataset``, recorded as the ``data`` stage in the timings.
     """
     config = config or StudyConfig()
+    _check_config(config, dataset)
     if out_dir is not None:
         out_dir = prepare_output_dir(out_dir)
     watch = _Stopwatch(config.progress)
@@ -252,8 +260,8 @@ def run_study(
         with watch.stage(f"predict_{spec.name}"):
             latent, reconstruction = model.transform_and_reconstruct(X)
             errors = {
-                "train": model.reconstruction_error(X_train),
-                "test": model.reconstruction_error(X_test),
+                "train": reconstruction_errors(X_train, reconstruction[train_idx]),
+                "test": reconstruction_errors(X_test, reconstruction[test_idx]),
             }
         runs[spec.name] = RunResult(
             spec=spec,
@@ -276,15 +284,15 @@ def run_study(
                 )
         dims = sorted({spec.latent_dim for spec in config.runs})
         cumulative = np.cumsum(pca.explained_variance_ratio_)
-        explained = {str(k): float(cumulative[min(k, cumulative.size) - 1]) for k in dims}
+        explained = {str(k): float(cumulative[k - 1]) for k in dims if k <= cumulative.size}
         pca_baselines = pca_reconstruction_errors(fit_pca(X_train, max(dims), seed), X_train, X_test, dims)
 
     # t-SNE runs in worker processes while this process computes the cluster scores
     # (single-threaded, so the two do not fight over the cores).
-    tsne_inputs = {key: matrix[embed_idx] for key, matrix in _tsne_inputs(X, runs)}
+    tsne_inputs = {key: matrix[embed_idx] for key, matrix in _tsne_inputs(views["X_pca"], runs)}
     # Stage timings stay disjoint: "scores" runs while t-SNE is under way, "tsne_wait" is the rest.
     with watch.stage("tsne_start", f"t-SNE of {len(tsne_inputs)} representations ({embed_idx.size} cells), in the background"):
-        tsne_jobs = BackgroundTSNE(tsne_inputs, seed, config.tsne, _n_jobs(), config.progress)
+        tsne_jobs = BackgroundTSNE(tsne_inputs, seed, config.tsne, config.tsne_workers, config.progress)
     with tsne_jobs:
         with threadpool_limits(1):
             representations = _score_representations(
@@ -292,6 +300,8 @@ def run_study(
             )
         with watch.stage("tsne_wait", "waiting for t-SNE"):
             views.update(tsne_jobs.results())
+    # Each embedding's own time in its worker; these overlap "scores" and "tsne_wait".
+    watch.timings.update({f"tsne_worker_{key}": value for key, value in tsne_jobs.seconds.items()})
 
     result = StudyResult(
         dataset=dataset,
@@ -311,9 +321,9 @@ def run_study(
     return result
 
 
-def _tsne_inputs(X, runs: dict[str, RunResult]):
-    """(obsm key, matrix) of every representation that gets a t-SNE."""
-    yield "X_tsne", X
+def _tsne_inputs(X_pca: np.ndarray, runs: dict[str, RunResult]):
+    """(obsm key, matrix) of every representation that gets a t-SNE (the input via its 50 PCs)."""
+    yield "X_tsne", X_pca
     for name, run in runs.items():
         if run.spec.tsne_reconstruction:
             yield f"X_{name}_reconstruction_tsne", run.reconstruction
@@ -351,7 +361,20 @@ def _score_representations(dataset, X, runs, views, train_idx, test_idx, embed_i
     return scores
 
 
-def prepare_output_dir(out_dir: str | Path) -> Path:
+def _check_config(config: StudyConfig, dataset: Dataset) -> None:
+    """Reject settings that cannot work, before any training."""
+    n_labels = len(dataset.classes)
+    least = max(50, 10 * n_labels)
+    if config.max_embed_cells < least:
+        raise ScaeInputError(
+            f"max_embed_cells {config.max_embed_cells} is too small for {n_labels} labels; "
+            f"expected at least {least} (50, and 10 per label)"
+        )
+    if config.epochs < 1 or config.batch_size < 1 or config.tsne_workers < 1:
+        raise ScaeInputError("epochs, batch size and t-SNE workers must be at least 1")
+
+
+def prepare_output_dir(out_dir: str | Path, remove_stale: bool = True) -> Path:
     """Create ``out_dir`` and check it is writable; remove a previous run's report and metrics.
 
     Removing ``report.html`` and ``metrics.json`` first means that, if this run is
@@ -363,7 +386,7 @@ def prepare_output_dir(out_dir: str | Path) -> Path:
         (out_dir / "figures").mkdir(exist_ok=True)
         (out_dir / "models").mkdir(exist_ok=True)
         check_writable(out_dir)
-        for name in ("report.html", "metrics.json"):
+        for name in ("report.html", "metrics.json") if remove_stale else ():
             (out_dir / name).unlink(missing_ok=True)
     except OSError as err:
         reason = err.strerror or str(err)
