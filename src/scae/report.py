@@ -433,7 +433,8 @@ def _section_q5(result: StudyResult, images: dict) -> str:
                       "the k-means seed spread (at least 0.02) or, for the silhouette, 0.01")
             verdicts.append(f"its <b>{kind}</b> keeps the populations {word} than {m}'s ({detail})" if word in ("better", "worse")
                             else f"its <b>{kind}</b>: {word} ({detail})")
-        items.append("Does the nonzero loss capture structure better? " + "; ".join(verdicts) + ".")
+        answer = "; ".join(verdicts)
+        items.append("Does the nonzero loss capture structure better? " + answer[0].upper() + answer[1:] + ".")
     items.append(_compare_scores(reps, "original", f"{n}_latent", "the original data", f"the {n} latent"))
     return (
         f"<section><h2>Q5 · Does the nonzero loss capture structure better? ({n})</h2>"
