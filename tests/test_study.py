@@ -58,6 +58,16 @@ def test_run_study_without_output_dir(small_dataset):
     json.dumps(result.metrics(), allow_nan=False)
 
 
+def test_write_study_keeps_the_compute_timings(small_dataset, tmp_path):
+    from scae.study import write_study
+
+    result = scae.run_study(small_dataset, None, fast_config())
+    write_study(result, tmp_path / "out")
+    timings = json.loads((tmp_path / "out" / "metrics.json").read_text())["timings"]
+    assert {"split", "train_ae10", "pca", "scores", "figures", "write_models_h5ad"} <= set(timings)
+    assert (tmp_path / "out" / "report.html").is_file()
+
+
 def test_background_tsne_independent_of_workers():
     rng = np.random.default_rng(0)
     inputs = {"a": rng.normal(size=(90, 12)), "b": rng.normal(size=(90, 70)).astype(np.float32)}

@@ -53,6 +53,31 @@ _LOSS_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 _LOSS_TERMS: dict[str, LossTerms] = {"mse": mse_terms, "nonzero_mse": nonzero_mse_terms}
 
 
+class LossTotals:
+    """Exact losses over many batches: accumulates each loss's error sum and entry count.
+
+    Parameters
+    ----------
+    names
+        Losses to accumulate (from :data:`LOSSES`).
+    """
+
+    def __init__(self, names: tuple[str, ...] = LOSSES) -> None:
+        self._terms = {name: get_loss_terms(name) for name in names}
+        self._sums = {name: [0.0, 0.0] for name in names}
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        """Add one batch of inputs and their reconstructions."""
+        for name, terms in self._terms.items():
+            err, count = terms(x, x_hat)
+            self._sums[name][0] += float(err)
+            self._sums[name][1] += float(count)
+
+    def result(self) -> dict[str, float]:
+        """Each loss as total error / total count (0 where nothing was counted)."""
+        return {name: (err / count if count else 0.0) for name, (err, count) in self._sums.items()}
+
+
 def get_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The batch loss function called ``name`` (one of :data:`LOSSES`)."""
     _check_name(name)

@@ -98,19 +98,15 @@ def reconstruction_errors(X, reconstruction, batch_size: int = 4096) -> dict[str
     """
     import torch
 
-    from scae.losses import mse_terms, nonzero_mse_terms
+    from scae.losses import LossTotals
 
-    sums = {"mse": [0.0, 0.0], "nonzero_mse": [0.0, 0.0]}
+    totals = LossTotals(("mse", "nonzero_mse"))
     for start in range(0, X.shape[0], batch_size):
         x = X[start : start + batch_size]
         x = (x.toarray() if sp.issparse(x) else np.asarray(x)).astype(np.float64)
         x_hat = reconstruction(x) if callable(reconstruction) else reconstruction[start : start + batch_size]
-        xt, xh = torch.from_numpy(x), torch.from_numpy(np.asarray(x_hat, dtype=np.float64))
-        for name, terms in (("mse", mse_terms), ("nonzero_mse", nonzero_mse_terms)):
-            err, count = terms(xt, xh)
-            sums[name][0] += float(err)
-            sums[name][1] += float(count)
-    return {name: (e / c if c else 0.0) for name, (e, c) in sums.items()}
+        totals.add(torch.from_numpy(x), torch.from_numpy(np.asarray(x_hat, dtype=np.float64)))
+    return totals.result()
 
 
 def pca_reconstruction_errors(

@@ -175,9 +175,8 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         return RowSource(X)
 
     def _check_n_features(self, X) -> None:
-        expected = getattr(self, "n_features_in_", X.shape[1])
-        if X.shape[1] != expected:
-            raise ValueError(f"X has {X.shape[1]} genes (columns); the model expects {expected}")
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} genes (columns); the model expects {self.n_features_in_}")
 
     def transform(self, X) -> np.ndarray:
         """Latent representation, cells × ``latent_dim``."""

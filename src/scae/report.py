@@ -276,7 +276,7 @@ def _section_q1(result: StudyResult, images: dict) -> str:
     )
 
 
-def _section_q2(result: StudyResult, metrics: dict, images: dict) -> str:
+def _section_q2(result: StudyResult, images: dict) -> str:
     rows, items = [], []
     for name, r in result.runs.items():
         rows.append([name, str(r.spec.latent_dim), r.spec.loss, _f(r.errors["test"]["mse"]), _f(r.errors["train"]["mse"]),
@@ -496,7 +496,7 @@ def build_report(result: StudyResult, metrics: dict, images: dict[str, bytes]) -
     body = (
         header
         + _section_q1(result, images)
-        + _section_q2(result, metrics, images)
+        + _section_q2(result, images)
         + _section_q3(result, images)
         + _section_q4(result, images)
         + _section_q5(result, images)

@@ -1,8 +1,9 @@
 """The autoencoder study: train the four runs, embed, score, and write every output.
 
 Data flows one way: :func:`run_study` takes a :class:`~scae.data.Dataset`, computes a
-:class:`StudyResult`, and (given an output directory) hands it to :func:`write_study`, which
-writes figures, models, ``results.h5ad``, ``metrics.json`` and, last, ``report.html``.
+:class:`StudyResult` and, given an output directory, writes figures, models, ``results.h5ad``,
+``metrics.json`` and, last, ``report.html`` (:func:`write_study` writes them for a result
+computed without one).
 """
 
 from __future__ import annotations
@@ -17,22 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 from scae import __version__
 from scae.data import Dataset, dense_if_small, stratified_split
-from threadpoolctl import threadpool_limits
-
 from scae.embeddings import BackgroundTSNE, TSNEConfig, fit_pca, subsample_indices
 from scae.errors import ScaeInputError
 from scae.files import atomic_path, check_writable, write_bytes, write_text
 from scae.metrics import (
-    reconstruction_errors,
     cluster_scores,
     convergence_epoch,
     epochs_to_near_best,
     linear_separability,
     pca_reconstruction_errors,
+    reconstruction_errors,
 )
 from scae.models import Autoencoder
 from scae.plots import Panel, loss_curves, png_bytes, scatter_panels
@@ -317,7 +316,7 @@ def run_study(
         timings=watch.timings,
     )
     if out_dir is not None:
-        write_study(result, out_dir, watch)
+        _write_outputs(result, out_dir, watch)  # out_dir was prepared before training
     return result
 
 
@@ -418,12 +417,21 @@ def _embed_rows(result: StudyResult, key: str) -> np.ndarray:
     return coords if coords.shape[0] == result.embed_idx.size else coords[result.embed_idx]
 
 
-def write_study(result: StudyResult, out_dir: str | Path, watch: _Stopwatch | None = None) -> None:
-    """Write figures, models, ``results.h5ad``, ``metrics.json`` and finally ``report.html``."""
+def write_study(result: StudyResult, out_dir: str | Path) -> None:
+    """Write figures, models, ``results.h5ad``, ``metrics.json`` and finally ``report.html``.
+
+    For a result computed without an output directory; :func:`run_study` given one writes
+    the same files itself.
+    """
+    watch = _Stopwatch(False)
+    watch.timings = result.timings  # writing stages are added to the study's own timings
+    _write_outputs(result, prepare_output_dir(out_dir), watch)
+
+
+def _write_outputs(result: StudyResult, out_dir: Path, watch: _Stopwatch) -> None:
+    """Write every output into a prepared ``out_dir``; ``report.html`` comes last."""
     from scae.report import build_report
 
-    out_dir = prepare_output_dir(out_dir)
-    watch = watch or _Stopwatch(False)
     with watch.stage("figures", "drawing figures"):
         images = {stem: png_bytes(fig) for stem, fig in make_figures(result).items()}
         for stem, data in images.items():
@@ -436,7 +444,6 @@ def write_study(result: StudyResult, out_dir: str | Path, watch: _Stopwatch | No
     with watch.stage("report"):
         metrics = result.metrics()
         html = build_report(result, metrics, images)
-    result.timings = watch.timings
     metrics["timings"] = {k: round(v, 3) for k, v in watch.timings.items()}
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     write_text(out_dir / "report.html", html)

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from scae.data import dense_if_small
-from scae.losses import get_loss, get_loss_terms
+from scae.losses import LossTotals, get_loss
 
 EVAL_BATCH_SIZE = 4096
 
@@ -63,15 +63,10 @@ def evaluate_losses(
 ) -> dict[str, float]:
     """Exact losses over a whole matrix (total error sum / total entry count), in batches."""
     net.eval()
-    totals = {name: [0.0, 0.0] for name in losses}
-    terms = {name: get_loss_terms(name) for name in losses}
+    totals = LossTotals(losses)
     for x in source.batches():
-        _, x_hat = net(x)
-        for name in losses:
-            err, count = terms[name](x, x_hat)
-            totals[name][0] += float(err)
-            totals[name][1] += float(count)
-    return {name: (err / count if count else 0.0) for name, (err, count) in totals.items()}
+        totals.add(x, net(x)[1])
+    return totals.result()
 
 
 @torch.inference_mode()
