@@ -321,7 +321,7 @@ def test_sklearn_get_params_and_clone(fitted, small_dense):
     params = fitted.get_params()
     assert params == {
         "latent_dim": 6, "hidden": (32,), "activation": "relu", "loss": "mse", "epochs": EPOCHS,
-        "batch_size": 32, "learning_rate": 1e-3, "random_state": 0, "progress": False,
+        "batch_size": 32, "learning_rate": 1e-3, "random_state": 0, "device": "auto", "progress": False,
     }
     twin = clone(fitted)
     assert twin is not fitted

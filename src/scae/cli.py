@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--h5ad", type=Path, help="AnnData file")
     source.add_argument("--label-key", help="obs column with the cell labels (with --h5ad)")
     source.add_argument("--layer", help="use this layer instead of X (with --h5ad)")
+    source.add_argument("--normalize", choices=["auto", "log1p", "none"], default="auto",
+                        help="raw counts: auto (default) treats a matrix of non-negative integers as raw counts, "
+                             "which the models see as log1p(counts / library size × 1e4), computed per batch; "
+                             "log1p: always; none: never")
+    source.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                        help="stream the matrix from disk instead of loading it (a CSR .h5ad, or a memory-mapped "
+                             ".npy); default: stream when its dense float32 form exceeds 1 GiB")
     study.add_argument("--out", type=Path, required=True, help="output directory")
     study.add_argument("--epochs", type=_positive_int, default=50, help="training epochs (default 50)")
     study.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
@@ -51,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     study.add_argument("--max-embed-cells", type=_positive_int, default=20_000,
                        help="cells sampled for t-SNE, scatter plots and cluster scores (default 20000)")
+    study.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                       help="where models train and predict (default auto: a GPU when there is one)")
+    study.add_argument("--resume", action="store_true",
+                       help="reuse the models an interrupted study already trained in OUT/models "
+                            "(refused when they come from another input or other settings)")
     study.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
 
     simulate = sub.add_parser("simulate", help="write the built-in dataset as counts.npy + labels.txt")
@@ -82,41 +94,57 @@ def load_input(args: argparse.Namespace):
     if args.h5ad is not None:
         if not args.label_key:
             raise ScaeInputError(f"{args.h5ad}: --label-key is required with --h5ad (the obs column of cell labels)")
-        return read_h5ad(args.h5ad, args.label_key, args.layer)
+        return read_h5ad(args.h5ad, args.label_key, args.layer, normalize=args.normalize, stream=args.stream)
     if args.label_key or args.layer:
         raise ScaeInputError("--label-key and --layer go with --h5ad")
     if (args.counts is None) != (args.labels is None):
         raise ScaeInputError("--counts and --labels go together: the matrix and its one-label-per-line file")
     if args.counts is not None:
-        return read_counts_labels(args.counts, args.labels)
+        return read_counts_labels(args.counts, args.labels, normalize=args.normalize, stream=args.stream)
+    if args.stream:
+        raise ScaeInputError("--stream reads a file from disk (--h5ad, or --counts with --labels); the built-in dataset is made in memory")
     return simulate_dataset()
 
 
 def run_study_command(args: argparse.Namespace) -> int:
+    from scae.parallel import init_distributed, resolve_device, shutdown_distributed
     from scae.study import StudyConfig, available_cores, prepare_output_dir, run_study
 
-    prepare_output_dir(args.out, remove_stale=False)  # fail fast, before loading or training
-    started = time.perf_counter()
-    dataset = load_input(args)
-    _refuse_overwriting_input(args)
-    load_seconds = time.perf_counter() - started
-    if not args.quiet:
-        print(f"scae: {dataset.name}: {dataset.n_cells} cells × {dataset.n_genes} genes, "
-              f"{len(dataset.classes)} labels", file=sys.stderr)
-    config = StudyConfig(
-        epochs=args.epochs,
-        seed=args.seed,
-        hidden=tuple(args.hidden),
-        activation=args.activation,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        max_embed_cells=args.max_embed_cells,
-        progress=not args.quiet,
-        tsne_workers=available_cores(),
-    )
-    run_study(dataset, args.out, config, data_seconds=load_seconds)
-    print(f"scae: study finished in {time.perf_counter() - started:.1f} s; report: {args.out / 'report.html'}")
-    return 0
+    device = resolve_device(args.device)  # fail fast on a device that is not there
+    distributed = init_distributed(device)
+    try:
+        main = distributed is None or distributed.is_main
+        if main:
+            prepare_output_dir(args.out, remove_stale=False)  # fail fast, before loading or training
+        started = time.perf_counter()
+        dataset = load_input(args)
+        _refuse_overwriting_input(args)
+        load_seconds = time.perf_counter() - started
+        if not args.quiet and main:
+            mode = "streamed from disk" if dataset.on_disk else "in memory"
+            counts = "; raw counts, models see log1p(counts / library size × 1e4)" if dataset.counts else ""
+            procs = f"; {distributed.world_size} processes" if distributed else ""
+            print(f"scae: {dataset.name}: {dataset.n_cells} cells × {dataset.n_genes} genes, "
+                  f"{len(dataset.classes)} labels ({mode}{counts}); device {device}{procs}", file=sys.stderr)
+        config = StudyConfig(
+            epochs=args.epochs,
+            seed=args.seed,
+            hidden=tuple(args.hidden),
+            activation=args.activation,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            max_embed_cells=args.max_embed_cells,
+            progress=not args.quiet,
+            tsne_workers=available_cores(),
+            device=args.device,
+            resume=args.resume,
+        )
+        run_study(dataset, args.out, config, data_seconds=load_seconds, distributed=distributed)
+        if main:
+            print(f"scae: study finished in {time.perf_counter() - started:.1f} s; report: {args.out / 'report.html'}")
+        return 0
+    finally:
+        shutdown_distributed()
 
 
 def _refuse_overwriting_input(args: argparse.Namespace) -> None:

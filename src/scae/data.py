@@ -20,6 +20,13 @@ from scae.errors import ScaeInputError
 
 Matrix = np.ndarray | sp.csr_matrix
 
+STREAM_BYTES = 1024**3
+"""An input whose dense float32 form is larger than this is streamed from disk (a CSR ``.h5ad``)
+or memory-mapped (a ``.npy``) instead of being loaded; see :mod:`scae.sources`."""
+VALIDATE_CHUNK = 8 * 1024**2
+"""Values checked at a time when an input on disk is validated in one streamed pass."""
+NORMALIZE_CHOICES = ("auto", "log1p", "none")
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -28,20 +35,28 @@ class Dataset:
     Attributes
     ----------
     X
-        Cells × genes, float32, dense ``ndarray`` or ``scipy.sparse.csr_matrix``.
+        Cells × genes: float32 dense ``ndarray`` or ``scipy.sparse.csr_matrix`` in memory, or a
+        :class:`~scae.sources.RowSource` streaming from a file on disk.
     labels
         One label per cell, as strings.
     name
         Short description of where the data came from (shown in the report).
     obs_names, var_names
         Cell and gene names.
+    counts
+        Whether ``X`` holds raw counts; models then see ``log1p(counts / library size × 10⁴)``,
+        computed per batch (:func:`scae.sources.normalize_counts`).
+    stats
+        Zero fraction and value range, when they were measured while reading (inputs on disk).
     """
 
-    X: Matrix
+    X: object
     labels: np.ndarray
     name: str
     obs_names: np.ndarray = field(default=None)  # type: ignore[assignment]
     var_names: np.ndarray = field(default=None)  # type: ignore[assignment]
+    counts: bool = False
+    stats: dict | None = None
 
     def __post_init__(self) -> None:
         if self.obs_names is None:
@@ -62,34 +77,79 @@ class Dataset:
         """Sorted distinct labels."""
         return np.unique(self.labels)
 
+    @property
+    def on_disk(self) -> bool:
+        """Whether ``X`` streams from a file instead of being held in memory."""
+        return not (isinstance(self.X, np.ndarray) or sp.issparse(self.X))
+
+    def source(self):
+        """``X`` as a :class:`~scae.sources.RowSource` (raw counts normalised per batch)."""
+        from scae.sources import ArraySource
+
+        return self.X if self.on_disk else ArraySource(dense_if_small(self.X), counts=self.counts)
+
+    def fingerprint(self) -> dict:
+        """What identifies this input: shape, labels, and a hash of the matrix (in memory) or the
+        file's path, size and modification time (on disk)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for part in (self.labels, self.obs_names, self.var_names):
+            digest.update("\n".join(map(str, part)).encode())
+        if self.on_disk:
+            stat = Path(self.X.path).stat()
+            matrix = {"file": str(Path(self.X.path).resolve()), "bytes": stat.st_size,
+                      "mtime_ns": stat.st_mtime_ns, "key": getattr(self.X, "key", None)}
+        else:
+            parts = (self.X.data, self.X.indices, self.X.indptr) if sp.issparse(self.X) else (self.X,)
+            matrix_digest = hashlib.sha256()
+            for array in parts:
+                matrix_digest.update(np.ascontiguousarray(array).tobytes())
+            matrix = {"sha256": matrix_digest.hexdigest()}
+        return {"shape": [self.n_cells, self.n_genes], "counts": self.counts,
+                "labels_names_sha256": digest.hexdigest(), "matrix": matrix}
+
     def zero_fraction(self) -> float:
         """Fraction of entries that are exactly zero."""
+        if self.stats is not None:
+            return self.stats["zero_fraction"]
         nonzero = self.X.count_nonzero() if sp.issparse(self.X) else np.count_nonzero(self.X)
         return 1.0 - nonzero / (self.n_cells * self.n_genes)
 
     def summary(self) -> dict:
         """Plain-number description for the report and ``metrics.json``."""
         classes, counts = np.unique(self.labels, return_counts=True)
+        if self.on_disk:
+            storage = f"{type(self.X).__name__} streamed from {getattr(self.X, 'path', 'disk')}"
+            low, high = self.stats["value_min"], self.stats["value_max"]
+        else:
+            storage = "sparse CSR" if sp.issparse(self.X) else "dense"
+            low, high = float(self.X.min()), float(self.X.max())
         return {
             "name": self.name,
             "n_cells": self.n_cells,
             "n_genes": self.n_genes,
-            "storage": "sparse CSR" if sp.issparse(self.X) else "dense",
+            "storage": storage,
+            "raw_counts": self.counts,
+            "model_input": "log1p(counts / library size × 1e4), computed per batch" if self.counts else "as given",
             "zero_fraction": round(self.zero_fraction(), 6),
-            "value_min": float(self.X.min()),
-            "value_max": float(self.X.max()),
+            "value_min": float(low),
+            "value_max": float(high),
             "label_counts": {str(c): int(n) for c, n in zip(classes, counts)},
         }
 
     def to_anndata(self):
-        """The data as an :class:`anndata.AnnData` with labels in ``obs["label"]``."""
+        """The data as an :class:`anndata.AnnData` with labels in ``obs["label"]``.
+
+        Data streamed from disk is not copied: ``X`` is then left empty.
+        """
         import anndata as ad
 
         obs = pd.DataFrame(
             {"label": pd.Categorical(self.labels)}, index=pd.Index(self.obs_names.astype(str))
         )
         var = pd.DataFrame(index=pd.Index(self.var_names.astype(str)))
-        return ad.AnnData(X=self.X, obs=obs, var=var)
+        return ad.AnnData(X=None if self.on_disk else self.X, obs=obs, var=var)
 
 
 DENSE_BYTES_LIMIT = 1024**3
@@ -114,6 +174,7 @@ def make_dataset(
     obs_names=None,
     var_names=None,
     source: str = "matrix",
+    normalize: str = "auto",
 ) -> Dataset:
     """Validate a matrix and labels and wrap them in a :class:`Dataset`.
 
@@ -129,8 +190,16 @@ def make_dataset(
         Optional cell and gene names.
     source
         How to name the matrix in error messages (e.g. the file path).
+    normalize
+        ``"auto"``: a matrix of non-negative integers is taken as raw counts, which models see
+        as ``log1p(counts / library size × 10⁴)``; ``"log1p"``: always so; ``"none"``: never.
     """
     X = as_matrix(X, source)
+    counts = decide_counts(normalize, value_profile(X.data if sp.issparse(X) else X), source)
+    return _labelled(X, labels, name, obs_names, var_names, source, counts)
+
+
+def _labelled(X, labels, name, obs_names, var_names, source: str, counts: bool, stats: dict | None = None) -> Dataset:
     labels = _as_labels(labels, source)
     if labels.shape[0] != X.shape[0]:
         raise ScaeInputError(
@@ -148,7 +217,39 @@ def make_dataset(
         name=name,
         obs_names=None if obs_names is None else np.asarray(obs_names).astype(str),
         var_names=None if var_names is None else np.asarray(var_names).astype(str),
+        counts=counts,
+        stats=stats,
     )
+
+
+def value_profile(values: np.ndarray) -> tuple[bool, bool]:
+    """``(non_negative, integer_counts)`` of some values: all ≥ 0, and all integers with one > 0."""
+    values = np.asarray(values)
+    if values.size == 0:
+        return True, False
+    if values.dtype.kind == "b":
+        return True, False
+    non_negative = bool(values.min() >= 0)
+    if values.dtype.kind in "iu":
+        return non_negative, bool(non_negative and values.max() > 0)
+    return non_negative, bool(non_negative and values.max() > 0 and np.all(values == np.floor(values)))
+
+
+def decide_counts(normalize: str, profile: tuple[bool, bool], source: str) -> bool:
+    """Whether a matrix is treated as raw counts, for a ``normalize`` choice (see :func:`make_dataset`)."""
+    if normalize not in NORMALIZE_CHOICES:
+        raise ScaeInputError(f"unknown normalize '{normalize}'; expected one of: {', '.join(NORMALIZE_CHOICES)}")
+    non_negative, integer_counts = profile
+    if normalize == "none":
+        return False
+    if normalize == "log1p":
+        if not non_negative:
+            raise ScaeInputError(
+                f"{source}: --normalize log1p needs counts, but the matrix holds negative values; "
+                "expected non-negative counts"
+            )
+        return True
+    return integer_counts
 
 
 def as_matrix(X, source: str = "matrix") -> Matrix:
@@ -207,28 +308,78 @@ def _as_labels(labels, source: str) -> np.ndarray:
     return series.astype(str).to_numpy(dtype=str)
 
 
-def read_counts_labels(counts_path: str | Path, labels_path: str | Path) -> Dataset:
+def read_counts_labels(
+    counts_path: str | Path, labels_path: str | Path, normalize: str = "auto", stream: bool | None = None
+) -> Dataset:
     """Read the classic pair ``counts.npy`` (cells × genes) and ``labels.txt`` (one per line).
 
-    The ``.npy`` file is read without pickle, so it can never execute code.
+    The ``.npy`` file is read without pickle, so it can never execute code. A matrix larger
+    than :data:`STREAM_BYTES` as float32 (or any, with ``stream=True``) is memory-mapped and
+    validated in one streamed pass instead of being loaded. ``normalize``: see
+    :func:`make_dataset`.
     """
     counts_path, labels_path = Path(counts_path), Path(labels_path)
-    X = _load_npy(counts_path)
     labels = read_labels_txt(labels_path)
+    X = _load_npy(counts_path, stream)
     if len(labels) != X.shape[0]:
         raise ScaeInputError(
             f"{labels_path}: {len(labels)} labels, but {counts_path} has {X.shape[0]} cells "
             f"(rows, shape {X.shape}); expected one label per line per cell"
         )
-    return make_dataset(
-        X, labels, name=f"{counts_path.name} + {labels_path.name}", source=str(counts_path)
-    )
+    name = f"{counts_path.name} + {labels_path.name}"
+    if isinstance(X, np.ndarray):
+        return make_dataset(X, labels, name=name, source=str(counts_path), normalize=normalize)
+    stats, profile = _scan_dense(X, str(counts_path))
+    X.counts = decide_counts(normalize, profile, str(counts_path))
+    return _labelled(X, labels, name, None, None, str(counts_path), X.counts, stats)
+
+
+def _scan_dense(source, where: str) -> tuple[dict, tuple[bool, bool]]:
+    """One streamed pass over a memory-mapped matrix: finite values, range, zeros, counts."""
+    step = max(1, VALIDATE_CHUNK // max(source.n_cols, 1))
+    scan = _ValueScan()
+    for start in range(0, source.n_rows, step):
+        block = source.read(slice(start, min(start + step, source.n_rows)))
+        bad = ~np.isfinite(block)
+        if bad.any():
+            row, col = (int(i) for i in np.argwhere(bad)[0])
+            raise ScaeInputError(
+                f"{where}: NaN or infinite value(s), first at row {start + row}, column {col}; expected finite numbers"
+            )
+        scan.add(block, implicit_zeros=0)
+    return scan.result(source.n_rows * source.n_cols)
+
+
+class _ValueScan:
+    """Running range, zero count and count-likeness of the values of a streamed matrix."""
+
+    def __init__(self) -> None:
+        self.low, self.high, self.nonzero = np.inf, -np.inf, 0
+        self.non_negative, self.integer = True, True
+
+    def add(self, values: np.ndarray, implicit_zeros: int) -> None:
+        if values.size:
+            self.low, self.high = min(self.low, float(values.min())), max(self.high, float(values.max()))
+            self.nonzero += int(np.count_nonzero(values))
+            self.non_negative &= bool(values.min() >= 0)
+            self.integer &= bool(np.all(values == np.floor(values)))
+        if implicit_zeros:
+            self.low, self.high = min(self.low, 0.0), max(self.high, 0.0)
+
+    def result(self, n_entries: int) -> tuple[dict, tuple[bool, bool]]:
+        stats = {
+            "zero_fraction": 1.0 - self.nonzero / n_entries,
+            "value_min": self.low,
+            "value_max": self.high,
+        }
+        return stats, (self.non_negative, self.non_negative and self.integer and self.high > 0)
 
 
 NPY_MAGIC = b"\x93NUMPY"
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _load_npy(path: Path, stream: bool | None = None):
+    """The matrix of a ``.npy`` file: loaded, or an :class:`~scae.sources.NpySource` when streamed."""
     _check_readable(path, "counts file")
     try:
         with path.open("rb") as handle:
@@ -238,6 +389,15 @@ def _load_npy(path: Path) -> np.ndarray:
     if head != NPY_MAGIC:
         kind = " (it is a .npz archive)" if head.startswith(b"PK") else ""
         raise ScaeInputError(f"{path}: not a NumPy .npy file{kind}; expected a cells × genes matrix saved with numpy.save")
+    try:
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        mapped = None  # not mappable: loading it below names the problem
+    if mapped is not None:
+        if stream is None:
+            stream = mapped.ndim == 2 and mapped.size * 4 > STREAM_BYTES
+        if stream:
+            return _npy_source(path, mapped)
     try:
         X = np.load(path, allow_pickle=False)
     except ValueError as err:
@@ -250,6 +410,18 @@ def _load_npy(path: Path) -> np.ndarray:
     except (OSError, EOFError) as err:
         raise ScaeInputError(f"{path}: cannot be read as a NumPy .npy file ({err})") from None
     return as_matrix(X, str(path))
+
+
+def _npy_source(path: Path, mapped: np.ndarray):
+    from scae.sources import NpySource
+
+    if mapped.dtype.kind not in "biuf":
+        raise ScaeInputError(f"{path}: matrix has dtype {mapped.dtype}; expected numbers (float or int)")
+    if mapped.ndim != 2 or mapped.shape[0] == 0 or mapped.shape[1] < 2:
+        raise ScaeInputError(
+            f"{path}: matrix has shape {mapped.shape}; expected 2-D cells × genes with at least 1 cell and 2 genes"
+        )
+    return NpySource(path)
 
 
 def read_labels_txt(path: str | Path) -> list[str]:
@@ -271,7 +443,13 @@ def read_labels_txt(path: str | Path) -> list[str]:
     return lines
 
 
-def read_h5ad(path: str | Path, label_key: str, layer: str | None = None) -> Dataset:
+def read_h5ad(
+    path: str | Path,
+    label_key: str,
+    layer: str | None = None,
+    normalize: str = "auto",
+    stream: bool | None = None,
+) -> Dataset:
     """Read an AnnData ``.h5ad`` file; labels come from ``obs[label_key]``.
 
     Parameters
@@ -282,11 +460,63 @@ def read_h5ad(path: str | Path, label_key: str, layer: str | None = None) -> Dat
         Column of ``obs`` holding the cell labels.
     layer
         Use ``layers[layer]`` instead of ``X``.
+    normalize
+        Raw-count handling, see :func:`make_dataset`.
+    stream
+        Leave the matrix on disk and stream it (:class:`~scae.sources.H5CSRSource`); it must be
+        stored as CSR. ``None``: stream a CSR matrix larger than :data:`STREAM_BYTES` as dense
+        float32, load anything else.
     """
-    import anndata as ad
-
     path = Path(path)
     _check_readable(path, "AnnData file")
+    key = "X" if layer is None else f"layers/{layer}"
+    where = f"{path} X" if layer is None else f"{path} layer '{layer}'"
+    encoding, shape = _h5ad_matrix_kind(path, key)
+    if encoding == "missing" and layer is not None:
+        raise ScaeInputError(f"{path}: no layer '{layer}'; available layers: {_h5ad_layers(path) or 'none'}")
+    if stream is None:
+        stream = encoding == "csr_matrix" and len(shape) == 2 and shape[0] * shape[1] * 4 > STREAM_BYTES
+    if stream and encoding != "missing":
+        if encoding != "csr_matrix":
+            stored = {"csc_matrix": "as CSC (column-compressed)", "array": "dense"}.get(encoding, f"as '{encoding}'")
+            raise ScaeInputError(
+                f"{where}: is stored {stored}; streaming from disk needs a CSR (row-compressed) sparse "
+                "matrix (write it with adata.X = scipy.sparse.csr_matrix(adata.X)), or load it without streaming"
+            )
+        return _read_h5ad_streamed(path, key, label_key, layer, normalize, where)
+    return _read_h5ad_in_memory(path, label_key, layer, normalize, where)
+
+
+def _h5ad_matrix_kind(path: Path, key: str) -> tuple[str, tuple[int, ...]]:
+    """Encoding (``csr_matrix``, ``csc_matrix``, ``array``, …) and shape of the matrix at ``key``.
+
+    ``("missing", ())`` when there is none; the reader then names the problem.
+    """
+    import h5py
+
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:
+        raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file (not HDF5, or truncated: {err})") from None
+    with handle:
+        if key not in handle:
+            return "missing", ()
+        element = handle[key]
+        if isinstance(element, h5py.Dataset):
+            return str(element.attrs.get("encoding-type", "array")), tuple(int(v) for v in element.shape)
+        return str(element.attrs.get("encoding-type", "unknown")), tuple(int(v) for v in element.attrs.get("shape", ()))
+
+
+def _h5ad_layers(path: Path) -> str:
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        return ", ".join(handle["layers"].keys()) if "layers" in handle else ""
+
+
+def _read_h5ad_in_memory(path: Path, label_key: str, layer: str | None, normalize: str, where: str) -> Dataset:
+    import anndata as ad
+
     try:
         with warnings.catch_warnings():  # files from old anndata versions read fine but warn per element
             warnings.simplefilter("ignore", getattr(ad, "OldFormatWarning", UserWarning))
@@ -303,20 +533,84 @@ def read_h5ad(path: str | Path, label_key: str, layer: str | None = None) -> Dat
             available = ", ".join(adata.layers.keys()) or "none"
             raise ScaeInputError(f"{path}: no layer '{layer}'; available layers: {available}")
         X = adata.layers[layer]
-        where = f"{path} layer '{layer}'"
     else:
         X = adata.X
-        where = f"{path} X"
     if X is None:
         raise ScaeInputError(f"{path}: X is empty; expected an expression matrix (or pass --layer)")
     return make_dataset(
         X,
         adata.obs[label_key],
-        name=f"{path.name} (labels: obs['{label_key}']" + (f", layer '{layer}')" if layer else ")"),
+        name=_h5ad_name(path, label_key, layer),
         obs_names=adata.obs_names.to_numpy(),
         var_names=adata.var_names.to_numpy(),
         source=where,
+        normalize=normalize,
     )
+
+
+def _h5ad_name(path: Path, label_key: str, layer: str | None) -> str:
+    return f"{path.name} (labels: obs['{label_key}']" + (f", layer '{layer}')" if layer else ")")
+
+
+def _read_h5ad_streamed(path: Path, key: str, label_key: str, layer: str | None, normalize: str, where: str) -> Dataset:
+    """obs and var are read; the CSR matrix stays on disk and is validated in one streamed pass."""
+    import h5py
+    from anndata.io import read_elem
+
+    from scae.sources import H5CSRSource
+
+    try:
+        with h5py.File(path, "r") as handle:
+            obs = read_elem(handle["obs"])
+            var_names = read_elem(handle["var"]).index.to_numpy() if "var" in handle else None
+        if label_key not in obs.columns:
+            available = ", ".join(map(str, obs.columns)) or "none"
+            raise ScaeInputError(f"{path}: no obs column '{label_key}' for --label-key; available columns: {available}")
+        source = H5CSRSource(path, key)
+        stats, profile = _scan_csr(source, where)
+    except ScaeInputError:
+        raise
+    except Exception as err:  # h5py/anndata raise many types for a damaged file
+        raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file ({err})") from None
+    source.counts = decide_counts(normalize, profile, where)
+    if obs.shape[0] != source.n_rows:
+        raise ScaeInputError(f"{path}: obs has {obs.shape[0]} cells but {key} has {source.n_rows} rows")
+    return _labelled(
+        source, obs[label_key], _h5ad_name(path, label_key, layer), obs.index.to_numpy(), var_names,
+        where, source.counts, stats,
+    )
+
+
+def _scan_csr(source, where: str) -> tuple[dict, tuple[bool, bool]]:
+    """One streamed pass over a CSR matrix on disk: structure, finite values, range, zeros, counts."""
+    indptr, n_rows, n_cols = source.indptr, source.n_rows, source.n_cols
+    if n_rows == 0 or n_cols < 2:
+        raise ScaeInputError(f"{where}: matrix has shape ({n_rows}, {n_cols}); expected at least 1 cell and 2 genes")
+    if indptr.size != n_rows + 1 or indptr[0] != 0 or np.any(np.diff(indptr) < 0):
+        raise ScaeInputError(f"{where}: damaged CSR matrix (its indptr does not describe {n_rows} rows)")
+    group = source._group()
+    if group["data"].shape[0] < source.nnz or group["indices"].shape[0] < source.nnz:
+        raise ScaeInputError(f"{where}: damaged CSR matrix (fewer stored values than its indptr says)")
+    scan = _ValueScan()
+    for lo in range(0, source.nnz, VALIDATE_CHUNK):
+        hi = min(lo + VALIDATE_CHUNK, source.nnz)
+        data, indices = group["data"][lo:hi], group["indices"][lo:hi]
+        if data.dtype.kind not in "biuf":
+            raise ScaeInputError(f"{where}: matrix has dtype {data.dtype}; expected numbers (float or int)")
+        bad = ~np.isfinite(data)
+        if bad.any():
+            pos = lo + int(np.flatnonzero(bad)[0])
+            row = int(np.searchsorted(indptr, pos, side="right") - 1)
+            raise ScaeInputError(
+                f"{where}: NaN or infinite value(s), first at row {row}, column {int(indices[pos - lo])}; "
+                "expected finite numbers"
+            )
+        if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
+            raise ScaeInputError(f"{where}: damaged CSR matrix (a column index outside 0…{n_cols - 1})")
+        scan.add(data, implicit_zeros=0)
+    scan.add(np.zeros(0), implicit_zeros=n_rows * n_cols - source.nnz)
+    source.close()
+    return scan.result(n_rows * n_cols)
 
 
 def _check_readable(path: Path, what: str) -> None:

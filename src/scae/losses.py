@@ -16,7 +16,7 @@ LOSSES = ("mse", "nonzero_mse")
 
 def mse_terms(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared-error sum and entry count over all entries."""
-    return ((x - x_hat) ** 2).sum(), torch.tensor(float(x.numel()), dtype=x.dtype)
+    return ((x - x_hat) ** 2).sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)
 
 
 def nonzero_mse_terms(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +72,15 @@ class LossTotals:
             err, count = terms(x, x_hat)
             self._sums[name][0] += float(err)
             self._sums[name][1] += float(count)
+
+    def sums(self) -> list[float]:
+        """The accumulated (error sum, count) pairs, flattened in the order of ``names``."""
+        return [value for pair in self._sums.values() for value in pair]
+
+    def set_sums(self, values: list[float]) -> None:
+        """Replace the accumulated sums (e.g. by their totals over all processes)."""
+        for i, name in enumerate(self._sums):
+            self._sums[name] = [float(values[2 * i]), float(values[2 * i + 1])]
 
     def result(self) -> dict[str, float]:
         """Each loss as total error / total count (0 where nothing was counted)."""

@@ -8,6 +8,7 @@ computed without one).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -18,23 +19,24 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from threadpoolctl import threadpool_limits
 
 from scae import __version__
-from scae.data import Dataset, dense_if_small, stratified_split
+from scae.data import Dataset, stratified_split
 from scae.embeddings import BackgroundTSNE, TSNEConfig, fit_pca, subsample_indices
 from scae.errors import ScaeInputError
 from scae.files import atomic_path, check_writable, write_bytes, write_text
-from scae.metrics import (
-    cluster_scores,
-    convergence_epoch,
-    epochs_to_near_best,
-    linear_separability,
-    pca_reconstruction_errors,
-    reconstruction_errors,
-)
+from scae.losses import LossTotals
+from scae.metrics import cluster_scores, convergence_epoch, epochs_to_near_best, linear_separability
 from scae.models import Autoencoder
+from scae.parallel import Distributed
 from scae.plots import Panel, loss_curves, png_bytes, scatter_panels
+from scae.sources import EVAL_BATCH_SIZE, RowSource
+
+INPUT_PCS = 50
+"""Principal components of the input: coordinates for plots, and the space in which the input
+and every reconstruction (projected onto these axes) are scored and embedded by t-SNE."""
 
 
 @dataclass(frozen=True)
@@ -76,34 +78,52 @@ class StudyConfig:
     """Cluster scores, t-SNE and scatter plots use a seeded sample of at most this many cells."""
     tsne: TSNEConfig = field(default_factory=TSNEConfig)
     runs: tuple[RunSpec, ...] = DEFAULT_RUNS
+    max_layer_entries: int = 25_000_000
+    """Reconstructions of every cell go to ``results.h5ad`` layers while cells × genes is at most
+    this (100 MB of float32 per run); above it, ``reconstructions.h5ad`` holds them for the first
+    ``max_layer_entries // genes`` cells of the scored sample."""
     progress: bool = True
     tsne_workers: int = 1
     """Processes computing t-SNEs side by side (results do not depend on it). The command line
     uses every available core; from a Python script, more than 1 needs the script's top-level
     code under ``if __name__ == "__main__":`` (worker processes are spawned)."""
+    device: str = "auto"
+    """Where models train and predict: ``auto``, ``cpu``, ``cuda`` or ``mps``."""
+    resume: bool = False
+    """Reuse models in ``out_dir/models`` trained by an interrupted study on the same input
+    with the same settings (others are refused)."""
 
     def to_dict(self) -> dict:
-        """JSON-ready settings (without ``progress`` and ``tsne_workers``, which do not change results)."""
+        """JSON-ready settings (without the ones that do not change results: progress, workers,
+        device, resume)."""
         out = asdict(self)
-        out.pop("progress")
-        out.pop("tsne_workers")
+        for key in ("progress", "tsne_workers", "device", "resume"):
+            out.pop(key)
         out["hidden"] = list(self.hidden)
         return out
 
 
 @dataclass
 class RunResult:
-    """A trained run: model, all-cell latent and reconstruction, errors and convergence."""
+    """A trained run: model, latent and reconstruction, errors and convergence."""
 
     spec: RunSpec
     model: Autoencoder
     latent: np.ndarray
-    reconstruction: np.ndarray
+    """Latent codes of every cell."""
+    reconstruction: np.ndarray | None
+    """Reconstruction of every cell, kept when cells × genes ≤ ``max_layer_entries``."""
+    reconstruction_pca: np.ndarray
+    """Every cell's reconstruction projected onto the input's principal axes."""
+    sample_reconstruction: np.ndarray | None
+    """Reconstructions of ``StudyResult.sample_rows`` when the full one is not kept."""
     errors: dict[str, dict[str, float]]
     convergence_epoch: int | None
     """First epoch with 95% of the total test-loss decrease made."""
     near_best_epoch: int
     """First epoch with a test loss within 1% of the lowest one."""
+    resumed: bool = False
+    """Whether the model was reused from an interrupted study (``--resume``)."""
 
 
 @dataclass
@@ -127,6 +147,10 @@ class StudyResult:
     explained_variance: dict[str, float]
     """Cumulative fraction of the input's variance in its top k PCs, for each latent size k."""
     timings: dict[str, float]
+    sample_rows: np.ndarray | None = None
+    """Cells whose reconstructions go to ``reconstructions.h5ad`` (when not kept for all)."""
+    environment: dict = field(default_factory=dict)
+    """Device and number of processes the models trained on."""
 
     def metrics(self) -> dict:
         """Every number of the study, JSON-ready."""
@@ -140,7 +164,12 @@ class StudyResult:
                 "errors": run.errors,
                 "convergence_epoch": run.convergence_epoch,
                 "epoch_within_1pct_of_best": run.near_best_epoch,
-                "timings": {"fit_seconds": round(run.model.fit_seconds_, 3)},
+                "resumed": run.resumed,
+                "timings": {
+                    "fit_seconds": round(run.model.fit_seconds_, 3),
+                    "train_seconds": round(run.model.train_seconds_, 3),
+                    "train_cells_per_second": round(run.model.train_cells_per_second_, 1),
+                },
             }
         return {
             "scae_version": __version__,
@@ -150,6 +179,12 @@ class StudyResult:
                 "n_train": int(self.train_idx.size),
                 "n_test": int(self.test_idx.size),
                 "n_scored": int(self.embed_idx.size),
+            },
+            "environment": self.environment,
+            "outputs": {
+                "reconstructions": "results.h5ad layers (all cells)"
+                if self.sample_rows is None
+                else f"reconstructions.h5ad ({self.sample_rows.size} scored cells)",
             },
             "runs": runs,
             "pca_baselines": self.pca_baselines,
@@ -168,7 +203,8 @@ class StudyResult:
         adata.obs["scored"] = np.isin(np.arange(adata.n_obs), self.embed_idx)
         for name, run in self.runs.items():
             adata.obsm[f"X_{name}"] = run.latent
-            adata.layers[f"{name}_reconstruction"] = run.reconstruction
+            if run.reconstruction is not None:
+                adata.layers[f"{name}_reconstruction"] = run.reconstruction
         for key, coords in self.views.items():
             full = np.full((adata.n_obs, coords.shape[1]), np.nan, dtype=np.float32)
             full[self.embed_idx if coords.shape[0] == self.embed_idx.size else slice(None)] = coords
@@ -176,7 +212,32 @@ class StudyResult:
         adata.uns["scae"] = {
             "config": json.dumps(self.config.to_dict()),
             "version": __version__,
+            "input": self.dataset.name,
+            "model_input": self.dataset.summary()["model_input"],
         }
+        return adata
+
+    def sample_anndata(self):
+        """AnnData of the cells in ``sample_rows``: the model input in ``X``, reconstructions in
+        ``layers`` (``None`` when every reconstruction is kept in :meth:`to_anndata`)."""
+        if self.sample_rows is None:
+            return None
+        import anndata as ad
+
+        rows = self.sample_rows
+        source = self.dataset.source()
+        X = source.matrix(rows)
+        obs = pd.DataFrame(
+            {
+                "label": pd.Categorical(self.dataset.labels[rows]),
+                "split": pd.Categorical(np.where(np.isin(rows, self.test_idx), "test", "train")),
+            },
+            index=pd.Index(self.dataset.obs_names[rows].astype(str)),
+        )
+        var = pd.DataFrame(index=pd.Index(self.dataset.var_names.astype(str)))
+        adata = ad.AnnData(X=X, obs=obs, var=var)
+        for name, run in self.runs.items():
+            adata.layers[f"{name}_reconstruction"] = run.sample_reconstruction
         return adata
 
 
@@ -214,89 +275,94 @@ def run_study(
     out_dir: str | Path | None = None,
     config: StudyConfig | None = None,
     data_seconds: float | None = None,
-) -> StudyResult:
+    distributed: Distributed | None = None,
+) -> StudyResult | None:
     """Run the full autoencoder study on ``dataset``; write all outputs to ``out_dir`` if given.
 
     Parameters
     ----------
     dataset
-        Validated input (see :mod:`scae.data` readers and :func:`scae.simulate_dataset`).
+        Validated input (see :mod:`scae.data` readers and :func:`scae.simulate_dataset`); its
+        matrix may be in memory or stream from disk.
     out_dir
         Output directory; checked for writability before any training starts.
     config
         Study settings; defaults to :class:`StudyConfig`.
     data_seconds
         Time spent loading ``dataset``, recorded as the ``data`` stage in the timings.
+    distributed
+        Under ``torchrun``: every process trains the models together
+        (``DistributedDataParallel``); the main process (rank 0) alone computes everything else
+        and writes the outputs. The other processes return ``None``.
     """
     config = config or StudyConfig()
     _check_config(config, dataset)
-    if out_dir is not None:
+    main = distributed is None or distributed.is_main
+    if out_dir is not None and main:
         out_dir = prepare_output_dir(out_dir)
-    watch = _Stopwatch(config.progress)
+    watch = _Stopwatch(config.progress and main)
     if data_seconds is not None:
         watch.timings["data"] = data_seconds
-    X, labels, seed = dense_if_small(dataset.X), dataset.labels, config.seed
+    labels, seed = dataset.labels, config.seed
+    source = dataset.source()
 
     with watch.stage("split"):
         train_idx, test_idx = stratified_split(labels, config.test_fraction, seed)
-        X_train, X_test = X[train_idx], X[test_idx]
         embed_idx = subsample_indices(dataset.n_cells, config.max_embed_cells, seed)
 
+    models = _train_runs(dataset, source, train_idx, test_idx, config, out_dir, distributed, watch)
+    if not main:
+        return None
+
+    with watch.stage("pca", "PCA of the input (scored sample) and its streamed projection"):
+        X_embed = source.matrix(embed_idx)
+        pca = fit_pca(X_embed, INPUT_PCS, seed)
+        dims = sorted({spec.latent_dim for spec in config.runs})
+        train_in_embed = np.flatnonzero(np.isin(embed_idx, train_idx))
+        baseline_pca = fit_pca(X_embed[train_in_embed], max(dims), seed)
+        is_test = np.zeros(dataset.n_cells, dtype=bool)
+        is_test[test_idx] = True
+        X_pca, pca_baselines = _input_pass(source, pca, baseline_pca, dims, is_test)
+        views: dict[str, np.ndarray] = {"X_pca": X_pca}
+        cumulative = np.cumsum(pca.explained_variance_ratio_)
+        explained = {str(k): float(cumulative[k - 1]) for k in dims if k <= cumulative.size}
+        del X_embed
+
+    keep_all = dataset.n_cells * dataset.n_genes <= config.max_layer_entries
+    sample_rows = None if keep_all else embed_idx[: max(1, config.max_layer_entries // dataset.n_genes)]
     runs: dict[str, RunResult] = {}
     for spec in config.runs:
-        with watch.stage(f"train_{spec.name}", f"training {spec.name} (latent {spec.latent_dim}, {spec.loss})"):
-            model = Autoencoder(
-                latent_dim=spec.latent_dim,
-                hidden=tuple(config.hidden),
-                activation=config.activation,
-                loss=spec.loss,
-                epochs=config.epochs,
-                batch_size=config.batch_size,
-                learning_rate=config.learning_rate,
-                random_state=seed,
-                progress=config.progress,
-            ).fit(X_train, eval_X=X_test, description=spec.name)
+        model, resumed = models[spec.name]
         with watch.stage(f"predict_{spec.name}"):
-            latent, reconstruction = model.transform_and_reconstruct(X)
-            errors = {
-                "train": reconstruction_errors(X_train, reconstruction[train_idx]),
-                "test": reconstruction_errors(X_test, reconstruction[test_idx]),
-            }
+            latent, recon, recon_pca, sample, errors = _predict_pass(model, source, is_test, pca, keep_all, sample_rows)
         runs[spec.name] = RunResult(
             spec=spec,
             model=model,
             latent=latent,
-            reconstruction=reconstruction,
+            reconstruction=recon,
+            reconstruction_pca=recon_pca,
+            sample_reconstruction=sample,
             errors=errors,
             convergence_epoch=convergence_epoch([row["test_loss"] for row in model.history_]),
             near_best_epoch=epochs_to_near_best([row["test_loss"] for row in model.history_]),
+            resumed=resumed,
         )
 
-    with watch.stage("pca", "PCA of original, reconstructions and latents"):
-        pca = fit_pca(X, 50, seed)
-        views: dict[str, np.ndarray] = {"X_pca": pca.transform(X).astype(np.float32)}
+    with watch.stage("pca"):
         for name, run in runs.items():
-            views[f"X_{name}_reconstruction_pca"] = pca.transform(run.reconstruction).astype(np.float32)
+            views[f"X_{name}_reconstruction_pca"] = run.reconstruction_pca
             if run.spec.latent_dim > 2:
-                views[f"X_{name}_pca"] = (
-                    fit_pca(run.latent, 50, seed).transform(run.latent).astype(np.float32)
-                )
-        dims = sorted({spec.latent_dim for spec in config.runs})
-        cumulative = np.cumsum(pca.explained_variance_ratio_)
-        explained = {str(k): float(cumulative[k - 1]) for k in dims if k <= cumulative.size}
-        pca_baselines = pca_reconstruction_errors(fit_pca(X_train, max(dims), seed), X_train, X_test, dims)
+                views[f"X_{name}_pca"] = fit_pca(run.latent, 50, seed).transform(run.latent).astype(np.float32)
 
     # t-SNE runs in worker processes while this process computes the cluster scores
     # (single-threaded, so the two do not fight over the cores).
-    tsne_inputs = {key: matrix[embed_idx] for key, matrix in _tsne_inputs(views["X_pca"], runs)}
+    tsne_inputs = {key: matrix[embed_idx] for key, matrix in _tsne_inputs(X_pca, runs)}
     # Stage timings stay disjoint: "scores" runs while t-SNE is under way, "tsne_wait" is the rest.
     with watch.stage("tsne_start", f"t-SNE of {len(tsne_inputs)} representations ({embed_idx.size} cells), in the background"):
         tsne_jobs = BackgroundTSNE(tsne_inputs, seed, config.tsne, config.tsne_workers, config.progress)
     with tsne_jobs:
         with threadpool_limits(1):
-            representations = _score_representations(
-                dataset, X, runs, views, train_idx, test_idx, embed_idx, config, watch
-            )
+            representations = _score_representations(dataset, runs, views, train_idx, test_idx, embed_idx, config, watch)
         with watch.stage("tsne_wait", "waiting for t-SNE"):
             views.update(tsne_jobs.results())
     # Each embedding's own time in its worker; these overlap "scores" and "tsne_wait".
@@ -314,34 +380,187 @@ def run_study(
         views=views,
         explained_variance=explained,
         timings=watch.timings,
+        sample_rows=sample_rows,
+        environment={
+            "device": str(next(iter(models.values()))[0].device_.type) if models else "cpu",
+            "processes": 1 if distributed is None else distributed.world_size,
+        },
     )
     if out_dir is not None:
         _write_outputs(result, out_dir, watch)  # out_dir was prepared before training
     return result
 
 
+def _train_runs(dataset, source, train_idx, test_idx, config, out_dir, distributed, watch) -> dict:
+    """Train (or, with ``config.resume``, reuse) every run's model; ``{name: (model, resumed)}``.
+
+    Each model is saved to ``out_dir/models`` as soon as it is trained, tagged with a key of the
+    input and settings, so an interrupted study can resume from it.
+    """
+    main = distributed is None or distributed.is_main
+    train, test = source.subset(train_idx), source.subset(test_idx)
+    reusable = _reusable_models(dataset, config, out_dir) if main else {}
+    if distributed is not None:
+        shared = [reusable]
+        torch.distributed.broadcast_object_list(shared, src=0, group=distributed.group)
+        reusable = shared[0] if main else {name: None for name in shared[0]}
+    models: dict[str, tuple[Autoencoder, bool]] = {}
+    for spec in config.runs:
+        if spec.name in reusable:
+            if main:
+                models[spec.name] = (reusable[spec.name], True)
+                if config.progress:
+                    print(f"scae: reusing {spec.name} from {out_dir}/models (--resume)", file=sys.stderr, flush=True)
+            continue
+        with watch.stage(f"train_{spec.name}", f"training {spec.name} (latent {spec.latent_dim}, {spec.loss})"):
+            model = Autoencoder(
+                latent_dim=spec.latent_dim,
+                hidden=tuple(config.hidden),
+                activation=config.activation,
+                loss=spec.loss,
+                epochs=config.epochs,
+                batch_size=config.batch_size,
+                learning_rate=config.learning_rate,
+                random_state=config.seed,
+                device=config.device,
+                progress=config.progress and main,
+            ).fit(train, eval_X=test, description=spec.name, distributed=distributed)
+        if main:
+            if out_dir is not None:
+                model.save(Path(out_dir) / "models" / f"{spec.name}.pt", metadata={"study_key": _study_key(dataset, config, spec)})
+            models[spec.name] = (model, False)
+    return models
+
+
+def _study_key(dataset: Dataset, config: StudyConfig, spec: RunSpec) -> str:
+    """Fingerprint of the input, the study settings and one run: equal keys, same model."""
+    settings = config.to_dict()
+    settings.pop("runs")
+    settings["run"] = asdict(spec)
+    blob = json.dumps({"input": dataset.fingerprint(), "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _reusable_models(dataset: Dataset, config: StudyConfig, out_dir) -> dict[str, Autoencoder]:
+    """With ``config.resume``, the finished models in ``out_dir/models`` that match this study.
+
+    A model file from another input or other settings is refused with one clear error.
+    """
+    if not config.resume or out_dir is None:
+        return {}
+    found = {}
+    for spec in config.runs:
+        path = Path(out_dir) / "models" / f"{spec.name}.pt"
+        if not path.exists():
+            continue
+        try:
+            model = Autoencoder.load(path)
+        except Exception as err:  # a damaged file: say so rather than train over it silently
+            raise ScaeInputError(f"{path}: cannot be reused by --resume ({err}); remove it to retrain") from None
+        if model.metadata_.get("study_key") != _study_key(dataset, config, spec):
+            raise ScaeInputError(
+                f"{path}: was trained on another input or with other settings, so --resume cannot reuse it; "
+                "remove it (or the models folder), or drop --resume to retrain"
+            )
+        found[spec.name] = model
+    return found
+
+
+@torch.inference_mode()
+def _input_pass(source: RowSource, pca, baseline_pca, dims: list[int], is_test: np.ndarray):
+    """One streamed pass over the input: its PCA coordinates, and the errors of the PCA baselines.
+
+    The baselines are ``baseline_pca`` (fitted on training cells) truncated to each latent size
+    ``k``: a linear reconstruction of the same size as the autoencoders'.
+    """
+    X_pca = np.empty((source.n_rows, pca.n_components_), dtype=np.float32)
+    mean = torch.from_numpy(baseline_pca.mean_.astype(np.float64))
+    components = torch.from_numpy(baseline_pca.components_.astype(np.float64))
+    ks = [k for k in dims if k <= baseline_pca.n_components_]
+    totals = {k: {"train": LossTotals(), "test": LossTotals()} for k in ks}
+    for start in range(0, source.n_rows, EVAL_BATCH_SIZE):
+        stop = min(start + EVAL_BATCH_SIZE, source.n_rows)
+        x32 = source.tensor(slice(start, stop))
+        X_pca[start:stop] = pca.transform(x32.numpy())
+        x = x32.double()
+        coords = (x - mean) @ components.T
+        test = torch.from_numpy(is_test[start:stop])
+        for k in ks:
+            x_hat = mean + coords[:, :k] @ components[:k]
+            totals[k]["test"].add(x[test], x_hat[test])
+            totals[k]["train"].add(x[~test], x_hat[~test])
+    baselines = {f"pca{k}": {part: totals[k][part].result() for part in ("train", "test")} for k in ks}
+    return X_pca, baselines
+
+
+@torch.inference_mode()
+def _predict_pass(model: Autoencoder, source: RowSource, is_test: np.ndarray, pca, keep_all: bool, sample_rows):
+    """One streamed pass of a trained model over every cell.
+
+    Returns the latent codes, the reconstruction (every cell when ``keep_all``, else ``None``),
+    the reconstruction on the input's principal axes, the reconstructions of ``sample_rows``
+    (when not ``keep_all``), and the exact MSE / nonzero MSE of the training and test cells.
+    """
+    net, device = model.net_, model.device_
+    net.eval()
+    n, g = source.n_rows, source.n_cols
+    latent = np.empty((n, int(model.latent_dim)), dtype=np.float32)
+    recon = np.empty((n, g), dtype=np.float32) if keep_all else None
+    recon_pca = np.empty((n, pca.n_components_), dtype=np.float32)
+    sample = None if sample_rows is None else np.empty((sample_rows.size, g), dtype=np.float32)
+    totals = {"train": LossTotals(), "test": LossTotals()}
+    for start in range(0, n, EVAL_BATCH_SIZE):
+        stop = min(start + EVAL_BATCH_SIZE, n)
+        x = source.tensor(slice(start, stop)).to(device, non_blocking=True)
+        z, x_hat = net(x)
+        test = torch.from_numpy(is_test[start:stop]).to(device)
+        x64, x_hat64 = x.double(), x_hat.double()
+        totals["test"].add(x64[test], x_hat64[test])
+        totals["train"].add(x64[~test], x_hat64[~test])
+        x_hat = x_hat.float().cpu().numpy()
+        latent[start:stop] = z.float().cpu().numpy()
+        recon_pca[start:stop] = pca.transform(x_hat)
+        if recon is not None:
+            recon[start:stop] = x_hat
+        if sample is not None:
+            a, b = np.searchsorted(sample_rows, [start, stop])
+            sample[a:b] = x_hat[sample_rows[a:b] - start]
+    errors = {part: totals[part].result() for part in ("train", "test")}
+    return latent, recon, recon_pca, sample, errors
+
+
 def _tsne_inputs(X_pca: np.ndarray, runs: dict[str, RunResult]):
-    """(obsm key, matrix) of every representation that gets a t-SNE (the input via its 50 PCs)."""
+    """(obsm key, matrix) of every representation that gets a t-SNE.
+
+    The input and the reconstructions enter through their coordinates on the input's top
+    principal axes, the latents as they are.
+    """
     yield "X_tsne", X_pca
     for name, run in runs.items():
         if run.spec.tsne_reconstruction:
-            yield f"X_{name}_reconstruction_tsne", run.reconstruction
+            yield f"X_{name}_reconstruction_tsne", run.reconstruction_pca
     for name, run in runs.items():
         if run.spec.tsne_latent:
             yield f"X_{name}_tsne", run.latent
 
 
-def _score_representations(dataset, X, runs, views, train_idx, test_idx, embed_idx, config, watch) -> dict:
-    """Cluster scores for every representation; linear separability for the small ones."""
-    candidates: list[tuple[str, str, object]] = [
-        ("original", f"input matrix ({dataset.n_genes} genes)", X),
+def _score_representations(dataset, runs, views, train_idx, test_idx, embed_idx, config, watch) -> dict:
+    """Cluster scores for every representation; linear separability for those up to 50-D.
+
+    High-dimensional representations (the input and the reconstructions) are scored on their
+    coordinates on the input's top principal axes (``scored_on`` says so).
+    """
+    X_pca = views["X_pca"]
+    on_pcs = f"its coordinates on the input's top {X_pca.shape[1]} PCs"
+    candidates: list[tuple[str, str, int, np.ndarray, str | None]] = [
+        ("original", f"input matrix ({dataset.n_genes} genes)", dataset.n_genes, X_pca, on_pcs),
     ]
     for k in (2, 10, 50):
-        if views["X_pca"].shape[1] >= k:
-            candidates.append((f"original_pca{k}", f"top {k} PCs of the input", views["X_pca"][:, :k]))
+        if X_pca.shape[1] >= k:
+            candidates.append((f"original_pca{k}", f"top {k} PCs of the input", k, X_pca[:, :k], None))
     for name, run in runs.items():
-        candidates.append((f"{name}_reconstruction", f"{name} reconstruction", run.reconstruction))
-        candidates.append((f"{name}_latent", f"{name} latent ({run.spec.latent_dim}-D)", run.latent))
+        candidates.append((f"{name}_reconstruction", f"{name} reconstruction", dataset.n_genes, run.reconstruction_pca, on_pcs))
+        candidates.append((f"{name}_latent", f"{name} latent ({run.spec.latent_dim}-D)", run.spec.latent_dim, run.latent, None))
 
     labels = dataset.labels
     rng_train = subsample_indices(train_idx.size, config.max_embed_cells, config.seed)
@@ -349,10 +568,12 @@ def _score_representations(dataset, X, runs, views, train_idx, test_idx, embed_i
     fit_cells, eval_cells = train_idx[rng_train], test_idx[rng_test]
     scores = {}
     with watch.stage("scores", f"cluster scores of {len(candidates)} representations"):
-        for key, description, matrix in candidates:
-            row = {"description": description, "dims": int(matrix.shape[1])}
+        for key, description, dims, matrix, scored_on in candidates:
+            row = {"description": description, "dims": int(dims)}
+            if scored_on is not None and matrix.shape[1] < dims:
+                row["scored_on"] = scored_on
             row.update(cluster_scores(matrix[embed_idx], labels[embed_idx], config.kmeans_seeds, config.seed))
-            if matrix.shape[1] <= 50:
+            if dims <= 50:
                 row["linear_accuracy"] = linear_separability(
                     matrix[fit_cells], labels[fit_cells], matrix[eval_cells], labels[eval_cells], config.seed
                 )
@@ -438,9 +659,16 @@ def _write_outputs(result: StudyResult, out_dir: Path, watch: _Stopwatch) -> Non
             write_bytes(out_dir / "figures" / f"{stem}.png", data)
     with watch.stage("write_models_h5ad", "writing models and results.h5ad"):
         for name, run in result.runs.items():
-            run.model.save(out_dir / "models" / f"{name}.pt")
+            key = _study_key(result.dataset, result.config, run.spec)
+            run.model.save(out_dir / "models" / f"{name}.pt", metadata={"study_key": key})
         with atomic_path(out_dir / "results.h5ad") as tmp:
             result.to_anndata().write_h5ad(tmp)
+        sample = result.sample_anndata()
+        if sample is not None:
+            with atomic_path(out_dir / "reconstructions.h5ad") as tmp:
+                sample.write_h5ad(tmp)
+        else:
+            (out_dir / "reconstructions.h5ad").unlink(missing_ok=True)  # a stale one from a larger input
     with watch.stage("report"):
         metrics = result.metrics()
         html = build_report(result, metrics, images)

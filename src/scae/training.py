@@ -1,91 +1,102 @@
 """Minibatch training and batched evaluation of a PyTorch autoencoder.
 
-The network passed in must map a batch ``x`` to ``(latent, reconstruction)``. Matrices may be
-dense NumPy arrays or SciPy CSR matrices; sparse data is densified one batch at a time unless it
-fits comfortably in memory as a dense tensor (see :func:`scae.data.dense_if_small`).
+The network passed in must map a batch ``x`` to ``(latent, reconstruction)``. Data comes from a
+:class:`~scae.sources.RowSource` (in memory, a backed ``.h5ad`` or a memory-mapped ``.npy``);
+the trainer never asks which. It runs on any ``torch.device`` and, given a
+:class:`~scae.parallel.Distributed` context, trains with ``DistributedDataParallel``: every
+process takes its shard of each global minibatch, and losses are reduced as exact sums so the
+result matches one process with the same global batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from scae.data import dense_if_small
-from scae.losses import LossTotals, get_loss
+from scae.losses import LossTotals, get_loss_terms
+from scae.parallel import Distributed, all_reduce_sum
+from scae.sources import (
+    DISK_BLOCK_ROWS,
+    DISK_WINDOW_BLOCKS,
+    EVAL_BATCH_SIZE,
+    BatchLoader,
+    RowSource,
+    epoch_order,
+    shard_bounds,
+)
 
-EVAL_BATCH_SIZE = 4096
+
+@dataclass
+class TrainingRun:
+    """What :func:`train_network` measured."""
+
+    history: list[dict]
+    """One record per epoch (see :func:`train_network`)."""
+    train_seconds: float
+    """Wall-clock time of the optimisation steps only (evaluation excluded)."""
+    train_cells: int
+    """Cells trained on, summed over epochs and processes."""
+
+    @property
+    def cells_per_second(self) -> float:
+        return self.train_cells / self.train_seconds if self.train_seconds > 0 else float("nan")
 
 
-class RowSource:
-    """Row batches of a dense or CSR matrix as float32 tensors.
-
-    Parameters
-    ----------
-    X
-        Cells × features, dense ``ndarray`` or ``scipy.sparse`` matrix.
-    """
-
-    def __init__(self, X) -> None:
-        X = dense_if_small(sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else X)
-        if sp.issparse(X):
-            self._sparse = X
-            self._dense = None
-        else:
-            X = np.asarray(X, dtype=np.float32)
-            if not X.flags.writeable or not X.flags.c_contiguous:
-                X = np.array(X, dtype=np.float32, order="C")  # torch wants writeable memory
-            self._sparse = None
-            self._dense = torch.from_numpy(X)
-        self.n_rows = int(X.shape[0])
-        self.n_cols = int(X.shape[1])
-
-    def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
-        """Rows selected by an index tensor or a slice, as a dense float32 tensor."""
-        if self._dense is not None:
-            return self._dense[index]
-        if isinstance(index, torch.Tensor):
-            index = index.numpy()
-        return torch.from_numpy(self._sparse[index].toarray())
-
-    def batches(self, batch_size: int = EVAL_BATCH_SIZE) -> Iterator[torch.Tensor]:
-        """All rows in order, ``batch_size`` at a time."""
-        for start in range(0, self.n_rows, batch_size):
-            yield self.rows(slice(start, min(start + batch_size, self.n_rows)))
+def _shard_rows(n: int, distributed: Distributed | None) -> np.ndarray:
+    if distributed is None:
+        return np.arange(n)
+    bounds = shard_bounds(n, distributed.world_size)
+    return np.arange(bounds[distributed.rank], bounds[distributed.rank + 1])
 
 
 @torch.inference_mode()
 def evaluate_losses(
-    net: torch.nn.Module, source: RowSource, losses: tuple[str, ...] = ("mse", "nonzero_mse")
+    net: torch.nn.Module,
+    source: RowSource,
+    losses: tuple[str, ...] = ("mse", "nonzero_mse"),
+    device: torch.device | str = "cpu",
+    distributed: Distributed | None = None,
 ) -> dict[str, float]:
-    """Exact losses over a whole matrix (total error sum / total entry count), in batches."""
+    """Exact losses over a whole source (total error sum / total entry count), in batches.
+
+    Distributed, each process scores its contiguous share of the rows and the sums are added up.
+    """
     net.eval()
     totals = LossTotals(losses)
-    for x in source.batches():
+    for x in source.batches(EVAL_BATCH_SIZE, _shard_rows(source.n_rows, distributed)):
+        x = x.to(device, non_blocking=True)
         totals.add(x, net(x)[1])
+    if distributed is not None:
+        totals.set_sums(all_reduce_sum(totals.sums(), distributed, torch.device(device)))
     return totals.result()
 
 
 @torch.inference_mode()
-def predict(net: torch.nn.Module, source: RowSource) -> tuple[np.ndarray, np.ndarray]:
+def predict(net: torch.nn.Module, source: RowSource, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Latent codes and reconstructions of every row, as float32 arrays."""
     net.eval()
     latents, recons = [], []
     for x in source.batches():
-        z, x_hat = net(x)
-        latents.append(z.numpy())
-        recons.append(x_hat.numpy())
+        z, x_hat = net(x.to(device, non_blocking=True))
+        latents.append(z.float().cpu().numpy())
+        recons.append(x_hat.float().cpu().numpy())
     return np.concatenate(latents), np.concatenate(recons)
 
 
 @torch.inference_mode()
-def encode(net: torch.nn.Module, source: RowSource) -> np.ndarray:
+def encode(net: torch.nn.Module, source: RowSource, device: torch.device | str = "cpu") -> np.ndarray:
     """Latent codes of every row (the decoder is not run)."""
     net.eval()
-    return np.concatenate([net.encoder(x).numpy() for x in source.batches()])
+    return np.concatenate([net.encoder(x.to(device, non_blocking=True)).float().cpu().numpy() for x in source.batches()])
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train_network(
@@ -98,49 +109,83 @@ def train_network(
     batch_size: int = 128,
     learning_rate: float = 1e-3,
     seed: int = 0,
+    device: torch.device | str = "cpu",
+    distributed: Distributed | None = None,
     progress: bool = False,
     description: str = "training",
-) -> list[dict]:
-    """Train ``net`` with Adam on minibatches of ``train``; return the per-epoch history.
+) -> TrainingRun:
+    """Train ``net`` (already on ``device``) with Adam on minibatches of ``train``.
 
     The history has one record per epoch, starting with epoch 0 (before any update):
     ``train_loss`` (epoch 0: the objective on all training cells; later epochs: the mean of the
-    epoch's minibatch losses, as deep-learning frameworks report it), and, when ``test`` is
-    given, ``test_loss`` (the objective over all test entries after the epoch) and ``test_mse``
-    (plain MSE on the test cells). Shuffling is seeded by ``seed``.
+    epoch's global minibatch losses, as deep-learning frameworks report it), and, when ``test``
+    is given, ``test_loss`` (the objective over all test entries after the epoch) and
+    ``test_mse`` (plain MSE on the test cells). Shuffling is seeded by ``seed``; sources on
+    disk are shuffled by blocks within prefetched windows (:func:`~scae.sources.epoch_order`).
+
+    With ``distributed``, ``batch_size`` is the global batch: each process trains on its shard
+    of it, and each step's loss is ``(this shard's error sum) × world size / (global entry
+    count)``, so DDP's gradient average is the gradient of the exact global batch loss.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    batch_loss = get_loss(loss)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate, fused=True)
+    device = torch.device(device)
+    terms = get_loss_terms(loss)
+    rng = np.random.default_rng(seed)
+    world = 1 if distributed is None else distributed.world_size
+    model = net
+    if distributed is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, process_group=distributed.group
+        )
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate, fused=fused)
+    eval_losses = tuple(dict.fromkeys((loss, "mse")))
+    block = DISK_BLOCK_ROWS if train.on_disk else None
 
     def record(epoch: int, train_loss: float) -> dict:
         row = {"epoch": epoch, "train_loss": train_loss}
         if test is not None:
-            scores = evaluate_losses(net, test, tuple(dict.fromkeys((loss, "mse"))))
+            scores = evaluate_losses(net, test, eval_losses, device, distributed)
             row["test_loss"] = scores[loss]
             row["test_mse"] = scores["mse"]
         return row
 
-    history = [record(0, evaluate_losses(net, train, (loss,))[loss])]
-    bar = tqdm(range(1, epochs + 1), desc=description, unit="epoch", disable=not progress, leave=False)
+    history = [record(0, evaluate_losses(net, train, (loss,), device, distributed)[loss])]
+    show = progress and (distributed is None or distributed.is_main)
+    bar = tqdm(range(1, epochs + 1), desc=description, unit="epoch", disable=not show, leave=False)
+    train_seconds = 0.0
     for epoch in bar:
+        order = epoch_order(train.n_rows, rng, block, DISK_WINDOW_BLOCKS)
+        loader = BatchLoader(
+            train, order, batch_size,
+            rank=0 if distributed is None else distributed.rank, world_size=world, device=device,
+        )
         net.train()
-        order = torch.randperm(train.n_rows, generator=generator)
-        total, n_batches = 0.0, 0
-        for start in range(0, train.n_rows, batch_size):
-            x = train.rows(order[start : start + batch_size])
-            _, x_hat = net(x)
-            value = batch_loss(x, x_hat)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        _synchronize(device)
+        started = time.perf_counter()
+        for x, n_global in loader:
+            _, x_hat = model(x)
+            err, count = terms(x, x_hat)
+            if distributed is not None:
+                sums = torch.stack([err.detach().double(), count.double()])
+                torch.distributed.all_reduce(sums, group=distributed.group)
+                global_err, global_count = sums[0], sums[1].clamp(min=1.0)
+                value = err * (world / global_count.to(err.dtype))
+                total += global_err / global_count
+            else:
+                value = err / count.clamp(min=1.0)
+                total += value.detach().double()
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
-            total += value.item()
-            n_batches += 1
-        history.append(record(epoch, total / n_batches))
-        bar.set_postfix(
-            {k: f"{v:.4g}" for k, v in history[-1].items() if k in ("train_loss", "test_loss")}
-        )
+        _synchronize(device)
+        train_seconds += time.perf_counter() - started
+        history.append(record(epoch, float(total) / len(loader)))
+        bar.set_postfix({k: f"{v:.4g}" for k, v in history[-1].items() if k in ("train_loss", "test_loss")})
     bar.close()
-    return history
+    net.eval()
+    return TrainingRun(history=history, train_seconds=train_seconds, train_cells=train.n_rows * epochs)

@@ -1,0 +1,99 @@
+"""Devices and multi-process training through ``torch.distributed`` (launched by ``torchrun``).
+
+``torchrun --nproc_per_node=N -m scae.cli study …`` (or the ``scae`` entry point under
+``torchrun``) starts N processes with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the
+rendezvous address in their environment. :func:`init_distributed` joins them into one process
+group — gloo on CPU, NCCL on CUDA — and the trainer wraps the network in
+``DistributedDataParallel``. Nothing here is a home-made communication layer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from scae.errors import ScaeInputError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """The ``torch.device`` for ``--device``: ``auto`` takes a CUDA GPU, then Apple's MPS, then the CPU.
+
+    Raises :class:`~scae.errors.ScaeInputError` when the device asked for is not available.
+    """
+    if name not in DEVICES:
+        raise ScaeInputError(f"unknown device '{name}'; expected one of: {', '.join(DEVICES)}")
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if name == "cuda":
+        if not cuda:
+            raise ScaeInputError("--device cuda: no CUDA GPU is available to PyTorch here; use --device cpu or auto")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if name == "mps" and not mps:
+        raise ScaeInputError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a ``torch.distributed`` process group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    group: object = None
+    """The process group (``None`` is the default group)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process was started by ``torchrun`` with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def init_distributed(device: torch.device, timeout_s: float = 600.0) -> Distributed | None:
+    """Join the process group ``torchrun`` set up (``None`` when this is a single process).
+
+    The backend is NCCL for CUDA devices and gloo otherwise; ``timeout_s`` bounds every
+    collective, so a rank that dies mid-run makes the others fail instead of hanging.
+    """
+    if not launched_by_torchrun():
+        return None
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return Distributed(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group, if this process joined one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], distributed: Distributed | None, device: torch.device) -> list[float]:
+    """Sums of ``values`` over all processes (the values themselves when not distributed)."""
+    if distributed is None:
+        return list(values)
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, group=distributed.group)
+    return tensor.tolist()

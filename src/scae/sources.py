@@ -1,0 +1,439 @@
+"""Row sources: where training, evaluation and prediction read cells from.
+
+A :class:`RowSource` is a cells × genes matrix that hands out rows. Three implementations share
+one small protocol, so the trainer never asks which one it has:
+
+- :class:`ArraySource` — a dense array or SciPy CSR matrix in memory;
+- :class:`H5CSRSource` — a CSR matrix inside an ``.h5ad`` file (``X`` or a layer), read by
+  contiguous row ranges with h5py, never loaded whole;
+- :class:`NpySource` — a dense ``.npy`` file, memory-mapped.
+
+``source.subset(rows)`` restricts any of them to some cells (the train/test split, the scored
+sample). When ``counts=True`` the rows are raw counts and every read returns
+``log1p(counts / library size × 10⁴)``, computed per batch, so a raw-count atlas never needs a
+normalised copy.
+
+:class:`BatchLoader` turns a source into minibatches: seeded shuffles (by blocks of rows inside
+a prefetched window for sources on disk, so reads stay contiguous), this process's shard of
+every global batch under ``torch.distributed``, and a background thread that prepares the next
+batches (densified, normalised, pinned for a GPU) while the current one trains.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+TARGET_SUM = 1e4
+"""Library size that raw counts are scaled to before ``log1p`` (counts per 10,000)."""
+EVAL_BATCH_SIZE = 4096
+DISK_BLOCK_ROWS = 512
+"""Rows per block when shuffling a source on disk: blocks are read contiguously."""
+DISK_WINDOW_BLOCKS = 64
+"""Blocks gathered (and shuffled row by row) in one prefetch window of a source on disk."""
+
+Chunk = np.ndarray | sp.csr_matrix
+
+
+def normalize_counts(X: Chunk) -> Chunk:
+    """``log1p(X / row sum × 10⁴)`` for a dense or CSR block of raw counts (rows summing to 0 stay 0)."""
+    if sp.issparse(X):
+        X = sp.csr_matrix(X, dtype=np.float32, copy=True)
+        sums = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+        scale = np.where(sums > 0, TARGET_SUM / np.maximum(sums, 1e-30), 0.0)
+        X.data = np.log1p(X.data * np.repeat(scale, np.diff(X.indptr))).astype(np.float32)
+        return X
+    X = np.asarray(X, dtype=np.float32)
+    sums = X.sum(axis=1, keepdims=True, dtype=np.float64)
+    scale = np.where(sums > 0, TARGET_SUM / np.maximum(sums, 1e-30), 0.0)
+    return np.log1p(X * scale).astype(np.float32)
+
+
+def normalize_counts_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Torch version of :func:`normalize_counts` for a dense batch (runs on the batch's device)."""
+    sums = x.sum(dim=1, keepdim=True)
+    scale = torch.where(sums > 0, TARGET_SUM / sums.clamp(min=1e-30), torch.zeros_like(sums))
+    return torch.log1p(x * scale)
+
+
+def _dense_tensor(chunk: Chunk | torch.Tensor) -> torch.Tensor:
+    if isinstance(chunk, torch.Tensor):
+        return chunk
+    if sp.issparse(chunk):
+        out = np.zeros(chunk.shape, dtype=np.float32)
+        rows = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))
+        out[rows, chunk.indices] = chunk.data
+        return torch.from_numpy(out)
+    return torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
+
+
+class RowSource:
+    """Cells × genes rows, read by sorted row indices.
+
+    Subclasses implement :meth:`_read` (raw rows for sorted indices, as a dense array, a dense
+    tensor or a CSR matrix); everything else is shared.
+
+    Attributes
+    ----------
+    n_rows, n_cols
+        Shape.
+    counts
+        Whether rows are raw counts, normalised by :func:`normalize_counts` on every read.
+    on_disk
+        Whether reads go to a file; then shuffles keep reads contiguous and a background
+        thread prefetches.
+    """
+
+    n_rows: int
+    n_cols: int
+    counts: bool = False
+    on_disk: bool = False
+
+    def _read(self, rows: np.ndarray) -> Chunk | torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows, self.n_cols)
+
+    def read(self, rows: np.ndarray | slice) -> Chunk | torch.Tensor:
+        """Raw rows (sorted indices or a slice), not normalised."""
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(self.n_rows))
+        return self._read(np.asarray(rows, dtype=np.int64))
+
+    def tensor(self, rows: np.ndarray | slice) -> torch.Tensor:
+        """Rows as a dense float32 tensor, normalised when the source holds counts."""
+        x = _dense_tensor(self.read(rows))
+        return normalize_counts_tensor(x) if self.counts else x
+
+    def matrix(self, rows: np.ndarray | slice | None = None) -> Chunk:
+        """Rows as a NumPy array or CSR matrix (as stored), normalised when the source holds counts."""
+        chunk = self.read(slice(None) if rows is None else rows)
+        if isinstance(chunk, torch.Tensor):
+            chunk = chunk.numpy()
+        return normalize_counts(chunk) if self.counts else chunk
+
+    def batches(self, batch_size: int = EVAL_BATCH_SIZE, rows: np.ndarray | None = None) -> Iterator[torch.Tensor]:
+        """All rows (or the sorted ``rows``) in order, ``batch_size`` at a time, as tensors."""
+        rows = np.arange(self.n_rows) if rows is None else rows
+        for start in range(0, rows.size, batch_size):
+            yield self.tensor(rows[start : start + batch_size])
+
+    def subset(self, rows: np.ndarray) -> RowSource:
+        """The source restricted to ``rows`` (sorted, distinct row indices)."""
+        return SubsetSource(self, rows)
+
+
+class ArraySource(RowSource):
+    """A dense array or CSR matrix held in memory.
+
+    Parameters
+    ----------
+    X
+        Cells × genes, dense ``ndarray`` or SciPy sparse matrix (used as given, not copied,
+        when it is already float32 and C-ordered / CSR).
+    counts
+        Whether ``X`` holds raw counts to normalise per batch.
+    """
+
+    def __init__(self, X, counts: bool = False) -> None:
+        if sp.issparse(X):
+            self._X: object = sp.csr_matrix(X, dtype=np.float32)
+        else:
+            X = np.asarray(X, dtype=np.float32)
+            if not X.flags.writeable or not X.flags.c_contiguous:
+                X = np.array(X, dtype=np.float32, order="C")  # torch wants writeable memory
+            self._X = torch.from_numpy(X)
+        self.n_rows, self.n_cols = int(X.shape[0]), int(X.shape[1])
+        self.counts = counts
+
+    def _read(self, rows: np.ndarray):
+        if isinstance(self._X, torch.Tensor):
+            if rows.size and rows[-1] - rows[0] + 1 == rows.size:  # a contiguous range: a view
+                return self._X[int(rows[0]) : int(rows[-1]) + 1]
+            return self._X[torch.from_numpy(rows)]
+        return self._X[rows]
+
+
+class SubsetSource(RowSource):
+    """Some rows of another source (see :meth:`RowSource.subset`)."""
+
+    def __init__(self, parent: RowSource, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size > 1 and np.any(np.diff(rows) <= 0):
+            raise ValueError("subset rows must be sorted and distinct")
+        self._parent, self._rows = parent, rows
+        self.n_rows, self.n_cols = int(rows.size), parent.n_cols
+        self.counts, self.on_disk = parent.counts, parent.on_disk
+
+    def _read(self, rows: np.ndarray):
+        return self._parent._read(self._rows[rows])
+
+    def subset(self, rows: np.ndarray) -> RowSource:
+        return SubsetSource(self._parent, self._rows[np.asarray(rows, dtype=np.int64)])
+
+
+def _runs(rows: np.ndarray, max_gap: int) -> list[tuple[int, int]]:
+    """Split sorted ``rows`` into (start, stop) index ranges whose row gaps are at most ``max_gap``."""
+    if rows.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) > max_gap) + 1
+    edges = np.concatenate([[0], breaks, [rows.size]])
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+class H5CSRSource(RowSource):
+    """A CSR matrix in an HDF5 (``.h5ad``) group, read by contiguous row ranges.
+
+    Only ``indptr`` (one integer per cell) is held in memory; ``data`` and ``indices`` are read
+    for the ranges asked for. The file is opened lazily in each process (so a source can be
+    handed to another process) and read only, never modified.
+
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` file.
+    key
+        Path of the CSR group inside the file, ``"X"`` or ``"layers/<name>"``.
+    counts
+        Whether the matrix holds raw counts to normalise per batch.
+    """
+
+    on_disk = True
+    MAX_GAP = 256
+    """Rows this close together are read as one range (reading a few unused rows is cheaper
+    than another HDF5 call)."""
+
+    def __init__(self, path: str | Path, key: str = "X", counts: bool = False) -> None:
+        import h5py
+
+        self.path, self.key, self.counts = Path(path), key, counts
+        with h5py.File(self.path, "r") as handle:
+            group = handle[key]
+            self.n_rows, self.n_cols = (int(v) for v in group.attrs["shape"])
+            self.indptr = group["indptr"][:].astype(np.int64)
+            self.nnz = int(self.indptr[-1])
+            self.stored_dtype = group["data"].dtype
+        self._handle = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handle"], state["_lock"] = None, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _group(self):
+        if self._handle is None:
+            import h5py
+
+            self._handle = h5py.File(self.path, "r")
+        return self._handle[self.key]
+
+    def close(self) -> None:
+        """Close the file handle (it reopens on the next read)."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def read_range(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start … stop - 1`` as a float32 CSR matrix."""
+        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        with self._lock:
+            group = self._group()
+            data = group["data"][lo:hi]
+            indices = group["indices"][lo:hi]
+        return sp.csr_matrix(
+            (data.astype(np.float32, copy=False), indices, self.indptr[start : stop + 1] - lo),
+            shape=(stop - start, self.n_cols),
+        )
+
+    def _read(self, rows: np.ndarray) -> sp.csr_matrix:
+        if rows.size == 0:
+            return sp.csr_matrix((0, self.n_cols), dtype=np.float32)
+        parts = []
+        for a, b in _runs(rows, self.MAX_GAP):
+            first, last = int(rows[a]), int(rows[b - 1])
+            block = self.read_range(first, last + 1)
+            wanted = rows[a:b] - first
+            parts.append(block if wanted.size == last - first + 1 else block[wanted])
+        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+
+
+class NpySource(RowSource):
+    """A dense ``.npy`` matrix, memory-mapped (read only; pages come from disk as rows are read)."""
+
+    on_disk = True
+
+    def __init__(self, path: str | Path, counts: bool = False) -> None:
+        self.path, self.counts = Path(path), counts
+        self._array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        self.n_rows, self.n_cols = (int(v) for v in self._array.shape)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_array"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        if rows.size and rows[-1] - rows[0] + 1 == rows.size:
+            return np.asarray(self._array[int(rows[0]) : int(rows[-1]) + 1], dtype=np.float32)
+        return np.asarray(self._array[rows], dtype=np.float32)
+
+
+def epoch_order(n: int, rng: np.random.Generator, block_rows: int | None = None, window_blocks: int = 1) -> np.ndarray:
+    """A seeded shuffle of ``range(n)`` for one epoch.
+
+    With ``block_rows=None`` a uniform permutation. Otherwise the rows are cut into contiguous
+    blocks of ``block_rows``; the block order is shuffled, and the rows of each run of
+    ``window_blocks`` consecutive (shuffled) blocks are shuffled together. A window is read
+    from disk as a few contiguous ranges, and minibatches still mix rows from all over the file.
+    """
+    if block_rows is None or n <= block_rows * window_blocks:
+        return rng.permutation(n)
+    n_blocks = math.ceil(n / block_rows)
+    blocks = rng.permutation(n_blocks)
+    parts = []
+    for w in range(0, n_blocks, window_blocks):
+        members = np.concatenate(
+            [np.arange(b * block_rows, min((b + 1) * block_rows, n)) for b in blocks[w : w + window_blocks]]
+        )
+        parts.append(rng.permutation(members))
+    return np.concatenate(parts)
+
+
+def shard_bounds(n: int, world_size: int) -> np.ndarray:
+    """Start offsets (plus the end) of ``world_size`` near-equal contiguous shards of ``n`` items."""
+    return np.array([n * r // world_size for r in range(world_size + 1)])
+
+
+class BatchLoader:
+    """This process's share of an epoch's shuffled minibatches of a source, prefetched.
+
+    Parameters
+    ----------
+    source
+        Rows to train on.
+    order
+        Row order of the epoch (see :func:`epoch_order`); consecutive ``batch_size`` rows form
+        a global minibatch.
+    batch_size
+        Global minibatch size (over all processes).
+    rank, world_size
+        This process's place in a ``torch.distributed`` group: it gets rows
+        ``shard_bounds(len(batch), world_size)[rank:rank + 2]`` of every global batch.
+    device
+        Where batches are used; with CUDA they are pinned and copied without blocking.
+    prefetch
+        Batches prepared ahead by a background thread (0: prepare them in the caller); by
+        default 4 for a source on disk and 0 for one in memory.
+    window_rows
+        Rows of ``order`` read from the source at once (rounded up to whole batches); by
+        default ``DISK_BLOCK_ROWS × DISK_WINDOW_BLOCKS`` on disk, one batch in memory.
+
+    Iterating yields ``(x, n_global)``: this process's rows of a batch as a tensor on
+    ``device`` and the size of the global batch.
+    """
+
+    def __init__(
+        self,
+        source: RowSource,
+        order: np.ndarray,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        prefetch: int | None = None,
+        window_rows: int | None = None,
+    ) -> None:
+        self.source, self.order, self.batch_size = source, np.asarray(order), int(batch_size)
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.prefetch = (4 if source.on_disk else 0) if prefetch is None else prefetch
+        if window_rows is None:
+            window_rows = DISK_BLOCK_ROWS * DISK_WINDOW_BLOCKS if source.on_disk else self.batch_size
+        self.window = max(1, math.ceil(window_rows / self.batch_size)) * self.batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(self.order.size / self.batch_size)
+
+    def _produce(self) -> Iterator[tuple[torch.Tensor, int]]:
+        pin = self.device.type == "cuda"
+        for w0 in range(0, self.order.size, self.window):
+            window = self.order[w0 : w0 + self.window]
+            shards = []
+            for b0 in range(0, window.size, self.batch_size):
+                batch = window[b0 : b0 + self.batch_size]
+                bounds = shard_bounds(batch.size, self.world_size)
+                shards.append((batch[bounds[self.rank] : bounds[self.rank + 1]], batch.size))
+            wanted = np.unique(np.concatenate([s for s, _ in shards]))
+            chunk = self.source.read(wanted)
+            for rows, n_global in shards:
+                x = _dense_tensor(chunk[np.searchsorted(wanted, rows)] if not isinstance(chunk, torch.Tensor)
+                                  else chunk[torch.from_numpy(np.searchsorted(wanted, rows))])
+                if self.source.counts:
+                    x = normalize_counts_tensor(x)
+                if pin:
+                    x = x.pin_memory()
+                yield x, n_global
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        if self.prefetch <= 0:
+            for x, n in self._produce():
+                yield x.to(self.device, non_blocking=True), n
+            return
+        yield from self._prefetched()
+
+    def _prefetched(self) -> Iterator[tuple[torch.Tensor, int]]:
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                for item in self._produce():
+                    while not stop.is_set():
+                        try:
+                            ready.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                ready.put(done)
+            except BaseException as err:  # handed to the consumer, raised there
+                ready.put(err)
+
+        thread = threading.Thread(target=work, name="scae-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                x, n = item
+                yield x.to(self.device, non_blocking=True), n
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    ready.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)
