@@ -55,7 +55,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shlex
 import shutil
 import subprocess
@@ -83,6 +82,116 @@ def log(message: str) -> None:
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+# ---------------------------------------------------------------------------------------------
+# subprocesses with process-tree memory sampling
+
+
+def _rss_bytes(pid: int, page: int = os.sysconf("SC_PAGE_SIZE")) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * page
+    except (OSError, IndexError, ValueError):  # exited meanwhile
+        return 0
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (as far as /proc shows them right now)."""
+    pids, queue = [], [root]
+    while queue:
+        pid = queue.pop()
+        pids.append(pid)
+        queue += _children(pid)
+    return pids
+
+
+class TreeMemorySampler:
+    """Samples the summed RSS of a process tree every ``interval`` seconds in a thread."""
+
+    def __init__(self, root: int, interval: float = 0.2) -> None:
+        self.root = root
+        self.peak_tree = self.peak_root = 0
+        self.max_processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._interval = interval
+        self._thread.start()
+
+    def _sample(self) -> None:
+        pids = process_tree(self.root)
+        sizes = [_rss_bytes(pid) for pid in pids]
+        self.peak_root = max(self.peak_root, sizes[0])
+        self.peak_tree = max(self.peak_tree, sum(sizes))
+        self.max_processes = max(self.max_processes, len(pids))
+
+    def _run(self) -> None:
+        while True:
+            self._sample()
+            if self._stop.wait(self._interval):
+                return
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {
+            "peak_rss_tree_mib": round(self.peak_tree / MIB, 1),
+            "peak_rss_main_mib": round(self.peak_root / MIB, 1),
+            "max_processes": self.max_processes,
+        }
+
+
+def tail(path: Path, lines: int = 20) -> list[str]:
+    with open(path, errors="replace") as f:
+        return list(deque((line.rstrip("\n") for line in f), maxlen=lines))
+
+
+def run_monitored(command: list[str], log_stem: Path, timeout: float | None = None) -> dict:
+    """Run ``command`` with stdout/stderr to ``<log_stem>.out/.err``; wall time, exit status and
+    peak memory of its process tree (plus the last stderr lines when it fails)."""
+    out_path, err_path = log_stem.with_suffix(".out"), log_stem.with_suffix(".err")
+    load = load_average()
+    started = time.perf_counter()
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(command, stdout=out, stderr=err, start_new_session=True)
+        sampler = TreeMemorySampler(proc.pid)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout or None)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, 9)  # the session this benchmark started for the command
+            proc.wait()
+        memory = sampler.stop()
+    result = {
+        "command": shlex.join(command),
+        "returncode": proc.returncode,
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        **memory,
+        "load_before_after": [load, load_average()],
+        "stdout_log": str(out_path),
+        "stderr_log": str(err_path),
+    }
+    if timed_out:
+        result["timed_out_after_seconds"] = timeout
+    if proc.returncode != 0:
+        result["stderr_tail"] = tail(err_path)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,12 +373,12 @@ def ensure_dataset(workdir: Path, p: SimParams) -> tuple[Path, dict]:
             return path, {**info, "cached": True}
     log(f"writing {path} ({p.cells:,} cells x {p.genes:,} genes)")
     partial = path.with_suffix(".h5ad.partial")
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sampler = TreeMemorySampler(os.getpid())
     started = time.perf_counter()
     stats = write_counts_h5ad(partial, p)
     seconds = time.perf_counter() - started
+    memory = sampler.stop()
     os.replace(partial, path)
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     info = {
         "params": asdict(p),
         "path": str(path),
@@ -277,124 +386,12 @@ def ensure_dataset(workdir: Path, p: SimParams) -> tuple[Path, dict]:
         "mib": round(path.stat().st_size / MIB, 1),
         "generate_seconds": round(seconds, 2),
         "generate_seconds_per_100k_cells": round(seconds * 100_000 / p.cells, 2),
-        # high-water mark of this process so far; grew during generation only if it was above
-        "benchmark_peak_rss_mib_after_generation": round(rss_after / 1024, 1),
-        "peak_rss_grew_during_generation": rss_after > rss_before,
+        "generate_peak_rss_mib": memory["peak_rss_main_mib"],  # this whole process, sampled
         **stats,
     }
     side.write_text(json.dumps(info, indent=2) + "\n")
     log(f"wrote {info['mib']} MiB in {seconds:.1f} s, {info['zero_fraction']:.1%} zeros")
     return path, {**info, "cached": False}
-
-
-# ---------------------------------------------------------------------------------------------
-# subprocesses with process-tree memory sampling
-
-
-def _rss_bytes(pid: int, page: int = os.sysconf("SC_PAGE_SIZE")) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * page
-    except (OSError, IndexError, ValueError):  # exited meanwhile
-        return 0
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
-    return out
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants (as far as /proc shows them right now)."""
-    pids, queue = [], [root]
-    while queue:
-        pid = queue.pop()
-        pids.append(pid)
-        queue += _children(pid)
-    return pids
-
-
-class TreeMemorySampler:
-    """Samples the summed RSS of a process tree every ``interval`` seconds in a thread."""
-
-    def __init__(self, root: int, interval: float = 0.2) -> None:
-        self.root = root
-        self.peak_tree = self.peak_root = 0
-        self.max_processes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._interval = interval
-        self._thread.start()
-
-    def _sample(self) -> None:
-        pids = process_tree(self.root)
-        sizes = [_rss_bytes(pid) for pid in pids]
-        self.peak_root = max(self.peak_root, sizes[0])
-        self.peak_tree = max(self.peak_tree, sum(sizes))
-        self.max_processes = max(self.max_processes, len(pids))
-
-    def _run(self) -> None:
-        while True:
-            self._sample()
-            if self._stop.wait(self._interval):
-                return
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self._thread.join()
-        return {
-            "peak_rss_tree_mib": round(self.peak_tree / MIB, 1),
-            "peak_rss_main_mib": round(self.peak_root / MIB, 1),
-            "max_processes": self.max_processes,
-        }
-
-
-def tail(path: Path, lines: int = 20) -> list[str]:
-    with open(path, errors="replace") as f:
-        return list(deque((line.rstrip("\n") for line in f), maxlen=lines))
-
-
-def run_monitored(command: list[str], log_stem: Path, timeout: float | None = None) -> dict:
-    """Run ``command`` with stdout/stderr to ``<log_stem>.out/.err``; wall time, exit status and
-    peak memory of its process tree (plus the last stderr lines when it fails)."""
-    out_path, err_path = log_stem.with_suffix(".out"), log_stem.with_suffix(".err")
-    load = load_average()
-    started = time.perf_counter()
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen(command, stdout=out, stderr=err, start_new_session=True)
-        sampler = TreeMemorySampler(proc.pid)
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout or None)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, 9)  # the session this benchmark started for the command
-            proc.wait()
-        memory = sampler.stop()
-    result = {
-        "command": shlex.join(command),
-        "returncode": proc.returncode,
-        "wall_seconds": round(time.perf_counter() - started, 2),
-        **memory,
-        "load_before_after": [load, load_average()],
-        "stdout_log": str(out_path),
-        "stderr_log": str(err_path),
-    }
-    if timed_out:
-        result["timed_out_after_seconds"] = timeout
-    if proc.returncode != 0:
-        result["stderr_tail"] = tail(err_path)
-    return result
 
 
 # ---------------------------------------------------------------------------------------------

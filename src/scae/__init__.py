@@ -15,6 +15,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Autoencoder": "scae.models",
+    "ArraySource": "scae.sources",
+    "H5CSRSource": "scae.sources",
+    "NpySource": "scae.sources",
+    "RowSource": "scae.sources",
+    "TSNEConfig": "scae.embeddings",
     "Dataset": "scae.data",
     "ScaeInputError": "scae.errors",
     "StudyConfig": "scae.study",
@@ -23,6 +28,7 @@ _EXPORTS = {
     "read_counts_labels": "scae.data",
     "read_h5ad": "scae.data",
     "run_study": "scae.study",
+    "simulate_counts": "scae.simulate",
     "simulate_dataset": "scae.simulate",
 }
 __all__ = sorted(_EXPORTS)

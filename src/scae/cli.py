@@ -31,10 +31,44 @@ def build_parser() -> argparse.ArgumentParser:
     study = sub.add_parser(
         "study",
         help="run the full autoencoder study (latent 10, 50, 2 with MSE; latent 10 with nonzero_mse)",
-        description="Run the autoencoder study. Without input it uses the built-in simulated dataset.",
+        description="Run the autoencoder study. Without input it uses the built-in simulated dataset. "
+        "Under torchrun every process trains the models together and rank 0 writes the outputs.",
     )
-    source = study.add_argument_group("input (choose one; none = built-in simulated dataset)")
-    source.add_argument("--counts", type=Path, help="cells × genes matrix, .npy (log-normalized)")
+    _add_input_arguments(study)
+    study.add_argument("--out", type=Path, required=True, help="output directory")
+    _add_training_arguments(study)
+    study.add_argument("--max-embed-cells", type=_positive_int, default=20_000,
+                       help="cells sampled for t-SNE, scatter plots and cluster scores (default 20000)")
+    study.add_argument("--resume", action="store_true",
+                       help="reuse the models an interrupted study already trained in OUT/models "
+                            "(refused when they come from another input or other settings)")
+    study.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
+
+    fit = sub.add_parser(
+        "fit",
+        help="train one autoencoder on the study's training cells and save it",
+        description="Train one autoencoder on the training cells of the study's split (test loss recorded "
+        "per epoch) and save it with its history. Under torchrun every process trains together; rank 0 saves.",
+    )
+    _add_input_arguments(fit)
+    fit.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
+    fit.add_argument("--latent", type=_positive_int, default=10, help="latent size (default 10)")
+    fit.add_argument("--loss", choices=["mse", "nonzero_mse"], default="mse", help="training loss (default mse)")
+    _add_training_arguments(fit)
+    fit.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    simulate = sub.add_parser("simulate", help="write the built-in dataset as counts.npy + labels.txt")
+    simulate.add_argument("--out", type=Path, required=True, help="output directory")
+    simulate.add_argument("--cells", type=_positive_int, default=5000)
+    simulate.add_argument("--genes", type=_positive_int, default=1000)
+    simulate.add_argument("--populations", type=_positive_int, default=3)
+    simulate.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_argument_group("input (choose one; none = built-in simulated dataset)")
+    source.add_argument("--counts", type=Path, help="cells × genes matrix, .npy (log-normalized or raw counts)")
     source.add_argument("--labels", type=Path, help="labels.txt, one label per line (with --counts)")
     source.add_argument("--h5ad", type=Path, help="AnnData file")
     source.add_argument("--label-key", help="obs column with the cell labels (with --h5ad)")
@@ -46,32 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                         help="stream the matrix from disk instead of loading it (a CSR .h5ad, or a memory-mapped "
                              ".npy); default: stream when its dense float32 form exceeds 1 GiB")
-    study.add_argument("--out", type=Path, required=True, help="output directory")
-    study.add_argument("--epochs", type=_positive_int, default=50, help="training epochs (default 50)")
-    study.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
-    study.add_argument("--hidden", type=_positive_int, nargs="+", default=[100], metavar="WIDTH",
-                       help="hidden layer widths, input side first (default 100)")
-    study.add_argument("--activation", default="relu",
-                       choices=["relu", "elu", "gelu", "tanh", "sigmoid", "leaky_relu"],
-                       help="activation of the hidden layers (default relu)")
-    study.add_argument("--batch-size", type=_positive_int, default=128, help="minibatch size (default 128)")
-    study.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    study.add_argument("--max-embed-cells", type=_positive_int, default=20_000,
-                       help="cells sampled for t-SNE, scatter plots and cluster scores (default 20000)")
-    study.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
-                       help="where models train and predict (default auto: a GPU when there is one)")
-    study.add_argument("--resume", action="store_true",
-                       help="reuse the models an interrupted study already trained in OUT/models "
-                            "(refused when they come from another input or other settings)")
-    study.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
 
-    simulate = sub.add_parser("simulate", help="write the built-in dataset as counts.npy + labels.txt")
-    simulate.add_argument("--out", type=Path, required=True, help="output directory")
-    simulate.add_argument("--cells", type=_positive_int, default=5000)
-    simulate.add_argument("--genes", type=_positive_int, default=1000)
-    simulate.add_argument("--populations", type=_positive_int, default=3)
-    simulate.add_argument("--seed", type=int, default=0)
-    return parser
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs", type=_positive_int, default=50, help="training epochs (default 50)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    parser.add_argument("--hidden", type=_positive_int, nargs="+", default=[100], metavar="WIDTH",
+                        help="hidden layer widths, input side first (default 100)")
+    parser.add_argument("--activation", default="relu",
+                        choices=["relu", "elu", "gelu", "tanh", "sigmoid", "leaky_relu"],
+                        help="activation of the hidden layers (default relu)")
+    parser.add_argument("--batch-size", type=_positive_int, default=128,
+                        help="minibatch size, over all processes together (default 128)")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                        help="where models train and predict (default auto: a GPU when there is one)")
 
 
 def _positive_int(text: str) -> int:
@@ -147,6 +170,47 @@ def run_study_command(args: argparse.Namespace) -> int:
         shutdown_distributed()
 
 
+def run_fit_command(args: argparse.Namespace) -> int:
+    from scae.data import stratified_split
+    from scae.files import check_writable
+    from scae.models import Autoencoder
+    from scae.parallel import init_distributed, resolve_device, shutdown_distributed
+
+    device = resolve_device(args.device)
+    distributed = init_distributed(device)
+    try:
+        main = distributed is None or distributed.is_main
+        out = args.out
+        if main:
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                check_writable(out.parent)
+            except OSError as err:
+                raise ScaeInputError(f"{out.parent}: cannot write the model file there ({err.strerror or err})") from None
+            if out.is_dir():
+                raise ScaeInputError(f"{out}: is a directory; expected the path of the model file to write")
+        for given in (args.h5ad, args.counts, args.labels):
+            if given is not None and given.resolve() == out.resolve():
+                raise ScaeInputError(f"{given}: is the input, and fit would overwrite it with the model; choose another --out")
+        dataset = load_input(args)
+        train_idx, test_idx = stratified_split(dataset.labels, 0.2, args.seed)
+        source = dataset.source()
+        model = Autoencoder(
+            latent_dim=args.latent, hidden=tuple(args.hidden), activation=args.activation, loss=args.loss,
+            epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+            random_state=args.seed, device=args.device, progress=not args.quiet and main,
+        ).fit(source.subset(train_idx), eval_X=source.subset(test_idx), description=f"ae{args.latent}",
+              distributed=distributed)
+        if main:
+            model.save(out)
+            last = model.history_[-1]
+            print(f"scae: trained {dataset.n_cells} cells × {dataset.n_genes} genes for {args.epochs} epoch(s) "
+                  f"at {model.train_cells_per_second_:.0f} cells/s; test loss {last['test_loss']:.5g}; model: {out}")
+        return 0
+    finally:
+        shutdown_distributed()
+
+
 def _refuse_overwriting_input(args: argparse.Namespace) -> None:
     """The study writes results.h5ad; it must never replace the file it reads."""
     written = (args.out / "results.h5ad").resolve()
@@ -183,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "study":
             return run_study_command(args)
+        if args.command == "fit":
+            return run_fit_command(args)
         return run_simulate_command(args)
     except ScaeInputError as err:
         print(f"scae: error: {err}", file=sys.stderr)

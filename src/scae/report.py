@@ -479,6 +479,29 @@ code{background:#f3f3f3;padding:0 .2em}
 """
 
 
+def _input_note(result: StudyResult, metrics: dict) -> str:
+    """How the models saw the input, where it was read from, and where reconstructions are kept."""
+    d = metrics["dataset"]
+    notes = []
+    if d.get("raw_counts"):
+        notes.append("The input holds raw counts: every model saw log1p(counts / library size × 10⁴), "
+                     "computed per batch from each cell's total count (no normalised copy was made); "
+                     "all MSEs are on that scale.")
+    if result.dataset.on_disk:
+        notes.append("The matrix was streamed from disk in blocks of rows and never loaded whole; "
+                     "<code>results.h5ad</code> therefore holds no <code>X</code>.")
+    notes.append(f"Cluster scores and t-SNE use {result.embed_idx.size} cells; the input and every reconstruction "
+                 "are scored and embedded on their coordinates on the input's top principal axes "
+                 f"({result.views['X_pca'].shape[1]} PCs).")
+    if result.sample_rows is not None:
+        notes.append(f"Reconstructions are kept for {result.sample_rows.size} scored cells in "
+                     "<code>reconstructions.h5ad</code> (the full ones would be too large).")
+    env = metrics.get("environment", {})
+    if env:
+        notes.append(f"Models trained on {html.escape(str(env.get('device')))} with {env.get('processes', 1)} process(es).")
+    return "<p>" + " ".join(notes) + "</p>"
+
+
 def build_report(result: StudyResult, metrics: dict, images: dict[str, bytes]) -> str:
     """The complete report as one HTML string (figures embedded as PNG data URIs)."""
     d = metrics["dataset"]
@@ -488,7 +511,8 @@ def build_report(result: StudyResult, metrics: dict, images: dict[str, bytes]) -
         f"<h1>scae autoencoder study</h1><p>scae {__version__} · data: <b>{html.escape(d['name'])}</b> · "
         f"{d['n_cells']} cells × {d['n_genes']} genes ({d['storage']}, {d['zero_fraction'] * 100:.1f}% zeros, "
         f"values {d['value_min']:.3g} to {d['value_max']:.3g}) · labels: {labels}</p>"
-        f"<p>Split: {metrics['split']['n_train']} training / {metrics['split']['n_test']} test cells "
+        + _input_note(result, metrics)
+        + f"<p>Split: {metrics['split']['n_train']} training / {metrics['split']['n_test']} test cells "
         f"(stratified by label, seed {cfg.seed}). Architecture: genes → {' → '.join(map(str, cfg.hidden))} → latent → "
         f"{' → '.join(map(str, reversed(cfg.hidden)))} → genes, {cfg.activation} on hidden layers, no activation on "
         f"input, latent or output; Adam (lr {cfg.learning_rate}), batch {cfg.batch_size}, {cfg.epochs} epochs.</p>"

@@ -1,0 +1,63 @@
+"""Multi-process training through torchrun (gloo on CPU), against one process with the same global batch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import scae
+from scae.cli import main
+from test_sources import write_h5ad
+
+from conftest import REPO, scae_env
+
+
+@pytest.fixture(scope="module")
+def raw_h5ad(tmp_path_factory):
+    counts, labels = scae.simulate_counts(400, 60, 3, seed=2)
+    path = tmp_path_factory.mktemp("ddp") / "raw.h5ad"
+    write_h5ad(path, counts, np.char.add("t", labels.astype(str)))
+    return path
+
+
+def fit_args(h5ad, out, *extra):
+    return ["fit", "--h5ad", str(h5ad), "--label-key", "cell_type", "--stream", "--out", str(out),
+            "--epochs", "3", "--batch-size", "64", "--hidden", "32", "--device", "cpu", "--quiet", *extra]
+
+
+def test_two_gloo_processes_match_one_process(raw_h5ad, tmp_path):
+    assert main(fit_args(raw_h5ad, tmp_path / "one.pt")) == 0
+    for loss in ("mse", "nonzero_mse"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "-m", "scae.cli", *fit_args(raw_h5ad, tmp_path / f"two_{loss}.pt", "--loss", loss)],
+            cwd=REPO, env=scae_env(), capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("scae: trained") == 1  # only rank 0 reports and writes
+        if loss == "mse":
+            one = scae.Autoencoder.load(tmp_path / "one.pt")
+        else:
+            assert main(fit_args(raw_h5ad, tmp_path / "one_nz.pt", "--loss", loss)) == 0
+            one = scae.Autoencoder.load(tmp_path / "one_nz.pt")
+        two = scae.Autoencoder.load(tmp_path / f"two_{loss}.pt")
+        assert len(one.history_) == len(two.history_) == 4
+        for a, b in zip(one.history_, two.history_):
+            for key in ("train_loss", "test_loss", "test_mse"):
+                assert b[key] == pytest.approx(a[key], rel=0.01), (loss, a["epoch"], key)
+        assert one.history_[-1]["test_loss"] < one.history_[0]["test_loss"]
+
+
+def test_cuda_without_gpu_is_one_line(raw_h5ad, tmp_path, capsys):
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(fit_args(raw_h5ad, tmp_path / "m.pt")[:-3] + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "scae: error: --device cuda: no CUDA GPU is available to PyTorch here; use --device cpu or auto"
+    assert not (tmp_path / "m.pt").exists()

@@ -1,0 +1,309 @@
+"""Row sources (in memory, streamed .h5ad, memory-mapped .npy), shuffles, sharded prefetching
+loaders, and streamed inputs through the readers, the estimator and the study."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import scae
+from scae.data import read_counts_labels, read_h5ad
+from scae.errors import ScaeInputError
+from scae.simulate import simulate_counts
+from scae.sources import (
+    ArraySource,
+    BatchLoader,
+    H5CSRSource,
+    NpySource,
+    epoch_order,
+    normalize_counts,
+    normalize_counts_tensor,
+)
+
+CELLS, GENES = 240, 40
+
+
+@pytest.fixture(scope="module")
+def raw_counts() -> tuple[sp.csr_matrix, np.ndarray]:
+    counts, labels = simulate_counts(CELLS, GENES, 3, seed=5)
+    return counts, np.char.add("type", labels.astype(str))
+
+
+def write_h5ad(path, X, labels, layer: str | None = None) -> None:
+    adata = ad.AnnData(
+        X=X if layer is None else sp.csr_matrix(X.shape, dtype=np.float32),
+        obs=pd.DataFrame({"cell_type": pd.Categorical(labels)}, index=[f"c{i}" for i in range(X.shape[0])]),
+        var=pd.DataFrame(index=[f"g{j}" for j in range(X.shape[1])]),
+    )
+    if layer is not None:
+        adata.layers[layer] = X
+    adata.write_h5ad(path)
+
+
+@pytest.fixture(scope="module")
+def counts_h5ad(tmp_path_factory, raw_counts):
+    path = tmp_path_factory.mktemp("h5") / "raw.h5ad"
+    write_h5ad(path, raw_counts[0], raw_counts[1])
+    return path
+
+
+def reference_log1p_cp10k(X: np.ndarray) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    sums = X.sum(axis=1, keepdims=True)
+    out = np.zeros_like(X)
+    np.divide(X * 1e4, sums, out=out, where=sums > 0)
+    return np.log1p(out)
+
+
+# ---------------------------------------------------------------- normalisation
+def test_normalize_counts_matches_reference_dense_sparse_and_torch():
+    rng = np.random.default_rng(0)
+    X = rng.poisson(0.7, size=(30, 12)).astype(np.float32)
+    X[3] = 0  # a cell without counts stays all zero
+    expected = reference_log1p_cp10k(X)
+    np.testing.assert_allclose(normalize_counts(X), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(normalize_counts(sp.csr_matrix(X)).toarray(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(normalize_counts_tensor(torch.from_numpy(X)).numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert not np.any(normalize_counts(X)[3])
+
+
+def test_normalized_simulated_counts_are_the_builtin_dataset(raw_counts):
+    counts, _ = simulate_counts(CELLS, GENES, 3, seed=5)
+    builtin = scae.simulate_dataset(CELLS, GENES, 3, seed=5).X.toarray()
+    np.testing.assert_allclose(normalize_counts(counts).toarray(), builtin, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- sources
+@pytest.mark.parametrize("rows", [
+    np.arange(CELLS), np.array([0]), np.array([5, 6, 7, 200, 201, 239]), np.arange(0, CELLS, 7),
+])
+def test_h5_source_reads_the_same_rows_as_memory(counts_h5ad, raw_counts, rows):
+    X = raw_counts[0]
+    disk, memory = H5CSRSource(counts_h5ad), ArraySource(X)
+    assert disk.shape == memory.shape == X.shape and disk.on_disk and not memory.on_disk
+    np.testing.assert_array_equal(disk.read(rows).toarray(), X[rows].toarray())
+    np.testing.assert_array_equal(disk.tensor(rows).numpy(), memory.tensor(rows).numpy())
+
+
+def test_h5_source_reads_with_few_big_range_reads(counts_h5ad, raw_counts, monkeypatch):
+    source = H5CSRSource(counts_h5ad)
+    calls = []
+    original = source.read_range
+    monkeypatch.setattr(source, "read_range", lambda a, b: calls.append((a, b)) or original(a, b))
+    source.read(np.array([1, 3, 10, 100, 101, 239]))  # gaps under MAX_GAP: one contiguous range
+    assert calls == [(1, 240)]
+
+
+def test_subsets_compose_and_counts_normalise(counts_h5ad, raw_counts):
+    X = raw_counts[0].toarray()
+    source = H5CSRSource(counts_h5ad, counts=True)
+    outer = np.arange(10, 200, 3)
+    sub = source.subset(outer).subset(np.array([0, 2, 5]))
+    expected = reference_log1p_cp10k(X[outer[[0, 2, 5]]])
+    np.testing.assert_allclose(sub.tensor(slice(None)).numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sub.matrix().toarray(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="sorted"):
+        source.subset(np.array([3, 1]))
+
+
+def test_npy_source_is_memory_mapped(tmp_path, raw_counts):
+    X = raw_counts[0].toarray()
+    np.save(tmp_path / "m.npy", X)
+    source = NpySource(tmp_path / "m.npy")
+    assert isinstance(source._array, np.memmap)
+    np.testing.assert_array_equal(source.tensor(np.array([2, 3, 9])).numpy(), X[[2, 3, 9]])
+
+
+def test_h5_source_pickles_without_its_file_handle(counts_h5ad):
+    import pickle
+
+    source = H5CSRSource(counts_h5ad)
+    source.read(np.array([0, 1]))
+    copy = pickle.loads(pickle.dumps(source))
+    np.testing.assert_array_equal(copy.read(np.array([4])).toarray(), source.read(np.array([4])).toarray())
+
+
+# ---------------------------------------------------------------- shuffles and loaders
+def test_epoch_order_is_a_seeded_permutation():
+    for block in (None, 10):
+        a = epoch_order(1000, np.random.default_rng(3), block, 4)
+        b = epoch_order(1000, np.random.default_rng(3), block, 4)
+        c = epoch_order(1000, np.random.default_rng(4), block, 4)
+        np.testing.assert_array_equal(np.sort(a), np.arange(1000))
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, c)
+
+
+def test_block_order_windows_hold_whole_blocks():
+    order = epoch_order(1000, np.random.default_rng(0), 10, 4)
+    for w in range(0, 1000, 40):
+        blocks = np.unique(order[w : w + 40] // 10)
+        assert blocks.size == 4  # each window is four whole blocks, shuffled row by row
+    assert not np.array_equal(order[:40], np.sort(order[:40]))
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_shards_make_up_the_global_batch(counts_h5ad, raw_counts, on_disk, world):
+    source = H5CSRSource(counts_h5ad) if on_disk else ArraySource(raw_counts[0])
+    order = np.random.default_rng(1).permutation(CELLS)
+    single = list(BatchLoader(source, order, 50, window_rows=64))
+    shards = [list(BatchLoader(source, order, 50, rank=r, world_size=world, window_rows=64)) for r in range(world)]
+    assert len(single) == 5 and all(len(s) == 5 for s in shards)
+    for i, (x, n) in enumerate(single):
+        assert n == x.shape[0] == min(50, CELLS - 50 * i)
+        joined = torch.cat([shards[r][i][0] for r in range(world)])
+        np.testing.assert_array_equal(joined.numpy(), x.numpy())
+        np.testing.assert_array_equal(x.numpy(), raw_counts[0][order[50 * i : 50 * i + 50]].toarray())
+
+
+def test_prefetch_passes_errors_on_and_stops_early(counts_h5ad):
+    class Broken(H5CSRSource):
+        def _read(self, rows):
+            if rows.min() > 100:
+                raise OSError("disk went away")
+            return super()._read(rows)
+
+    source = Broken(counts_h5ad)
+    loader = BatchLoader(source, np.arange(CELLS), 32, prefetch=2, window_rows=32)
+    with pytest.raises(OSError, match="disk went away"):
+        list(loader)
+    for i, _ in enumerate(BatchLoader(H5CSRSource(counts_h5ad), np.arange(CELLS), 8, prefetch=2, window_rows=8)):
+        if i == 2:
+            break  # the producer thread must not block the interpreter after this
+    import threading
+
+    assert not any(t.name == "scae-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+# ---------------------------------------------------------------- readers
+def test_streamed_h5ad_detects_counts_and_matches_in_memory(counts_h5ad, raw_counts):
+    streamed = read_h5ad(counts_h5ad, "cell_type", stream=True)
+    loaded = read_h5ad(counts_h5ad, "cell_type", stream=False)
+    assert streamed.on_disk and not loaded.on_disk
+    assert streamed.counts and loaded.counts
+    s, m = streamed.summary(), loaded.summary()
+    for key in ("n_cells", "n_genes", "zero_fraction", "value_min", "value_max", "label_counts", "raw_counts"):
+        assert s[key] == pytest.approx(m[key]), key
+    np.testing.assert_array_equal(streamed.labels, loaded.labels)
+    np.testing.assert_array_equal(streamed.var_names, loaded.var_names)
+    rows = np.array([0, 7, 100])
+    np.testing.assert_allclose(streamed.source().tensor(rows).numpy(), loaded.source().tensor(rows).numpy(), rtol=1e-6)
+    assert not read_h5ad(counts_h5ad, "cell_type", stream=True, normalize="none").counts
+    assert streamed.to_anndata().X is None  # data streamed from disk is not copied
+
+
+def test_streamed_layer(tmp_path, raw_counts):
+    path = tmp_path / "layer.h5ad"
+    write_h5ad(path, raw_counts[0], raw_counts[1], layer="counts")
+    ds = read_h5ad(path, "cell_type", layer="counts", stream=True)
+    assert ds.on_disk and ds.counts and ds.X.key == "layers/counts"
+    with pytest.raises(ScaeInputError, match="no layer 'nope'; available layers: counts"):
+        read_h5ad(path, "cell_type", layer="nope", stream=True)
+
+
+def test_lognormalized_input_is_not_taken_for_counts(tmp_path):
+    ds = scae.simulate_dataset(60, 20, 3, seed=0)
+    write_h5ad(tmp_path / "log.h5ad", ds.X, ds.labels)
+    assert not read_h5ad(tmp_path / "log.h5ad", "cell_type", stream=True).counts
+    with pytest.raises(ScaeInputError, match="--normalize log1p needs counts, but the matrix holds negative values"):
+        scae.make_dataset(-ds.X.toarray(), ds.labels, normalize="log1p")
+
+
+@pytest.mark.parametrize("store, needle", [
+    (lambda X: X.toarray(), "is stored dense; streaming from disk needs a CSR"),
+    (lambda X: sp.csc_matrix(X), "is stored as CSC"),
+])
+def test_stream_refuses_non_csr(tmp_path, raw_counts, store, needle):
+    path = tmp_path / "x.h5ad"
+    write_h5ad(path, store(raw_counts[0]), raw_counts[1])
+    with pytest.raises(ScaeInputError, match=needle):
+        read_h5ad(path, "cell_type", stream=True)
+    assert read_h5ad(path, "cell_type").n_cells == CELLS  # without streaming it loads
+
+
+def test_stream_refuses_damaged_files(tmp_path, counts_h5ad, raw_counts):
+    truncated = tmp_path / "cut.h5ad"
+    truncated.write_bytes(counts_h5ad.read_bytes()[:5000])
+    with pytest.raises(ScaeInputError, match="cannot be read as an AnnData .h5ad file"):
+        read_h5ad(truncated, "cell_type", stream=True)
+    (tmp_path / "text.h5ad").write_text("hello")
+    with pytest.raises(ScaeInputError, match="not HDF5"):
+        read_h5ad(tmp_path / "text.h5ad", "cell_type")
+    bad = raw_counts[0].copy()
+    bad.data[bad.indptr[17] + 1] = np.nan
+    write_h5ad(tmp_path / "nan.h5ad", bad, raw_counts[1])
+    with pytest.raises(ScaeInputError, match="first at row 17, column"):
+        read_h5ad(tmp_path / "nan.h5ad", "cell_type", stream=True)
+    with pytest.raises(ScaeInputError, match="no obs column 'nope'"):
+        read_h5ad(counts_h5ad, "nope", stream=True)
+
+
+def test_streamed_npy(tmp_path, raw_counts):
+    X = raw_counts[0].toarray()
+    np.save(tmp_path / "c.npy", X)
+    (tmp_path / "l.txt").write_text("\n".join(raw_counts[1]) + "\n")
+    ds = read_counts_labels(tmp_path / "c.npy", tmp_path / "l.txt", stream=True)
+    assert ds.on_disk and ds.counts
+    assert ds.summary()["zero_fraction"] == pytest.approx(1 - np.count_nonzero(X) / X.size)
+    X[4, 2] = np.inf
+    np.save(tmp_path / "bad.npy", X)
+    with pytest.raises(ScaeInputError, match="first at row 4, column 2"):
+        read_counts_labels(tmp_path / "bad.npy", tmp_path / "l.txt", stream=True)
+
+
+# ---------------------------------------------------------------- training and the study, streamed
+def test_fit_streamed_equals_fit_in_memory(counts_h5ad, raw_counts):
+    """Below one shuffle window the disk order is a plain permutation: identical training."""
+    streamed = read_h5ad(counts_h5ad, "cell_type", stream=True).source()
+    memory = ArraySource(normalize_counts(raw_counts[0]).toarray())
+    train, test = np.arange(0, CELLS, 2)[:-10], np.arange(1, CELLS, 2)
+    params = dict(latent_dim=4, hidden=(16,), epochs=3, batch_size=32, device="cpu")
+    a = scae.Autoencoder(**params).fit(streamed.subset(train), eval_X=streamed.subset(test))
+    b = scae.Autoencoder(**params).fit(memory.subset(train), eval_X=memory.subset(test))
+    for ra, rb in zip(a.history_, b.history_):
+        for key in ("train_loss", "test_loss", "test_mse"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5)
+    assert a.train_cells_per_second_ > 0 and a.train_seconds_ <= a.fit_seconds_
+    np.testing.assert_allclose(a.transform(streamed), b.transform(memory), rtol=1e-4, atol=1e-5)
+
+
+FAST = dict(epochs=1, progress=False, kmeans_seeds=1, hidden=(16,),
+            tsne=scae.TSNEConfig(early_exaggeration_iter=30, n_iter=30))
+
+
+def test_study_streamed_with_sampled_reconstructions_and_resume(counts_h5ad, tmp_path):
+    ds = read_h5ad(counts_h5ad, "cell_type", stream=True)
+    out = tmp_path / "out"
+    config = scae.StudyConfig(max_layer_entries=2000, max_embed_cells=200, **FAST)
+    result = scae.run_study(ds, out, config)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dataset"]["raw_counts"] is True
+    assert metrics["outputs"]["reconstructions"] == "reconstructions.h5ad (50 scored cells)"
+    for name, run in metrics["runs"].items():
+        assert run["timings"]["train_cells_per_second"] > 0 and run["resumed"] is False
+        assert result.runs[name].reconstruction is None
+    results = ad.read_h5ad(out / "results.h5ad")
+    assert results.X is None and not results.layers and results.obsm["X_ae10"].shape == (CELLS, 10)
+    sample = ad.read_h5ad(out / "reconstructions.h5ad")
+    assert sample.shape == (50, GENES) and set(sample.layers) == {f"{n}_reconstruction" for n in metrics["runs"]}
+    np.testing.assert_array_equal(sample.obs_names, np.asarray(ds.obs_names)[result.embed_idx[:50]])
+    # the input's model view (normalised counts) of the sampled cells
+    np.testing.assert_allclose(sample.X.toarray(), ds.source().tensor(result.embed_idx[:50]).numpy(), rtol=1e-6)
+    assert "log1p(counts / library size" in (out / "report.html").read_text()
+
+    resumed = scae.run_study(ds, out, scae.StudyConfig(max_layer_entries=2000, max_embed_cells=200, resume=True, **FAST))
+    assert all(run.resumed for run in resumed.runs.values())
+    again = json.loads((out / "metrics.json").read_text())
+    for name in metrics["runs"]:
+        assert again["runs"][name]["history"] == metrics["runs"][name]["history"]
+        assert again["runs"][name]["errors"] == metrics["runs"][name]["errors"]
+    other = scae.StudyConfig(max_layer_entries=2000, max_embed_cells=200, resume=True, **{**FAST, "epochs": 2})
+    with pytest.raises(ScaeInputError, match="was trained on another input or with other settings"):
+        scae.run_study(ds, out, other)
