@@ -206,8 +206,11 @@ class StudyResult:
             if run.reconstruction is not None:
                 adata.layers[f"{name}_reconstruction"] = run.reconstruction
         for key, coords in self.views.items():
+            if coords.shape[0] == adata.n_obs:
+                adata.obsm[key] = coords
+                continue
             full = np.full((adata.n_obs, coords.shape[1]), np.nan, dtype=np.float32)
-            full[self.embed_idx if coords.shape[0] == self.embed_idx.size else slice(None)] = coords
+            full[self.embed_idx] = coords
             adata.obsm[key] = full
         adata.uns["scae"] = {
             "config": json.dumps(self.config.to_dict()),
