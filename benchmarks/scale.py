@@ -26,13 +26,15 @@ For each size N in ``--cells``:
     (plus ``--scae-args``) in a subprocess: wall time, exit status, and the peak resident memory
     of the whole process tree (the study and its t-SNE workers: VmRSS summed over the process
     and all its descendants, found through ``/proc/<pid>/task/*/children``, sampled every 0.2 s;
-    shared pages are counted once per process). From ``metrics.json``: each run's
+    pages shared between processes count once per process). From ``metrics.json``: each run's
     ``runs[name]["train_cells_per_second"]`` and ``runs[name]["timings"]["fit_seconds"]`` (either
-    may be absent), the stage timings, and the size of every output file. ae10's
+    may be absent; the throughput is looked up in ``runs[name]`` and in ``runs[name]["timings"]``),
+    the stage timings, and the size of every output file. ae10's
     ``train_cells_per_second`` is the training throughput from disk at this size.
-``results_h5ad``
-    Whether ``results.h5ad`` opens with ``anndata.read_h5ad(path, backed="r")`` (and scanpy's,
-    if installed), in a subprocess with the same memory sampling. Backed mode still loads
+``h5ad_outputs``
+    Whether ``results.h5ad`` (and any other ``.h5ad`` the study wrote) opens with
+    ``anndata.read_h5ad(path, backed="r")`` (and scanpy's, if installed), in a subprocess with
+    the same memory sampling. Backed mode still loads
     ``layers``, ``obsm`` etc. into memory, so the check is skipped (and says why) when those
     need more than half the available memory.
 ``scvi``
@@ -52,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -74,6 +75,7 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "scale.json"
 DEFAULT_WORKDIR = Path("/tmp/scae-scale")
 LABEL_KEY = "cell_type"
 H5_CHUNK = 1 << 16  # elements per HDF5 chunk of X/data and X/indices (256 KiB)
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def log(message: str) -> None:
@@ -88,10 +90,10 @@ def load_average() -> list[float]:
 # subprocesses with process-tree memory sampling
 
 
-def _rss_bytes(pid: int, page: int = os.sysconf("SC_PAGE_SIZE")) -> int:
+def _rss_bytes(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * page
+            return int(f.read().split()[1]) * PAGE
     except (OSError, IndexError, ValueError):  # exited meanwhile
         return 0
 
@@ -217,6 +219,7 @@ class SimParams:
     dispersion: float = 0.3
     """Median negative-binomial dispersion (variance = mu + dispersion * mu^2)."""
     version: int = 1
+    """Bump when the generator changes, so cached files are remade."""
 
     @property
     def name(self) -> str:
@@ -282,7 +285,8 @@ class ChunkSampler:
         self.exp = np.empty_like(self.mu)
         self.mask = np.empty(self.mu.shape, bool)
 
-    def sample(self, rng: np.random.Generator, n: int, library_sigma: float):
+    def sample(self, rng: np.random.Generator, n: int, library_sigma: float
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(labels, counts per row, column indices, values) of ``n`` new cells."""
         labels = rng.choice(len(self.pops.proportions), size=n, p=self.pops.proportions)
         library = rng.lognormal(0.0, library_sigma, size=n).astype(np.float32)
@@ -414,9 +418,11 @@ def summarize_metrics(metrics: dict, epochs: int) -> dict:
     n_train = metrics.get("split", {}).get("n_train")
     runs = {}
     for name, run in metrics.get("runs", {}).items():
-        fit = run.get("timings", {}).get("fit_seconds")
-        runs[name] = {
-            "train_cells_per_second": run.get("train_cells_per_second"),
+        timings = run.get("timings", {})
+        fit = timings.get("fit_seconds")
+        runs[name] = {  # the throughput key may sit in the run or in its timings
+            "train_cells_per_second": run.get("train_cells_per_second", timings.get("train_cells_per_second")),
+            "train_seconds": timings.get("train_seconds"),
             "fit_seconds": fit,
             # n_train x epochs / fit_seconds; fit_seconds also holds the per-epoch evaluations
             "n_train_x_epochs_per_fit_second": round(n_train * epochs / fit) if n_train and fit else None,
@@ -424,7 +430,8 @@ def summarize_metrics(metrics: dict, epochs: int) -> dict:
     return {"split": metrics.get("split"), "runs": runs, "stage_timings": metrics.get("timings")}
 
 
-def run_study(exe: str, h5ad: Path, out_dir: Path, epochs: int, extra: list[str], timeout: float) -> dict:
+def run_study(exe: str, h5ad: Path, out_dir: Path, epochs: int, extra: list[str],
+              timeout: float | None) -> dict:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     command = [exe, "study", "--h5ad", str(h5ad), "--label-key", LABEL_KEY, "--out", str(out_dir),
@@ -489,26 +496,31 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def check_results_h5ad(path: Path, timeout: float) -> dict:
-    """Open ``results.h5ad`` backed with anndata (and scanpy) in a monitored subprocess."""
-    if not path.exists():
-        return {"skipped": f"{path} not written"}
+def check_h5ad(path: Path, log_stem: Path, timeout: float | None) -> dict:
+    """Open ``path`` backed with anndata (and scanpy) in a monitored subprocess."""
     needed = in_memory_bytes_when_backed(path)
-    result: dict = {"non_X_mib_loaded_by_backed_mode": round(needed / MIB, 1)}
+    result: dict = {"bytes": path.stat().st_size, "non_X_mib_loaded_by_backed_mode": round(needed / MIB, 1)}
     if needed > available_memory_bytes() / 2:
         result["skipped"] = (f"backed mode would read {needed / MIB:,.0f} MiB (layers, obsm, ...) "
                              "into memory: more than half the available memory")
         return result
-    report_path = path.with_name("results_check.json")
-    run = run_monitored([sys.executable, "-c", CHECK_H5AD, str(path), str(report_path)],
-                        path.parent.with_name(path.parent.name + "_check"), timeout)
+    report_path = log_stem.with_suffix(".json")
+    report_path.unlink(missing_ok=True)
+    run = run_monitored([sys.executable, "-c", CHECK_H5AD, str(path), str(report_path)], log_stem, timeout)
     if report_path.exists():
         result.update(json.loads(report_path.read_text()))
-        report_path.unlink()
     result.update({k: run[k] for k in ("returncode", "wall_seconds", "peak_rss_tree_mib")})
     if "stderr_tail" in run:
         result["stderr_tail"] = run["stderr_tail"]
     return result
+
+
+def check_h5ad_outputs(out_dir: Path, timeout: float | None) -> dict[str, dict]:
+    """:func:`check_h5ad` for ``results.h5ad`` (noted when missing) and any other ``.h5ad`` output."""
+    checks: dict[str, dict] = {"results.h5ad": {"skipped": "not written"}}
+    for path in sorted(out_dir.glob("*.h5ad")) if out_dir.exists() else []:
+        checks[path.name] = check_h5ad(path, out_dir.with_name(f"{out_dir.name}_check_{path.stem}"), timeout)
+    return checks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,7 +575,7 @@ def scvi_available(python: str) -> str | None:
     return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else None
 
 
-def run_scvi(python: str, h5ad: Path, epochs: int, workdir: Path, timeout: float) -> dict:
+def run_scvi(python: str, h5ad: Path, epochs: int, workdir: Path, timeout: float | None) -> dict:
     stem = workdir / f"scvi_{h5ad.stem}"
     out = stem.with_suffix(".json")
     out.unlink(missing_ok=True)
@@ -594,7 +606,7 @@ def benchmark_size(n: int, args: argparse.Namespace, scvi_version: str | None) -
         study = run_study(scae_executable(args.scae), path, out_dir, args.epochs,
                           shlex.split(args.scae_args), timeout)
         study["input_bytes"] = info["bytes"]
-        study["results_h5ad"] = check_results_h5ad(out_dir / "results.h5ad", timeout)
+        study["h5ad_outputs"] = check_h5ad_outputs(out_dir, timeout)
         row["study"] = study
         log(f"  exit {study['returncode']}, {study['wall_seconds']} s, "
             f"peak RSS (tree) {study['peak_rss_tree_mib']} MiB")

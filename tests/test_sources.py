@@ -281,7 +281,7 @@ FAST = dict(epochs=1, progress=False, kmeans_seeds=1, hidden=(16,),
 def test_study_streamed_with_sampled_reconstructions_and_resume(counts_h5ad, tmp_path):
     ds = read_h5ad(counts_h5ad, "cell_type", stream=True)
     out = tmp_path / "out"
-    config = scae.StudyConfig(max_layer_entries=2000, max_embed_cells=200, **FAST)
+    config = scae.StudyConfig(max_layer_entries=2000, sample_layer_entries=2000, max_embed_cells=200, **FAST)
     result = scae.run_study(ds, out, config)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["dataset"]["raw_counts"] is True
@@ -298,12 +298,12 @@ def test_study_streamed_with_sampled_reconstructions_and_resume(counts_h5ad, tmp
     np.testing.assert_allclose(sample.X.toarray(), ds.source().tensor(result.embed_idx[:50]).numpy(), rtol=1e-6)
     assert "log1p(counts / library size" in (out / "report.html").read_text()
 
-    resumed = scae.run_study(ds, out, scae.StudyConfig(max_layer_entries=2000, max_embed_cells=200, resume=True, **FAST))
+    resumed = scae.run_study(ds, out, scae.StudyConfig(max_layer_entries=2000, sample_layer_entries=2000, max_embed_cells=200, resume=True, **FAST))
     assert all(run.resumed for run in resumed.runs.values())
     again = json.loads((out / "metrics.json").read_text())
     for name in metrics["runs"]:
         assert again["runs"][name]["history"] == metrics["runs"][name]["history"]
         assert again["runs"][name]["errors"] == metrics["runs"][name]["errors"]
-    other = scae.StudyConfig(max_layer_entries=2000, max_embed_cells=200, resume=True, **{**FAST, "epochs": 2})
+    other = scae.StudyConfig(max_layer_entries=2000, sample_layer_entries=2000, max_embed_cells=200, resume=True, **{**FAST, "epochs": 2})
     with pytest.raises(ScaeInputError, match="was trained on another input or with other settings"):
         scae.run_study(ds, out, other)

@@ -15,8 +15,9 @@ normalised copy.
 
 :class:`BatchLoader` turns a source into minibatches: seeded shuffles (by blocks of rows inside
 a prefetched window for sources on disk, so reads stay contiguous), this process's shard of
-every global batch under ``torch.distributed``, and a background thread that prepares the next
-batches (densified, normalised, pinned for a GPU) while the current one trains.
+every global batch under ``torch.distributed``, and a background thread that reads the next
+windows of rows from disk while the current one trains (batches are then densified, normalised
+and, for a GPU, pinned and copied without blocking).
 """
 
 from __future__ import annotations
@@ -340,8 +341,8 @@ class BatchLoader:
     device
         Where batches are used; with CUDA they are pinned and copied without blocking.
     prefetch
-        Batches prepared ahead by a background thread (0: prepare them in the caller); by
-        default 4 for a source on disk and 0 for one in memory.
+        Windows read ahead by a background thread (0: read them in the caller); by default 2
+        for a source on disk and 0 for one in memory.
     window_rows
         Rows of ``order`` read from the source at once (rounded up to whole batches); by
         default ``DISK_BLOCK_ROWS × DISK_WINDOW_BLOCKS`` on disk, one batch in memory.
@@ -364,7 +365,7 @@ class BatchLoader:
         self.source, self.order, self.batch_size = source, np.asarray(order), int(batch_size)
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        self.prefetch = (4 if source.on_disk else 0) if prefetch is None else prefetch
+        self.prefetch = (2 if source.on_disk else 0) if prefetch is None else prefetch
         if window_rows is None:
             window_rows = DISK_BLOCK_ROWS * DISK_WINDOW_BLOCKS if source.on_disk else self.batch_size
         self.window = max(1, math.ceil(window_rows / self.batch_size)) * self.batch_size
@@ -372,8 +373,9 @@ class BatchLoader:
     def __len__(self) -> int:
         return math.ceil(self.order.size / self.batch_size)
 
-    def _produce(self) -> Iterator[tuple[torch.Tensor, int]]:
-        pin = self.device.type == "cuda"
+    def _windows(self) -> Iterator[tuple[object, np.ndarray, list[tuple[np.ndarray, int]]]]:
+        """Per window of the order: the rows read (``chunk``, for the sorted ``wanted`` rows)
+        and this process's rows of each global batch in it."""
         for w0 in range(0, self.order.size, self.window):
             window = self.order[w0 : w0 + self.window]
             shards = []
@@ -382,31 +384,35 @@ class BatchLoader:
                 bounds = shard_bounds(batch.size, self.world_size)
                 shards.append((batch[bounds[self.rank] : bounds[self.rank + 1]], batch.size))
             wanted = np.unique(np.concatenate([s for s, _ in shards]))
-            chunk = self.source.read(wanted)
+            yield self.source.read(wanted), wanted, shards
+
+    def _batches(self, windows) -> Iterator[tuple[torch.Tensor, int]]:
+        pin = self.device.type == "cuda"
+        for chunk, wanted, shards in windows:
             for rows, n_global in shards:
-                x = _dense_tensor(chunk[np.searchsorted(wanted, rows)] if not isinstance(chunk, torch.Tensor)
-                                  else chunk[torch.from_numpy(np.searchsorted(wanted, rows))])
+                where = np.searchsorted(wanted, rows)
+                x = _dense_tensor(chunk[torch.from_numpy(where)] if isinstance(chunk, torch.Tensor) else chunk[where])
                 if self.source.counts:
                     x = normalize_counts_tensor(x)
                 if pin:
                     x = x.pin_memory()
-                yield x, n_global
+                yield x.to(self.device, non_blocking=True), n_global
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
-        if self.prefetch <= 0:
-            for x, n in self._produce():
-                yield x.to(self.device, non_blocking=True), n
-            return
-        yield from self._prefetched()
+        windows = self._windows() if self.prefetch <= 0 else self._prefetched_windows()
+        yield from self._batches(windows)
 
-    def _prefetched(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def _prefetched_windows(self) -> Iterator:
+        """The windows, read ahead by a background thread (reading is the part that waits on
+        the disk; batches are cut from a window in the caller, where the Python interpreter lock
+        is not contended)."""
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         done = object()
 
         def work() -> None:
             try:
-                for item in self._produce():
+                for item in self._windows():
                     while not stop.is_set():
                         try:
                             ready.put(item, timeout=0.1)
@@ -428,8 +434,7 @@ class BatchLoader:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                x, n = item
-                yield x.to(self.device, non_blocking=True), n
+                yield item
         finally:
             stop.set()
             while thread.is_alive():

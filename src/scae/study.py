@@ -81,7 +81,9 @@ class StudyConfig:
     max_layer_entries: int = 25_000_000
     """Reconstructions of every cell go to ``results.h5ad`` layers while cells × genes is at most
     this (100 MB of float32 per run); above it, ``reconstructions.h5ad`` holds them for the first
-    ``max_layer_entries // genes`` cells of the scored sample."""
+    ``sample_layer_entries // genes`` cells of the scored sample."""
+    sample_layer_entries: int = 5_000_000
+    """Size of each reconstruction in ``reconstructions.h5ad`` (20 MB of float32 per run)."""
     progress: bool = True
     tsne_workers: int = 1
     """Processes computing t-SNEs side by side (results do not depend on it). The command line
@@ -332,7 +334,7 @@ def run_study(
         del X_embed
 
     keep_all = dataset.n_cells * dataset.n_genes <= config.max_layer_entries
-    sample_rows = None if keep_all else embed_idx[: max(1, config.max_layer_entries // dataset.n_genes)]
+    sample_rows = None if keep_all else embed_idx[: max(1, config.sample_layer_entries // dataset.n_genes)]
     runs: dict[str, RunResult] = {}
     for spec in config.runs:
         model, resumed = models[spec.name]
