@@ -240,3 +240,26 @@ def test_tsne_does_not_collapse_on_small_inputs(n_cells):
     assert np.ptp(coords, axis=0).min() > 1.0  # a spread-out map, not a collapsed point
     accuracy = cross_val_score(KNeighborsClassifier(10), coords, data.labels, cv=5).mean()
     assert accuracy > 0.6  # neighbours in 2-D still share labels (3 classes: chance ~0.5 here)
+
+
+@pytest.mark.parametrize("n, k, dims", [(300, 3, 5), (1100, 4, 50), (57, 2, 2)])
+def test_label_silhouette_equals_sklearn(n, k, dims):
+    from sklearn.metrics import silhouette_score
+
+    from scae.metrics import label_silhouette
+
+    rng = np.random.default_rng(n)
+    labels = rng.integers(0, k, n).astype(str)
+    labels[0] = "alone"  # a label with a single cell scores 0, as in scikit-learn
+    X = rng.normal(size=(n, dims)) + (np.unique(labels, return_inverse=True)[1][:, None] * 0.7)
+    assert label_silhouette(X, labels, chunk_rows=100) == pytest.approx(silhouette_score(X, labels), abs=1e-5)
+
+
+def test_cluster_scores_silhouette_sample_matches_sklearn_sample():
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(400, 6))
+    labels = rng.integers(0, 3, 400).astype(str)
+    scores = cluster_scores(X, labels, n_seeds=1, seed=7, silhouette_max_cells=150)
+    assert scores["silhouette"] == pytest.approx(silhouette_score(X, labels, sample_size=150, random_state=7), abs=1e-5)

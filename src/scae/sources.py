@@ -390,8 +390,11 @@ class BatchLoader:
         pin = self.device.type == "cuda"
         for chunk, wanted, shards in windows:
             for rows, n_global in shards:
-                where = np.searchsorted(wanted, rows)
-                x = _dense_tensor(chunk[torch.from_numpy(where)] if isinstance(chunk, torch.Tensor) else chunk[where])
+                if len(shards) == 1:  # a window of one batch: its rows as read, in file order
+                    x = _dense_tensor(chunk)
+                else:
+                    where = np.searchsorted(wanted, rows)
+                    x = _dense_tensor(chunk[torch.from_numpy(where)] if isinstance(chunk, torch.Tensor) else chunk[where])
                 if self.source.counts:
                     x = normalize_counts_tensor(x)
                 if pin:

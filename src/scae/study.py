@@ -572,12 +572,16 @@ def _score_representations(dataset, runs, views, train_idx, test_idx, embed_idx,
     rng_test = subsample_indices(test_idx.size, config.max_embed_cells, config.seed + 1)
     fit_cells, eval_cells = train_idx[rng_train], test_idx[rng_test]
     scores = {}
+    computed: dict[tuple, dict] = {}  # the input on its top 50 PCs is also "top 50 PCs of the input"
     with watch.stage("scores", f"cluster scores of {len(candidates)} representations"):
         for key, description, dims, matrix, scored_on in candidates:
             row = {"description": description, "dims": int(dims)}
             if scored_on is not None and matrix.shape[1] < dims:
                 row["scored_on"] = scored_on
-            row.update(cluster_scores(matrix[embed_idx], labels[embed_idx], config.kmeans_seeds, config.seed))
+            same = (matrix.__array_interface__["data"][0], matrix.shape, matrix.strides)
+            if same not in computed:
+                computed[same] = cluster_scores(matrix[embed_idx], labels[embed_idx], config.kmeans_seeds, config.seed)
+            row.update(computed[same])
             if dims <= 50:
                 row["linear_accuracy"] = linear_separability(
                     matrix[fit_cells], labels[fit_cells], matrix[eval_cells], labels[eval_cells], config.seed
