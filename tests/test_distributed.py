@@ -47,7 +47,9 @@ def test_two_gloo_processes_match_one_process(raw_h5ad, tmp_path):
         assert len(one.history_) == len(two.history_) == 4
         for a, b in zip(one.history_, two.history_):
             for key in ("train_loss", "test_loss", "test_mse"):
-                assert b[key] == pytest.approx(a[key], rel=0.01), (loss, a["epoch"], key)
+                # the issue asks for 1%; exact sums make it much closer (a mean of shard means
+                # instead of the global mean would be off by more than this for nonzero_mse)
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (loss, a["epoch"], key)
         assert one.history_[-1]["test_loss"] < one.history_[0]["test_loss"]
 
 

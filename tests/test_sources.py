@@ -296,9 +296,13 @@ def test_study_streamed_with_sampled_reconstructions_and_resume(counts_h5ad, tmp
     assert results.X is None and not results.layers and results.obsm["X_ae10"].shape == (CELLS, 10)
     sample = ad.read_h5ad(out / "reconstructions.h5ad")
     assert sample.shape == (50, GENES) and set(sample.layers) == {f"{n}_reconstruction" for n in metrics["runs"]}
-    np.testing.assert_array_equal(sample.obs_names, np.asarray(ds.obs_names)[result.embed_idx[:50]])
-    # the input's model view (normalised counts) of the sampled cells
-    np.testing.assert_allclose(sample.X.toarray(), ds.source().tensor(result.embed_idx[:50]).numpy(), rtol=1e-6)
+    rows = result.sample_rows  # a seeded random sample of the scored cells, in file order
+    assert rows.size == 50 and np.all(np.diff(rows) > 0) and np.isin(rows, result.embed_idx).all()
+    assert rows[-1] > 100  # not just the first cells of the file
+    np.testing.assert_array_equal(sample.obs_names, np.asarray(ds.obs_names)[rows])
+    # the input's model view (normalised counts) of the sampled cells, and their reconstructions
+    np.testing.assert_allclose(sample.X.toarray(), ds.source().tensor(rows).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(sample.layers["ae10_reconstruction"], result.runs["ae10"].model.reconstruct(ds.source().subset(rows)), rtol=1e-5, atol=1e-6)
     assert "log1p(counts / library size" in (out / "report.html").read_text()
 
     resumed = scae.run_study(ds, out, scae.StudyConfig(max_layer_entries=2000, sample_layer_entries=2000, max_embed_cells=200, resume=True, **FAST))

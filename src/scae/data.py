@@ -7,6 +7,7 @@ that names the file and the problem. Readers never modify their input files.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -89,8 +90,13 @@ class Dataset:
         return self.X if self.on_disk else ArraySource(dense_if_small(self.X), counts=self.counts)
 
     def fingerprint(self) -> dict:
-        """What identifies this input: shape, labels, and a hash of the matrix (in memory) or the
-        file's path, size and modification time (on disk)."""
+        """What identifies this input: shape, labels and names, and a hash of the matrix (in
+        memory) or, on disk, the file's path, size and modification time, the matrix's row
+        pointers and the value statistics of the validation pass (computed once)."""
+        return self._fingerprint
+
+    @functools.cached_property
+    def _fingerprint(self) -> dict:
         import hashlib
 
         digest = hashlib.sha256()
@@ -99,7 +105,11 @@ class Dataset:
         if self.on_disk:
             stat = Path(self.X.path).stat()
             matrix = {"file": str(Path(self.X.path).resolve()), "bytes": stat.st_size,
-                      "mtime_ns": stat.st_mtime_ns, "key": getattr(self.X, "key", None)}
+                      "mtime_ns": stat.st_mtime_ns, "key": getattr(self.X, "key", None),
+                      "stats": self.stats}
+            indptr = getattr(self.X, "indptr", None)
+            if indptr is not None:
+                matrix["indptr_sha256"] = hashlib.sha256(np.ascontiguousarray(indptr).tobytes()).hexdigest()
         else:
             parts = (self.X.data, self.X.indices, self.X.indptr) if sp.issparse(self.X) else (self.X,)
             matrix_digest = hashlib.sha256()
@@ -227,8 +237,6 @@ def value_profile(values: np.ndarray) -> tuple[bool, bool]:
     values = np.asarray(values)
     if values.size == 0:
         return True, False
-    if values.dtype.kind == "b":
-        return True, False
     non_negative = bool(values.min() >= 0)
     if values.dtype.kind in "iu":
         return non_negative, bool(non_negative and values.max() > 0)
@@ -338,15 +346,16 @@ def _scan_dense(source, where: str) -> tuple[dict, tuple[bool, bool]]:
     """One streamed pass over a memory-mapped matrix: finite values, range, zeros, counts."""
     step = max(1, VALIDATE_CHUNK // max(source.n_cols, 1))
     scan = _ValueScan()
+    stored = source.stored  # checked as stored: a float64 value beyond float32's range is not "infinite"
     for start in range(0, source.n_rows, step):
-        block = source.read(slice(start, min(start + step, source.n_rows)))
+        block = np.asarray(stored[start : min(start + step, source.n_rows)])
         bad = ~np.isfinite(block)
         if bad.any():
             row, col = (int(i) for i in np.argwhere(bad)[0])
             raise ScaeInputError(
                 f"{where}: NaN or infinite value(s), first at row {start + row}, column {col}; expected finite numbers"
             )
-        scan.add(block, implicit_zeros=0)
+        scan.add(block)
     return scan.result(source.n_rows * source.n_cols)
 
 
@@ -357,13 +366,18 @@ class _ValueScan:
         self.low, self.high, self.nonzero = np.inf, -np.inf, 0
         self.non_negative, self.integer = True, True
 
-    def add(self, values: np.ndarray, implicit_zeros: int) -> None:
+    def add(self, values: np.ndarray) -> None:
         if values.size:
-            self.low, self.high = min(self.low, float(values.min())), max(self.high, float(values.max()))
+            low, high = float(values.min()), float(values.max())
+            self.low, self.high = min(self.low, low), max(self.high, high)
             self.nonzero += int(np.count_nonzero(values))
-            self.non_negative &= bool(values.min() >= 0)
-            self.integer &= bool(np.all(values == np.floor(values)))
-        if implicit_zeros:
+            self.non_negative &= low >= 0
+            if values.dtype.kind == "f":
+                self.integer &= bool(np.all(values == np.floor(values)))
+
+    def add_zeros(self, count: int) -> None:
+        """Entries not stored (a sparse matrix's implicit zeros)."""
+        if count:
             self.low, self.high = min(self.low, 0.0), max(self.high, 0.0)
 
     def result(self, n_entries: int) -> tuple[dict, tuple[bool, bool]]:
@@ -420,6 +434,11 @@ def _npy_source(path: Path, mapped: np.ndarray):
     if mapped.ndim != 2 or mapped.shape[0] == 0 or mapped.shape[1] < 2:
         raise ScaeInputError(
             f"{path}: matrix has shape {mapped.shape}; expected 2-D cells × genes with at least 1 cell and 2 genes"
+        )
+    if not mapped.flags.c_contiguous:
+        raise ScaeInputError(
+            f"{path}: is stored column by column (Fortran order), so every cell would be read from all over "
+            "the file; save it row by row for streaming: numpy.save(path, numpy.ascontiguousarray(X))"
         )
     return NpySource(path)
 
@@ -555,7 +574,11 @@ def _h5ad_name(path: Path, label_key: str, layer: str | None) -> str:
 def _read_h5ad_streamed(path: Path, key: str, label_key: str, layer: str | None, normalize: str, where: str) -> Dataset:
     """obs and var are read; the CSR matrix stays on disk and is validated in one streamed pass."""
     import h5py
-    from anndata.io import read_elem
+
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem
 
     from scae.sources import H5CSRSource
 
@@ -567,7 +590,10 @@ def _read_h5ad_streamed(path: Path, key: str, label_key: str, layer: str | None,
             available = ", ".join(map(str, obs.columns)) or "none"
             raise ScaeInputError(f"{path}: no obs column '{label_key}' for --label-key; available columns: {available}")
         source = H5CSRSource(path, key)
-        stats, profile = _scan_csr(source, where)
+        try:
+            stats, profile = _scan_csr(source, where)
+        finally:
+            source.close()
     except ScaeInputError:
         raise
     except Exception as err:  # h5py/anndata raise many types for a damaged file
@@ -575,6 +601,8 @@ def _read_h5ad_streamed(path: Path, key: str, label_key: str, layer: str | None,
     source.counts = decide_counts(normalize, profile, where)
     if obs.shape[0] != source.n_rows:
         raise ScaeInputError(f"{path}: obs has {obs.shape[0]} cells but {key} has {source.n_rows} rows")
+    if var_names is not None and var_names.size != source.n_cols:
+        raise ScaeInputError(f"{path}: var has {var_names.size} genes but {key} has {source.n_cols} columns")
     return _labelled(
         source, obs[label_key], _h5ad_name(path, label_key, layer), obs.index.to_numpy(), var_names,
         where, source.counts, stats,
@@ -588,7 +616,7 @@ def _scan_csr(source, where: str) -> tuple[dict, tuple[bool, bool]]:
         raise ScaeInputError(f"{where}: matrix has shape ({n_rows}, {n_cols}); expected at least 1 cell and 2 genes")
     if indptr.size != n_rows + 1 or indptr[0] != 0 or np.any(np.diff(indptr) < 0):
         raise ScaeInputError(f"{where}: damaged CSR matrix (its indptr does not describe {n_rows} rows)")
-    group = source._group()
+    group = source.group()
     if group["data"].shape[0] < source.nnz or group["indices"].shape[0] < source.nnz:
         raise ScaeInputError(f"{where}: damaged CSR matrix (fewer stored values than its indptr says)")
     scan = _ValueScan()
@@ -607,9 +635,8 @@ def _scan_csr(source, where: str) -> tuple[dict, tuple[bool, bool]]:
             )
         if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
             raise ScaeInputError(f"{where}: damaged CSR matrix (a column index outside 0…{n_cols - 1})")
-        scan.add(data, implicit_zeros=0)
-    scan.add(np.zeros(0), implicit_zeros=n_rows * n_cols - source.nnz)
-    source.close()
+        scan.add(data)
+    scan.add_zeros(n_rows * n_cols - source.nnz)
     return scan.result(n_rows * n_cols)
 
 

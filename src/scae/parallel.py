@@ -55,12 +55,33 @@ class Distributed:
         return self.rank == 0
 
 
+def local_rank() -> int:
+    """This process's index on its machine under ``torchrun`` (0 otherwise)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 for exact loss sums, except on Apple's MPS, which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def broadcast_from_main(value, distributed: Distributed | None):
+    """``value`` as rank 0 has it, on every process (a picklable object; itself when not distributed)."""
+    if distributed is None:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=distributed.group)
+    return box[0]
+
+
 def launched_by_torchrun() -> bool:
     """Whether this process was started by ``torchrun`` with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
-def init_distributed(device: torch.device, timeout_s: float = 600.0) -> Distributed | None:
+def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> Distributed | None:
     """Join the process group ``torchrun`` set up (``None`` when this is a single process).
 
     The backend is NCCL for CUDA devices and gloo otherwise; ``timeout_s`` bounds every
@@ -71,12 +92,14 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> Distribu
     import torch.distributed as dist
 
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # each process owns its GPU; collectives use the current one
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return Distributed(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_rank=local_rank(),
     )
 
 
@@ -94,6 +117,6 @@ def all_reduce_sum(values: list[float], distributed: Distributed | None, device:
         return list(values)
     import torch.distributed as dist
 
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    tensor = torch.tensor(values, dtype=accumulator_dtype(device), device=device)
     dist.all_reduce(tensor, group=distributed.group)
     return tensor.tolist()

@@ -16,8 +16,8 @@ normalised copy.
 :class:`BatchLoader` turns a source into minibatches: seeded shuffles (by blocks of rows inside
 a prefetched window for sources on disk, so reads stay contiguous), this process's shard of
 every global batch under ``torch.distributed``, and a background thread that reads the next
-windows of rows from disk while the current one trains (batches are then densified, normalised
-and, for a GPU, pinned and copied without blocking).
+windows of rows from disk while the current one trains (batches are then densified, pinned and
+copied to a GPU without blocking, and normalised on the device).
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ EVAL_BATCH_SIZE = 4096
 DISK_BLOCK_ROWS = 512
 """Rows per block when shuffling a source on disk: blocks are read contiguously."""
 DISK_WINDOW_BLOCKS = 64
-"""Blocks gathered (and shuffled row by row) in one prefetch window of a source on disk."""
+"""Most blocks gathered (and shuffled row by row) in one prefetch window of a source on disk."""
+WINDOW_BYTES = 64 * 1024**2
+"""Fewer blocks go in a window when its rows, as stored, would take more memory than this."""
 
 Chunk = np.ndarray | sp.csr_matrix
 
@@ -68,6 +70,7 @@ def _dense_tensor(chunk: Chunk | torch.Tensor) -> torch.Tensor:
     if isinstance(chunk, torch.Tensor):
         return chunk
     if sp.issparse(chunk):
+        chunk.sum_duplicates()  # a file may repeat an entry; scipy's meaning is their sum
         out = np.zeros(chunk.shape, dtype=np.float32)
         rows = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))
         out[rows, chunk.indices] = chunk.data
@@ -132,6 +135,16 @@ class RowSource:
         """The source restricted to ``rows`` (sorted, distinct row indices)."""
         return SubsetSource(self, rows)
 
+    def bytes_per_row(self) -> float:
+        """Memory of one row as read (dense float32 unless a subclass stores it sparse)."""
+        return 4.0 * self.n_cols
+
+    def window_rows(self) -> int:
+        """Rows read at once when shuffling from disk: whole blocks, at most
+        :data:`DISK_WINDOW_BLOCKS` of them and about :data:`WINDOW_BYTES` of memory."""
+        blocks = int(WINDOW_BYTES // max(self.bytes_per_row() * DISK_BLOCK_ROWS, 1.0))
+        return DISK_BLOCK_ROWS * min(DISK_WINDOW_BLOCKS, max(1, blocks))
+
 
 class ArraySource(RowSource):
     """A dense array or CSR matrix held in memory.
@@ -171,6 +184,8 @@ class SubsetSource(RowSource):
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size > 1 and np.any(np.diff(rows) <= 0):
             raise ValueError("subset rows must be sorted and distinct")
+        if rows.size and (rows[0] < 0 or rows[-1] >= parent.n_rows):
+            raise ValueError(f"subset rows must lie in 0…{parent.n_rows - 1}")
         self._parent, self._rows = parent, rows
         self.n_rows, self.n_cols = int(rows.size), parent.n_cols
         self.counts, self.on_disk = parent.counts, parent.on_disk
@@ -180,6 +195,9 @@ class SubsetSource(RowSource):
 
     def subset(self, rows: np.ndarray) -> RowSource:
         return SubsetSource(self._parent, self._rows[np.asarray(rows, dtype=np.int64)])
+
+    def bytes_per_row(self) -> float:
+        return self._parent.bytes_per_row()
 
 
 def _runs(rows: np.ndarray, max_gap: int) -> list[tuple[int, int]]:
@@ -235,12 +253,17 @@ class H5CSRSource(RowSource):
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def _group(self):
+    def group(self):
+        """The open HDF5 group of the matrix (opened on first use, in this process)."""
         if self._handle is None:
             import h5py
 
             self._handle = h5py.File(self.path, "r")
         return self._handle[self.key]
+
+    def bytes_per_row(self) -> float:
+        """Stored bytes of an average row (a value and a column index per nonzero)."""
+        return 8.0 * max(self.nnz / max(self.n_rows, 1), 1.0)
 
     def close(self) -> None:
         """Close the file handle (it reopens on the next read)."""
@@ -252,7 +275,7 @@ class H5CSRSource(RowSource):
         """Rows ``start … stop - 1`` as a float32 CSR matrix."""
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
         with self._lock:
-            group = self._group()
+            group = self.group()
             data = group["data"][lo:hi]
             indices = group["indices"][lo:hi]
         return sp.csr_matrix(
@@ -290,6 +313,11 @@ class NpySource(RowSource):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+
+    @property
+    def stored(self) -> np.ndarray:
+        """The memory-mapped array, in its stored dtype."""
+        return self._array
 
     def _read(self, rows: np.ndarray) -> np.ndarray:
         if rows.size and rows[-1] - rows[0] + 1 == rows.size:
@@ -345,7 +373,7 @@ class BatchLoader:
         for a source on disk and 0 for one in memory.
     window_rows
         Rows of ``order`` read from the source at once (rounded up to whole batches); by
-        default ``DISK_BLOCK_ROWS × DISK_WINDOW_BLOCKS`` on disk, one batch in memory.
+        default ``source.window_rows()`` on disk, one batch in memory.
 
     Iterating yields ``(x, n_global)``: this process's rows of a batch as a tensor on
     ``device`` and the size of the global batch.
@@ -367,7 +395,7 @@ class BatchLoader:
         self.device = torch.device(device)
         self.prefetch = (2 if source.on_disk else 0) if prefetch is None else prefetch
         if window_rows is None:
-            window_rows = DISK_BLOCK_ROWS * DISK_WINDOW_BLOCKS if source.on_disk else self.batch_size
+            window_rows = source.window_rows() if source.on_disk else self.batch_size
         self.window = max(1, math.ceil(window_rows / self.batch_size)) * self.batch_size
 
     def __len__(self) -> int:
@@ -395,11 +423,10 @@ class BatchLoader:
                 else:
                     where = np.searchsorted(wanted, rows)
                     x = _dense_tensor(chunk[torch.from_numpy(where)] if isinstance(chunk, torch.Tensor) else chunk[where])
-                if self.source.counts:
-                    x = normalize_counts_tensor(x)
                 if pin:
                     x = x.pin_memory()
-                yield x.to(self.device, non_blocking=True), n_global
+                x = x.to(self.device, non_blocking=True)
+                yield (normalize_counts_tensor(x) if self.source.counts else x), n_global
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         windows = self._windows() if self.prefetch <= 0 else self._prefetched_windows()

@@ -27,12 +27,11 @@ from scae.data import Dataset, stratified_split
 from scae.embeddings import BackgroundTSNE, TSNEConfig, fit_pca, subsample_indices
 from scae.errors import ScaeInputError
 from scae.files import atomic_path, check_writable, write_bytes, write_text
-from scae.losses import LossTotals
 from scae.metrics import cluster_scores, convergence_epoch, epochs_to_near_best, linear_separability
 from scae.models import Autoencoder
-from scae.parallel import Distributed
+from scae.parallel import Distributed, broadcast_from_main, resolve_device
 from scae.plots import Panel, loss_curves, png_bytes, scatter_panels
-from scae.sources import EVAL_BATCH_SIZE, RowSource
+from scae.sources import EVAL_BATCH_SIZE, ArraySource, RowSource
 
 INPUT_PCS = 50
 """Principal components of the input: coordinates for plots, and the space in which the input
@@ -230,7 +229,8 @@ class StudyResult:
         import anndata as ad
 
         rows = self.sample_rows
-        source = self.dataset.source()
+        data = self.dataset
+        source = data.X if data.on_disk else ArraySource(data.X, counts=data.counts)  # no densified copy
         X = source.matrix(rows)
         obs = pd.DataFrame(
             {
@@ -334,7 +334,10 @@ def run_study(
         del X_embed
 
     keep_all = dataset.n_cells * dataset.n_genes <= config.max_layer_entries
-    sample_rows = None if keep_all else embed_idx[: max(1, config.sample_layer_entries // dataset.n_genes)]
+    sample_rows = None
+    if not keep_all:  # a seeded sample of the scored cells, in file order
+        size = min(embed_idx.size, max(1, config.sample_layer_entries // dataset.n_genes))
+        sample_rows = np.sort(np.random.default_rng(seed).choice(embed_idx, size, replace=False))
     runs: dict[str, RunResult] = {}
     for spec in config.runs:
         model, resumed = models[spec.name]
@@ -387,7 +390,7 @@ def run_study(
         timings=watch.timings,
         sample_rows=sample_rows,
         environment={
-            "device": str(next(iter(models.values()))[0].device_.type) if models else "cpu",
+            "device": resolve_device(config.device).type,
             "processes": 1 if distributed is None else distributed.world_size,
         },
     )
@@ -404,15 +407,21 @@ def _train_runs(dataset, source, train_idx, test_idx, config, out_dir, distribut
     """
     main = distributed is None or distributed.is_main
     train, test = source.subset(train_idx), source.subset(test_idx)
-    reusable = _reusable_models(dataset, config, out_dir) if main else {}
-    if distributed is not None:
-        shared = [reusable]
-        torch.distributed.broadcast_object_list(shared, src=0, group=distributed.group)
-        reusable = shared[0] if main else {name: None for name in shared[0]}
+    reusable, problem = {}, None
+    if main:
+        try:
+            reusable = _reusable_models(dataset, config, out_dir)
+        except ScaeInputError as err:
+            problem = str(err)
+    # every process learns which models to skip, or the reason to stop (no process left waiting)
+    names, problem = broadcast_from_main((sorted(reusable), problem), distributed)
+    if problem is not None:
+        raise ScaeInputError(problem)
     models: dict[str, tuple[Autoencoder, bool]] = {}
     for spec in config.runs:
-        if spec.name in reusable:
+        if spec.name in names:
             if main:
+                reusable[spec.name].net_.to(resolve_device(config.device))
                 models[spec.name] = (reusable[spec.name], True)
                 if config.progress:
                     print(f"scae: reusing {spec.name} from {out_dir}/models (--resume)", file=sys.stderr, flush=True)
@@ -437,11 +446,14 @@ def _train_runs(dataset, source, train_idx, test_idx, config, out_dir, distribut
     return models
 
 
+TRAINING_SETTINGS = ("epochs", "seed", "hidden", "activation", "batch_size", "learning_rate", "test_fraction")
+"""The study settings a trained model depends on (the others only change scoring and outputs)."""
+
+
 def _study_key(dataset: Dataset, config: StudyConfig, spec: RunSpec) -> str:
-    """Fingerprint of the input, the study settings and one run: equal keys, same model."""
-    settings = config.to_dict()
-    settings.pop("runs")
-    settings["run"] = asdict(spec)
+    """Fingerprint of the input, the training settings and one run: equal keys, same model."""
+    settings = {key: value for key, value in config.to_dict().items() if key in TRAINING_SETTINGS}
+    settings["run"] = {"latent_dim": spec.latent_dim, "loss": spec.loss}
     blob = json.dumps({"input": dataset.fingerprint(), "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -471,6 +483,48 @@ def _reusable_models(dataset: Dataset, config: StudyConfig, out_dir) -> dict[str
     return found
 
 
+class _SplitErrors:
+    """Exact MSE and nonzero MSE of the training and the test cells, accumulated batch by batch.
+
+    Squared differences are formed in float32 and summed per cell in float64; with
+    ``mask = (x != 0)``, a cell's nonzero error is ``sum(mask · (x − x̂)²)``, which equals
+    ``sum(mask · (x − x̂ · mask)²)``.
+    """
+
+    def __init__(self, is_test: np.ndarray) -> None:
+        self.is_test = is_test
+        self.sums = np.zeros((2, 4))  # rows: train, test; columns: error, count, nonzero error, nonzero count
+
+    def add(self, start: int, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        squared = (x - x_hat).square_()
+        mask = x != 0
+        per_cell = torch.stack([
+            squared.sum(dim=1, dtype=torch.float64),
+            torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64),
+            squared.mul_(mask).sum(dim=1, dtype=torch.float64),
+            mask.sum(dim=1, dtype=torch.float64),
+        ], dim=1).numpy()
+        test = self.is_test[start : start + x.shape[0]]
+        self.sums[0] += per_cell[~test].sum(axis=0)
+        self.sums[1] += per_cell[test].sum(axis=0)
+
+    def result(self) -> dict[str, dict[str, float]]:
+        def ratio(err: float, count: float) -> float:
+            return float(err / count) if count else 0.0
+
+        return {
+            part: {"mse": ratio(row[0], row[1]), "nonzero_mse": ratio(row[2], row[3])}
+            for part, row in zip(("train", "test"), self.sums)
+        }
+
+
+def _projector(pca):
+    """``x ↦ (x − mean) · componentsᵀ`` of a fitted PCA, on float32 tensors."""
+    mean = torch.from_numpy(np.asarray(pca.mean_, dtype=np.float32))
+    components_t = torch.from_numpy(np.ascontiguousarray(pca.components_.T, dtype=np.float32))
+    return lambda x: (x - mean) @ components_t
+
+
 @torch.inference_mode()
 def _input_pass(source: RowSource, pca, baseline_pca, dims: list[int], is_test: np.ndarray):
     """One streamed pass over the input: its PCA coordinates, and the errors of the PCA baselines.
@@ -479,23 +533,18 @@ def _input_pass(source: RowSource, pca, baseline_pca, dims: list[int], is_test: 
     ``k``: a linear reconstruction of the same size as the autoencoders'.
     """
     X_pca = np.empty((source.n_rows, pca.n_components_), dtype=np.float32)
-    mean = torch.from_numpy(baseline_pca.mean_.astype(np.float64))
-    components = torch.from_numpy(baseline_pca.components_.astype(np.float64))
+    project, baseline_coords = _projector(pca), _projector(baseline_pca)
+    mean = torch.from_numpy(np.asarray(baseline_pca.mean_, dtype=np.float32))
+    components = torch.from_numpy(np.asarray(baseline_pca.components_, dtype=np.float32))
     ks = [k for k in dims if k <= baseline_pca.n_components_]
-    totals = {k: {"train": LossTotals(), "test": LossTotals()} for k in ks}
+    totals = {k: _SplitErrors(is_test) for k in ks}
     for start in range(0, source.n_rows, EVAL_BATCH_SIZE):
-        stop = min(start + EVAL_BATCH_SIZE, source.n_rows)
-        x32 = source.tensor(slice(start, stop))
-        X_pca[start:stop] = pca.transform(x32.numpy())
-        x = x32.double()
-        coords = (x - mean) @ components.T
-        test = torch.from_numpy(is_test[start:stop])
+        x = source.tensor(slice(start, min(start + EVAL_BATCH_SIZE, source.n_rows)))
+        X_pca[start : start + x.shape[0]] = project(x).numpy()
+        coords = baseline_coords(x)
         for k in ks:
-            x_hat = mean + coords[:, :k] @ components[:k]
-            totals[k]["test"].add(x[test], x_hat[test])
-            totals[k]["train"].add(x[~test], x_hat[~test])
-    baselines = {f"pca{k}": {part: totals[k][part].result() for part in ("train", "test")} for k in ks}
-    return X_pca, baselines
+            totals[k].add(start, x, torch.addmm(mean, coords[:, :k], components[:k]))
+    return X_pca, {f"pca{k}": totals[k].result() for k in ks}
 
 
 @torch.inference_mode()
@@ -513,25 +562,21 @@ def _predict_pass(model: Autoencoder, source: RowSource, is_test: np.ndarray, pc
     recon = np.empty((n, g), dtype=np.float32) if keep_all else None
     recon_pca = np.empty((n, pca.n_components_), dtype=np.float32)
     sample = None if sample_rows is None else np.empty((sample_rows.size, g), dtype=np.float32)
-    totals = {"train": LossTotals(), "test": LossTotals()}
+    project, errors = _projector(pca), _SplitErrors(is_test)
     for start in range(0, n, EVAL_BATCH_SIZE):
         stop = min(start + EVAL_BATCH_SIZE, n)
-        x = source.tensor(slice(start, stop)).to(device, non_blocking=True)
-        z, x_hat = net(x)
-        test = torch.from_numpy(is_test[start:stop]).to(device)
-        x64, x_hat64 = x.double(), x_hat.double()
-        totals["test"].add(x64[test], x_hat64[test])
-        totals["train"].add(x64[~test], x_hat64[~test])
-        x_hat = x_hat.float().cpu().numpy()
+        x = source.tensor(slice(start, stop))
+        z, x_hat = net(x.to(device, non_blocking=True))
+        x_hat = x_hat.float().cpu()  # needed on the host: outputs and the PCA projection
         latent[start:stop] = z.float().cpu().numpy()
-        recon_pca[start:stop] = pca.transform(x_hat)
+        recon_pca[start:stop] = project(x_hat).numpy()
         if recon is not None:
-            recon[start:stop] = x_hat
+            recon[start:stop] = x_hat.numpy()
         if sample is not None:
             a, b = np.searchsorted(sample_rows, [start, stop])
-            sample[a:b] = x_hat[sample_rows[a:b] - start]
-    errors = {part: totals[part].result() for part in ("train", "test")}
-    return latent, recon, recon_pca, sample, errors
+            sample[a:b] = x_hat.numpy()[sample_rows[a:b] - start]
+        errors.add(start, x, x_hat)  # last: it overwrites a scratch copy, not x_hat
+    return latent, recon, recon_pca, sample, errors.result()
 
 
 def _tsne_inputs(X_pca: np.ndarray, runs: dict[str, RunResult]):
@@ -572,16 +617,15 @@ def _score_representations(dataset, runs, views, train_idx, test_idx, embed_idx,
     rng_test = subsample_indices(test_idx.size, config.max_embed_cells, config.seed + 1)
     fit_cells, eval_cells = train_idx[rng_train], test_idx[rng_test]
     scores = {}
-    computed: dict[tuple, dict] = {}  # the input on its top 50 PCs is also "top 50 PCs of the input"
     with watch.stage("scores", f"cluster scores of {len(candidates)} representations"):
         for key, description, dims, matrix, scored_on in candidates:
             row = {"description": description, "dims": int(dims)}
             if scored_on is not None and matrix.shape[1] < dims:
                 row["scored_on"] = scored_on
-            same = (matrix.__array_interface__["data"][0], matrix.shape, matrix.strides)
-            if same not in computed:
-                computed[same] = cluster_scores(matrix[embed_idx], labels[embed_idx], config.kmeans_seeds, config.seed)
-            row.update(computed[same])
+            if key == f"original_pca{X_pca.shape[1]}":  # the same matrix as "original", scored above
+                row.update({k: v for k, v in scores["original"].items() if k not in row and k != "scored_on"})
+            else:
+                row.update(cluster_scores(matrix[embed_idx], labels[embed_idx], config.kmeans_seeds, config.seed))
             if dims <= 50:
                 row["linear_accuracy"] = linear_separability(
                     matrix[fit_cells], labels[fit_cells], matrix[eval_cells], labels[eval_cells], config.seed

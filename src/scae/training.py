@@ -10,6 +10,7 @@ result matches one process with the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -18,10 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from scae.losses import LossTotals, get_loss_terms
-from scae.parallel import Distributed, all_reduce_sum
+from scae.parallel import Distributed, accumulator_dtype, all_reduce_sum
 from scae.sources import (
     DISK_BLOCK_ROWS,
-    DISK_WINDOW_BLOCKS,
     EVAL_BATCH_SIZE,
     BatchLoader,
     RowSource,
@@ -143,7 +143,9 @@ def train_network(
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate, fused=fused)
     eval_losses = tuple(dict.fromkeys((loss, "mse")))
+    exact = accumulator_dtype(device)
     block = DISK_BLOCK_ROWS if train.on_disk else None
+    window_blocks = max(1, train.window_rows() // DISK_BLOCK_ROWS)
 
     def record(epoch: int, train_loss: float) -> dict:
         row = {"epoch": epoch, "train_loss": train_loss}
@@ -155,37 +157,41 @@ def train_network(
 
     history = [record(0, evaluate_losses(net, train, (loss,), device, distributed)[loss])]
     show = progress and (distributed is None or distributed.is_main)
-    bar = tqdm(range(1, epochs + 1), desc=description, unit="epoch", disable=not show, leave=False)
+    bar = tqdm(total=epochs * train.n_rows, desc=description, unit="cell", unit_scale=True,
+               disable=not show, leave=False)
     train_seconds = 0.0
-    for epoch in bar:
-        order = epoch_order(train.n_rows, rng, block, DISK_WINDOW_BLOCKS)
+    for epoch in range(1, epochs + 1):
+        order = epoch_order(train.n_rows, rng, block, window_blocks)
         loader = BatchLoader(
             train, order, batch_size,
             rank=0 if distributed is None else distributed.rank, world_size=world, device=device,
+            window_rows=window_blocks * DISK_BLOCK_ROWS if block else None,
         )
         net.train()
-        total = torch.zeros((), dtype=torch.float64, device=device)
+        total = torch.zeros((), dtype=exact, device=device)
         _synchronize(device)
         started = time.perf_counter()
-        for x, n_global in loader:
-            _, x_hat = model(x)
-            err, count = terms(x, x_hat)
-            if distributed is not None:
-                sums = torch.stack([err.detach().double(), count.double()])
-                torch.distributed.all_reduce(sums, group=distributed.group)
-                global_err, global_count = sums[0], sums[1].clamp(min=1.0)
-                value = err * (world / global_count.to(err.dtype))
-                total += global_err / global_count
-            else:
-                value = err / count.clamp(min=1.0)
-                total += value.detach().double()
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            optimizer.step()
+        with contextlib.closing(iter(loader)) as batches:  # stops the prefetch thread on any exit
+            for x, n_global in batches:
+                _, x_hat = model(x)
+                err, count = terms(x, x_hat)
+                if distributed is not None:
+                    sums = torch.stack([err.detach().to(exact), count.to(exact)])
+                    torch.distributed.all_reduce(sums, group=distributed.group)
+                    global_err, global_count = sums[0], sums[1].clamp(min=1.0)
+                    value = err * (world / global_count.to(err.dtype))
+                    total += global_err / global_count
+                else:
+                    value = err / count.clamp(min=1.0)
+                    total += value.detach().to(exact)
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                optimizer.step()
+                bar.update(n_global)
         _synchronize(device)
         train_seconds += time.perf_counter() - started
         history.append(record(epoch, float(total) / len(loader)))
-        bar.set_postfix({k: f"{v:.4g}" for k, v in history[-1].items() if k in ("train_loss", "test_loss")})
+        bar.set_postfix({"epoch": epoch, **{k: f"{v:.4g}" for k, v in history[-1].items() if k in ("train_loss", "test_loss")}})
     bar.close()
     net.eval()
     return TrainingRun(history=history, train_seconds=train_seconds, train_cells=train.n_rows * epochs)
