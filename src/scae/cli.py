@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import time
 from pathlib import Path
@@ -165,9 +166,10 @@ def run_study_command(args: argparse.Namespace) -> int:
         run_study(dataset, args.out, config, data_seconds=load_seconds, distributed=distributed)
         if main:
             print(f"scae: study finished in {time.perf_counter() - started:.1f} s; report: {args.out / 'report.html'}")
-        return 0
     finally:
-        shutdown_distributed()
+        if sys.exc_info()[0] is None:  # after a failure the group may be broken: leave it unjoined
+            shutdown_distributed()
+    return 0
 
 
 def run_fit_command(args: argparse.Namespace) -> int:
@@ -206,9 +208,10 @@ def run_fit_command(args: argparse.Namespace) -> int:
             last = model.history_[-1]
             print(f"scae: trained {dataset.n_cells} cells × {dataset.n_genes} genes for {args.epochs} epoch(s) "
                   f"at {model.train_cells_per_second_:.0f} cells/s; test loss {last['test_loss']:.5g}; model: {out}")
-        return 0
     finally:
-        shutdown_distributed()
+        if sys.exc_info()[0] is None:  # after a failure the group may be broken: leave it unjoined
+            shutdown_distributed()
+    return 0
 
 
 def _refuse_overwriting_input(args: argparse.Namespace) -> None:
@@ -256,6 +259,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("scae: interrupted; no report.html or metrics.json was written for this run", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        if not _in_process_group():
+            raise
+        # a collective failed: another process of the torchrun group died or stopped
+        rank = os.environ.get("RANK", "?")
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"scae: error: process {rank}: the torchrun group broke off (another process failed or was "
+              f"stopped; see its message); stopping. ({first[:200]})", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _in_process_group() -> bool:
+    """Whether this process was started by torchrun in a group of several (without importing torch)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
 if __name__ == "__main__":
