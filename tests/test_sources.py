@@ -314,3 +314,21 @@ def test_study_streamed_with_sampled_reconstructions_and_resume(counts_h5ad, tmp
     other = scae.StudyConfig(max_layer_entries=2000, sample_layer_entries=2000, max_embed_cells=200, resume=True, **{**FAST, "epochs": 2})
     with pytest.raises(ScaeInputError, match="was trained on another input or with other settings"):
         scae.run_study(ds, out, other)
+
+
+# ---------------------------------------------------------------- the command line
+def test_cli_stream_fit_and_refusals(counts_h5ad, tmp_path, capsys):
+    from scae.cli import main
+
+    assert main(["study", "--stream", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "the built-in dataset is made in memory" in capsys.readouterr().err
+    (tmp_path / "dir.pt").mkdir()
+    fit = ["fit", "--h5ad", str(counts_h5ad), "--label-key", "cell_type", "--stream", "--epochs", "1",
+           "--hidden", "8", "--latent", "3", "--device", "cpu", "--quiet"]
+    assert main([*fit, "--out", str(tmp_path / "dir.pt")]) == 2
+    assert "is a directory; expected the path of the model file" in capsys.readouterr().err
+    assert main([*fit, "--out", str(tmp_path / "m.pt")]) == 0
+    out = capsys.readouterr().out
+    assert f"trained {CELLS} cells × {GENES} genes for 1 epoch(s)" in out
+    model = scae.Autoencoder.load(tmp_path / "m.pt")
+    assert model.latent_dim == 3 and len(model.history_) == 2 and model.train_cells_per_second_ > 0

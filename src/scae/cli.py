@@ -138,8 +138,7 @@ def run_study_command(args: argparse.Namespace) -> int:
     distributed = init_distributed(device)
     try:
         main = distributed is None or distributed.is_main
-        if main:
-            prepare_output_dir(args.out, remove_stale=False)  # fail fast, before loading or training
+        prepare_output_dir(args.out, remove_stale=False)  # fail fast (every process), before loading or training
         started = time.perf_counter()
         dataset = load_input(args)
         _refuse_overwriting_input(args)
@@ -183,14 +182,13 @@ def run_fit_command(args: argparse.Namespace) -> int:
     try:
         main = distributed is None or distributed.is_main
         out = args.out
-        if main:
-            try:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                check_writable(out.parent)
-            except OSError as err:
-                raise ScaeInputError(f"{out.parent}: cannot write the model file there ({err.strerror or err})") from None
-            if out.is_dir():
-                raise ScaeInputError(f"{out}: is a directory; expected the path of the model file to write")
+        try:  # every process checks, so none is left waiting for one that stopped here
+            out.parent.mkdir(parents=True, exist_ok=True)
+            check_writable(out.parent)
+        except OSError as err:
+            raise ScaeInputError(f"{out.parent}: cannot write the model file there ({err.strerror or err})") from None
+        if out.is_dir():
+            raise ScaeInputError(f"{out}: is a directory; expected the path of the model file to write")
         for given in (args.h5ad, args.counts, args.labels):
             if given is not None and given.resolve() == out.resolve():
                 raise ScaeInputError(f"{given}: is the input, and fit would overwrite it with the model; choose another --out")
