@@ -130,7 +130,8 @@ class Dataset:
         """Plain-number description for the report and ``metrics.json``."""
         classes, counts = np.unique(self.labels, return_counts=True)
         if self.on_disk:
-            storage = f"{type(self.X).__name__} streamed from {getattr(self.X, 'path', 'disk')}"
+            kind = "sparse CSR" if hasattr(self.X, "indptr") else "dense, memory-mapped"
+            storage = f"{kind}, streamed from {getattr(self.X, 'path', 'disk')}"
             low, high = self.stats["value_min"], self.stats["value_max"]
         else:
             storage = "sparse CSR" if sp.issparse(self.X) else "dense"
