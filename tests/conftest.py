@@ -82,3 +82,20 @@ def study_out(study_run) -> Path:
     out, proc = study_run
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+def write_h5ad(path, X, labels, layer: str | None = None) -> None:
+    """Write ``X`` (or, with ``layer``, an all-zero X and ``X`` in that layer) with labels in
+    ``obs["cell_type"]`` as an ``.h5ad`` file."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    adata = ad.AnnData(
+        X=X if layer is None else sp.csr_matrix(X.shape, dtype=np.float32),
+        obs=pd.DataFrame({"cell_type": pd.Categorical(labels)}, index=[f"c{i}" for i in range(X.shape[0])]),
+        var=pd.DataFrame(index=[f"g{j}" for j in range(X.shape[1])]),
+    )
+    if layer is not None:
+        adata.layers[layer] = X
+    adata.write_h5ad(path)

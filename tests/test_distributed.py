@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 
 import scae
+from conftest import REPO, scae_env, write_h5ad
 from scae.cli import main
-from test_sources import write_h5ad
-
-from conftest import REPO, scae_env
 
 
 @pytest.fixture(scope="module")

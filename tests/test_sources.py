@@ -7,12 +7,12 @@ import json
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
 
 import scae
+from conftest import write_h5ad
 from scae.data import read_counts_labels, read_h5ad
 from scae.errors import ScaeInputError
 from scae.simulate import simulate_counts
@@ -33,17 +33,6 @@ CELLS, GENES = 240, 40
 def raw_counts() -> tuple[sp.csr_matrix, np.ndarray]:
     counts, labels = simulate_counts(CELLS, GENES, 3, seed=5)
     return counts, np.char.add("type", labels.astype(str))
-
-
-def write_h5ad(path, X, labels, layer: str | None = None) -> None:
-    adata = ad.AnnData(
-        X=X if layer is None else sp.csr_matrix(X.shape, dtype=np.float32),
-        obs=pd.DataFrame({"cell_type": pd.Categorical(labels)}, index=[f"c{i}" for i in range(X.shape[0])]),
-        var=pd.DataFrame(index=[f"g{j}" for j in range(X.shape[1])]),
-    )
-    if layer is not None:
-        adata.layers[layer] = X
-    adata.write_h5ad(path)
 
 
 @pytest.fixture(scope="module")
