@@ -500,3 +500,17 @@ def test_labels_file_with_byte_order_mark(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_bytes("\ufeffA\nB\nA\n".encode("utf-8"))
     assert read_labels_txt(path) == ["A", "B", "A"]
+
+
+@pytest.mark.parametrize("shape", [(3_000_000, 25_000), (40, 30)])
+def test_npy_header_promising_more_than_the_file_holds_is_refused(tmp_path, shape):
+    """A truncated file, or a header that would make loading allocate ~300 GB: one clear line."""
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    path = tmp_path / "bomb.npy"
+    path.write_bytes(buffer.getvalue() + b"\0" * 400)
+    (tmp_path / "labels.txt").write_text("a\nb\n")
+    with pytest.raises(ScaeInputError, match=r"header declares a .* matrix \(.* bytes\) but the file holds only 400 bytes"):
+        read_counts_labels(path, tmp_path / "labels.txt")

@@ -404,6 +404,7 @@ def _load_npy(path: Path, stream: bool | None = None):
     if head != NPY_MAGIC:
         kind = " (it is a .npz archive)" if head.startswith(b"PK") else ""
         raise ScaeInputError(f"{path}: not a NumPy .npy file{kind}; expected a cells × genes matrix saved with numpy.save")
+    _check_npy_size(path)
     try:
         mapped = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError):
@@ -425,6 +426,29 @@ def _load_npy(path: Path, stream: bool | None = None):
     except (OSError, EOFError) as err:
         raise ScaeInputError(f"{path}: cannot be read as a NumPy .npy file ({err})") from None
     return as_matrix(X, str(path))
+
+
+def _check_npy_size(path: Path) -> None:
+    """Refuse a ``.npy`` whose header promises more data than the file holds (truncated, or a
+    header that would make loading allocate far more memory than the file's size)."""
+    try:
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(handle)  # the header only
+            offset = handle.tell()
+    except Exception:  # a damaged header: loading the file names the problem
+        return
+    if dtype.hasobject:
+        return  # object arrays are refused when loaded (they would need pickle)
+    expected = int(np.prod(shape, dtype=np.float64) * dtype.itemsize)
+    held = path.stat().st_size - offset
+    if expected > held:
+        raise ScaeInputError(
+            f"{path}: its header declares a {' × '.join(map(str, shape))} {dtype} matrix "
+            f"({expected:,} bytes) but the file holds only {held:,} bytes of data; "
+            "expected a complete file written by numpy.save"
+        )
 
 
 def _npy_source(path: Path, mapped: np.ndarray):
