@@ -395,7 +395,7 @@ def run_study(
         },
     )
     if out_dir is not None:
-        _write_outputs(result, out_dir, watch)  # out_dir was prepared before training
+        _write_outputs(result, out_dir, watch, models_saved=True)  # out_dir prepared, models saved as trained
     return result
 
 
@@ -441,13 +441,18 @@ def _train_runs(dataset, source, train_idx, test_idx, config, out_dir, distribut
             ).fit(train, eval_X=test, description=spec.name, distributed=distributed)
         if main:
             if out_dir is not None:
-                model.save(Path(out_dir) / "models" / f"{spec.name}.pt", metadata={"study_key": _study_key(dataset, config, spec)})
+                _save_model(model, dataset, config, spec, Path(out_dir))
             models[spec.name] = (model, False)
     return models
 
 
 TRAINING_SETTINGS = ("epochs", "seed", "hidden", "activation", "batch_size", "learning_rate", "test_fraction")
 """The study settings a trained model depends on (the others only change scoring and outputs)."""
+
+
+def _save_model(model: Autoencoder, dataset: Dataset, config: StudyConfig, spec: RunSpec, out_dir: Path) -> None:
+    """Write ``out_dir/models/<run>.pt``, tagged with the key ``--resume`` checks."""
+    model.save(out_dir / "models" / f"{spec.name}.pt", metadata={"study_key": _study_key(dataset, config, spec)})
 
 
 def _study_key(dataset: Dataset, config: StudyConfig, spec: RunSpec) -> str:
@@ -702,8 +707,12 @@ def write_study(result: StudyResult, out_dir: str | Path) -> None:
     _write_outputs(result, prepare_output_dir(out_dir), watch)
 
 
-def _write_outputs(result: StudyResult, out_dir: Path, watch: _Stopwatch) -> None:
-    """Write every output into a prepared ``out_dir``; ``report.html`` comes last."""
+def _write_outputs(result: StudyResult, out_dir: Path, watch: _Stopwatch, models_saved: bool = False) -> None:
+    """Write every output into a prepared ``out_dir``; ``report.html`` comes last.
+
+    ``models_saved``: the models are in ``out_dir/models`` already (:func:`run_study` saves
+    each one as soon as it is trained, or reused it from there).
+    """
     from scae.report import build_report
 
     with watch.stage("figures", "drawing figures"):
@@ -711,9 +720,8 @@ def _write_outputs(result: StudyResult, out_dir: Path, watch: _Stopwatch) -> Non
         for stem, data in images.items():
             write_bytes(out_dir / "figures" / f"{stem}.png", data)
     with watch.stage("write_models_h5ad", "writing models and results.h5ad"):
-        for name, run in result.runs.items():
-            key = _study_key(result.dataset, result.config, run.spec)
-            run.model.save(out_dir / "models" / f"{name}.pt", metadata={"study_key": key})
+        for run in result.runs.values() if not models_saved else ():
+            _save_model(run.model, result.dataset, result.config, run.spec, out_dir)
         with atomic_path(out_dir / "results.h5ad") as tmp:
             result.to_anndata().write_h5ad(tmp)
         sample = result.sample_anndata()
