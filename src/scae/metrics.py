@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from scae.data import dense_if_small
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 SILHOUETTE_MAX_CELLS = 10_000
 """Silhouette is quadratic in the number of cells; above this it is computed on a seeded sample."""

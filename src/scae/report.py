@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from scae import __version__
 
 if TYPE_CHECKING:
-    from scae.study import RunResult, StudyResult
+    from scae.results import RunResult, StudyResult
 
 SURVIVES_ARI_DROP = 0.05
 """A reconstruction 'keeps' the clusters when its k-means ARI is at most this much below the input's."""

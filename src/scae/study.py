@@ -8,263 +8,45 @@ computed without one).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
-import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
-from scae import __version__
 from scae.data import Dataset, stratified_split
-from scae.embeddings import BackgroundTSNE, TSNEConfig, fit_pca, subsample_indices
+from scae.embeddings import BackgroundTSNE, fit_pca, subsample_indices
 from scae.errors import ScaeInputError
-from scae.files import atomic_path, check_writable, write_bytes, write_text
-from scae.metrics import cluster_scores, convergence_epoch, epochs_to_near_best, linear_separability
+from scae.metrics import (
+    cluster_scores,
+    convergence_epoch,
+    epochs_to_near_best,
+    linear_separability,
+)
 from scae.models import Autoencoder
+from scae.outputs import (  # noqa: F401 (re-exported)
+    _save_model,
+    _study_key,
+    _write_outputs,
+    prepare_output_dir,
+    write_study,
+)
 from scae.parallel import Distributed, broadcast_from_main, resolve_device
-from scae.plots import Panel, loss_curves, png_bytes, scatter_panels
-from scae.sources import EVAL_BATCH_SIZE, ArraySource, RowSource
+from scae.results import (  # noqa: F401 (re-exported)
+    DEFAULT_RUNS,
+    RunResult,
+    RunSpec,
+    Stopwatch,
+    StudyConfig,
+    StudyResult,
+)
+from scae.sources import EVAL_BATCH_SIZE, RowSource
 
 INPUT_PCS = 50
 """Principal components of the input: coordinates for plots, and the space in which the input
 and every reconstruction (projected onto these axes) are scored and embedded by t-SNE."""
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One autoencoder of the study.
-
-    ``tsne_latent`` / ``tsne_reconstruction`` choose which of its representations get a t-SNE
-    (t-SNE is the slowest stage, so only those the report shows are computed).
-    """
-
-    name: str
-    latent_dim: int
-    loss: str
-    tsne_latent: bool = False
-    tsne_reconstruction: bool = False
-
-
-DEFAULT_RUNS = (
-    RunSpec("ae10", 10, "mse", tsne_latent=True, tsne_reconstruction=True),
-    RunSpec("ae50", 50, "mse"),
-    RunSpec("ae2", 2, "mse"),
-    RunSpec("ae10_nonzero", 10, "nonzero_mse", tsne_latent=True, tsne_reconstruction=True),
-)
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    """Settings of a study; every random choice derives from ``seed``."""
-
-    epochs: int = 50
-    seed: int = 0
-    hidden: tuple[int, ...] = (100,)
-    activation: str = "relu"
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    test_fraction: float = 0.2
-    kmeans_seeds: int = 5
-    max_embed_cells: int = 20_000
-    """Cluster scores, t-SNE and scatter plots use a seeded sample of at most this many cells."""
-    tsne: TSNEConfig = field(default_factory=TSNEConfig)
-    runs: tuple[RunSpec, ...] = DEFAULT_RUNS
-    max_layer_entries: int = 25_000_000
-    """Reconstructions of every cell go to ``results.h5ad`` layers while cells × genes is at most
-    this (100 MB of float32 per run); above it, ``reconstructions.h5ad`` holds them for the first
-    ``sample_layer_entries // genes`` cells of the scored sample."""
-    sample_layer_entries: int = 5_000_000
-    """Size of each reconstruction in ``reconstructions.h5ad`` (20 MB of float32 per run)."""
-    progress: bool = True
-    tsne_workers: int = 1
-    """Processes computing t-SNEs side by side (results do not depend on it). The command line
-    uses every available core; from a Python script, more than 1 needs the script's top-level
-    code under ``if __name__ == "__main__":`` (worker processes are spawned)."""
-    device: str = "auto"
-    """Where models train and predict: ``auto``, ``cpu``, ``cuda`` or ``mps``."""
-    resume: bool = False
-    """Reuse models in ``out_dir/models`` trained by an interrupted study on the same input
-    with the same settings (others are refused)."""
-
-    def to_dict(self) -> dict:
-        """JSON-ready settings (without the ones that do not change results: progress, workers,
-        device, resume)."""
-        out = asdict(self)
-        for key in ("progress", "tsne_workers", "device", "resume"):
-            out.pop(key)
-        out["hidden"] = list(self.hidden)
-        return out
-
-
-@dataclass
-class RunResult:
-    """A trained run: model, latent and reconstruction, errors and convergence."""
-
-    spec: RunSpec
-    model: Autoencoder
-    latent: np.ndarray
-    """Latent codes of every cell."""
-    reconstruction: np.ndarray | None
-    """Reconstruction of every cell, kept when cells × genes ≤ ``max_layer_entries``."""
-    reconstruction_pca: np.ndarray
-    """Every cell's reconstruction projected onto the input's principal axes."""
-    sample_reconstruction: np.ndarray | None
-    """Reconstructions of ``StudyResult.sample_rows`` when the full one is not kept."""
-    errors: dict[str, dict[str, float]]
-    convergence_epoch: int | None
-    """First epoch with 95% of the total test-loss decrease made."""
-    near_best_epoch: int
-    """First epoch with a test loss within 1% of the lowest one."""
-    resumed: bool = False
-    """Whether the model was reused from an interrupted study (``--resume``)."""
-
-
-@dataclass
-class StudyResult:
-    """Everything the study measured; :meth:`metrics` is the ``metrics.json`` content.
-
-    Wall-clock times sit under keys named ``timings`` only, so two runs with the same input and
-    seed give identical metrics once those keys are removed.
-    """
-
-    dataset: Dataset
-    config: StudyConfig
-    train_idx: np.ndarray
-    test_idx: np.ndarray
-    embed_idx: np.ndarray
-    runs: dict[str, RunResult]
-    pca_baselines: dict[str, dict[str, dict[str, float]]]
-    representations: dict[str, dict]
-    views: dict[str, np.ndarray]
-    """obsm-style coordinates for the cells in ``embed_idx`` (PCA views also for all cells)."""
-    explained_variance: dict[str, float]
-    """Cumulative fraction of the input's variance in its top k PCs, for each latent size k."""
-    timings: dict[str, float]
-    sample_rows: np.ndarray | None = None
-    """Cells whose reconstructions go to ``reconstructions.h5ad`` (when not kept for all)."""
-    environment: dict = field(default_factory=dict)
-    """Device and number of processes the models trained on."""
-
-    def metrics(self) -> dict:
-        """Every number of the study, JSON-ready."""
-        runs = {}
-        for name, run in self.runs.items():
-            runs[name] = {
-                "latent_dim": run.spec.latent_dim,
-                "loss": run.spec.loss,
-                "model_params": _jsonable(run.model.get_params()),
-                "history": run.model.history_,
-                "errors": run.errors,
-                "convergence_epoch": run.convergence_epoch,
-                "epoch_within_1pct_of_best": run.near_best_epoch,
-                "resumed": run.resumed,
-                "timings": {
-                    "fit_seconds": round(run.model.fit_seconds_, 3),
-                    "train_seconds": round(run.model.train_seconds_, 3),
-                    "train_cells_per_second": round(run.model.train_cells_per_second_, 1),
-                },
-            }
-        return {
-            "scae_version": __version__,
-            "dataset": self.dataset.summary(),
-            "config": self.config.to_dict(),
-            "split": {
-                "n_train": int(self.train_idx.size),
-                "n_test": int(self.test_idx.size),
-                "n_scored": int(self.embed_idx.size),
-            },
-            "environment": self.environment,
-            "outputs": {
-                "reconstructions": "results.h5ad layers (all cells)"
-                if self.sample_rows is None
-                else f"reconstructions.h5ad ({self.sample_rows.size} scored cells)",
-            },
-            "runs": runs,
-            "pca_baselines": self.pca_baselines,
-            "pca_explained_variance": self.explained_variance,
-            "representations": self.representations,
-            "timings": {k: round(v, 3) for k, v in self.timings.items()},
-        }
-
-    def to_anndata(self):
-        """AnnData with labels in ``obs``, latents and coordinates in ``obsm``, reconstructions
-        in ``layers``. Coordinates computed only on the scored sample are NaN elsewhere."""
-        adata = self.dataset.to_anndata()
-        adata.obs["split"] = pd.Categorical(
-            np.where(np.isin(np.arange(adata.n_obs), self.test_idx), "test", "train")
-        )
-        adata.obs["scored"] = np.isin(np.arange(adata.n_obs), self.embed_idx)
-        for name, run in self.runs.items():
-            adata.obsm[f"X_{name}"] = run.latent
-            if run.reconstruction is not None:
-                adata.layers[f"{name}_reconstruction"] = run.reconstruction
-        for key, coords in self.views.items():
-            if coords.shape[0] == adata.n_obs:
-                adata.obsm[key] = coords
-                continue
-            full = np.full((adata.n_obs, coords.shape[1]), np.nan, dtype=np.float32)
-            full[self.embed_idx] = coords
-            adata.obsm[key] = full
-        adata.uns["scae"] = {
-            "config": json.dumps(self.config.to_dict()),
-            "version": __version__,
-            "input": self.dataset.name,
-            "model_input": self.dataset.summary()["model_input"],
-        }
-        return adata
-
-    def sample_anndata(self):
-        """AnnData of the cells in ``sample_rows``: the model input in ``X``, reconstructions in
-        ``layers`` (``None`` when every reconstruction is kept in :meth:`to_anndata`)."""
-        if self.sample_rows is None:
-            return None
-        import anndata as ad
-
-        rows = self.sample_rows
-        data = self.dataset
-        source = data.X if data.on_disk else ArraySource(data.X, counts=data.counts)  # no densified copy
-        X = source.matrix(rows)
-        obs = pd.DataFrame(
-            {
-                "label": pd.Categorical(self.dataset.labels[rows]),
-                "split": pd.Categorical(np.where(np.isin(rows, self.test_idx), "test", "train")),
-            },
-            index=pd.Index(self.dataset.obs_names[rows].astype(str)),
-        )
-        var = pd.DataFrame(index=pd.Index(self.dataset.var_names.astype(str)))
-        adata = ad.AnnData(X=X, obs=obs, var=var)
-        for name, run in self.runs.items():
-            adata.layers[f"{name}_reconstruction"] = run.sample_reconstruction
-        return adata
-
-
-def _jsonable(params: dict) -> dict:
-    """Estimator parameters for JSON; ``progress`` is left out (it does not change results)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items() if k != "progress"}
-
-
-class _Stopwatch:
-    """Collects named stage durations."""
-
-    def __init__(self, verbose: bool) -> None:
-        self.timings: dict[str, float] = {}
-        self.verbose = verbose
-
-    @contextmanager
-    def stage(self, name: str, message: str | None = None):
-        if self.verbose and message:
-            print(f"scae: {message}", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        yield
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
 
 
 def available_cores() -> int:
@@ -305,7 +87,7 @@ def run_study(
     main = distributed is None or distributed.is_main
     if out_dir is not None and main:
         out_dir = prepare_output_dir(out_dir)
-    watch = _Stopwatch(config.progress and main)
+    watch = Stopwatch(config.progress and main)
     if data_seconds is not None:
         watch.timings["data"] = data_seconds
     labels, seed = dataset.labels, config.seed
@@ -444,23 +226,6 @@ def _train_runs(dataset, source, train_idx, test_idx, config, out_dir, distribut
                 _save_model(model, dataset, config, spec, Path(out_dir))
             models[spec.name] = (model, False)
     return models
-
-
-TRAINING_SETTINGS = ("epochs", "seed", "hidden", "activation", "batch_size", "learning_rate", "test_fraction")
-"""The study settings a trained model depends on (the others only change scoring and outputs)."""
-
-
-def _save_model(model: Autoencoder, dataset: Dataset, config: StudyConfig, spec: RunSpec, out_dir: Path) -> None:
-    """Write ``out_dir/models/<run>.pt``, tagged with the key ``--resume`` checks."""
-    model.save(out_dir / "models" / f"{spec.name}.pt", metadata={"study_key": _study_key(dataset, config, spec)})
-
-
-def _study_key(dataset: Dataset, config: StudyConfig, spec: RunSpec) -> str:
-    """Fingerprint of the input, the training settings and one run: equal keys, same model."""
-    settings = {key: value for key, value in config.to_dict().items() if key in TRAINING_SETTINGS}
-    settings["run"] = {"latent_dim": spec.latent_dim, "loss": spec.loss}
-    blob = json.dumps({"input": dataset.fingerprint(), "settings": settings}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _reusable_models(dataset: Dataset, config: StudyConfig, out_dir) -> dict[str, Autoencoder]:
@@ -652,87 +417,3 @@ def _check_config(config: StudyConfig, dataset: Dataset) -> None:
         raise ScaeInputError("epochs, batch size and t-SNE workers must be at least 1")
 
 
-def prepare_output_dir(out_dir: str | Path, remove_stale: bool = True) -> Path:
-    """Create ``out_dir`` and check it is writable; remove a previous run's report and metrics.
-
-    Removing ``report.html`` and ``metrics.json`` first means that, if this run is
-    interrupted, no complete-looking report from an earlier run is left beside new files.
-    """
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "figures").mkdir(exist_ok=True)
-        (out_dir / "models").mkdir(exist_ok=True)
-        check_writable(out_dir)
-        for name in ("report.html", "metrics.json") if remove_stale else ():
-            (out_dir / name).unlink(missing_ok=True)
-    except OSError as err:
-        reason = err.strerror or str(err)
-        raise ScaeInputError(
-            f"{out_dir}: cannot write the output directory ({reason}); expected a writable directory"
-        ) from None
-    return out_dir
-
-
-def make_figures(result: StudyResult) -> dict[str, object]:
-    """All figures of the study by file stem (matplotlib Figures)."""
-    from scae.report import figure_plan  # the report decides what each question shows
-
-    figures = {}
-    labels = result.dataset.labels[result.embed_idx]
-    for stem, spec in figure_plan(result).items():
-        if spec["kind"] == "loss":
-            figures[stem] = loss_curves(spec["histories"], spec["keys"], spec["title"])
-        else:
-            panels = [Panel(t, _embed_rows(result, key)[:, :2], *axes) for t, key, axes in spec["panels"]]
-            figures[stem] = scatter_panels(panels, labels, spec["title"])
-    return figures
-
-
-def _embed_rows(result: StudyResult, key: str) -> np.ndarray:
-    """Coordinates ``key`` (a view, or ``X_<run>`` for a latent) of the scored cells."""
-    latents = {f"X_{name}": run.latent for name, run in result.runs.items()}
-    coords = result.views[key] if key in result.views else latents[key]
-    return coords if coords.shape[0] == result.embed_idx.size else coords[result.embed_idx]
-
-
-def write_study(result: StudyResult, out_dir: str | Path) -> None:
-    """Write figures, models, ``results.h5ad``, ``metrics.json`` and finally ``report.html``.
-
-    For a result computed without an output directory; :func:`run_study` given one writes
-    the same files itself.
-    """
-    watch = _Stopwatch(False)
-    watch.timings = result.timings  # writing stages are added to the study's own timings
-    _write_outputs(result, prepare_output_dir(out_dir), watch)
-
-
-def _write_outputs(result: StudyResult, out_dir: Path, watch: _Stopwatch, models_saved: bool = False) -> None:
-    """Write every output into a prepared ``out_dir``; ``report.html`` comes last.
-
-    ``models_saved``: the models are in ``out_dir/models`` already (:func:`run_study` saves
-    each one as soon as it is trained, or reused it from there).
-    """
-    from scae.report import build_report
-
-    with watch.stage("figures", "drawing figures"):
-        images = {stem: png_bytes(fig) for stem, fig in make_figures(result).items()}
-        for stem, data in images.items():
-            write_bytes(out_dir / "figures" / f"{stem}.png", data)
-    with watch.stage("write_models_h5ad", "writing models and results.h5ad"):
-        for run in result.runs.values() if not models_saved else ():
-            _save_model(run.model, result.dataset, result.config, run.spec, out_dir)
-        with atomic_path(out_dir / "results.h5ad") as tmp:
-            result.to_anndata().write_h5ad(tmp)
-        sample = result.sample_anndata()
-        if sample is not None:
-            with atomic_path(out_dir / "reconstructions.h5ad") as tmp:
-                sample.write_h5ad(tmp)
-        else:
-            (out_dir / "reconstructions.h5ad").unlink(missing_ok=True)  # a stale one from a larger input
-    with watch.stage("report"):
-        metrics = result.metrics()
-        html = build_report(result, metrics, images)
-    metrics["timings"] = {k: round(v, 3) for k, v in watch.timings.items()}
-    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-    write_text(out_dir / "report.html", html)

@@ -1,0 +1,119 @@
+"""Writing a study's outputs: figures, models, ``results.h5ad``, ``metrics.json``, ``report.html``.
+
+The study (:mod:`scae.study`) computes a :class:`~scae.results.StudyResult`; this module turns
+it into files, asking :mod:`scae.report` what each figure shows and how the page reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from scae.data import Dataset
+from scae.errors import ScaeInputError
+from scae.files import atomic_path, check_writable, write_bytes, write_text
+from scae.models import Autoencoder
+from scae.plots import Panel, loss_curves, png_bytes, scatter_panels
+from scae.report import build_report, figure_plan
+from scae.results import RunSpec, Stopwatch, StudyConfig, StudyResult
+
+TRAINING_SETTINGS = ("epochs", "seed", "hidden", "activation", "batch_size", "learning_rate", "test_fraction")
+"""The study settings a trained model depends on (the others only change scoring and outputs)."""
+
+
+def _save_model(model: Autoencoder, dataset: Dataset, config: StudyConfig, spec: RunSpec, out_dir: Path) -> None:
+    """Write ``out_dir/models/<run>.pt``, tagged with the key ``--resume`` checks."""
+    model.save(out_dir / "models" / f"{spec.name}.pt", metadata={"study_key": _study_key(dataset, config, spec)})
+
+
+def _study_key(dataset: Dataset, config: StudyConfig, spec: RunSpec) -> str:
+    """Fingerprint of the input, the training settings and one run: equal keys, same model."""
+    settings = {key: value for key, value in config.to_dict().items() if key in TRAINING_SETTINGS}
+    settings["run"] = {"latent_dim": spec.latent_dim, "loss": spec.loss}
+    blob = json.dumps({"input": dataset.fingerprint(), "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def prepare_output_dir(out_dir: str | Path, remove_stale: bool = True) -> Path:
+    """Create ``out_dir`` and check it is writable; remove a previous run's report and metrics.
+
+    Removing ``report.html`` and ``metrics.json`` first means that, if this run is
+    interrupted, no complete-looking report from an earlier run is left beside new files.
+    """
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "figures").mkdir(exist_ok=True)
+        (out_dir / "models").mkdir(exist_ok=True)
+        check_writable(out_dir)
+        for name in ("report.html", "metrics.json") if remove_stale else ():
+            (out_dir / name).unlink(missing_ok=True)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise ScaeInputError(
+            f"{out_dir}: cannot write the output directory ({reason}); expected a writable directory"
+        ) from None
+    return out_dir
+
+
+def make_figures(result: StudyResult) -> dict[str, object]:
+    """All figures of the study by file stem (matplotlib Figures)."""
+    figures = {}
+    labels = result.dataset.labels[result.embed_idx]
+    for stem, spec in figure_plan(result).items():
+        if spec["kind"] == "loss":
+            figures[stem] = loss_curves(spec["histories"], spec["keys"], spec["title"])
+        else:
+            panels = [Panel(t, _embed_rows(result, key)[:, :2], *axes) for t, key, axes in spec["panels"]]
+            figures[stem] = scatter_panels(panels, labels, spec["title"])
+    return figures
+
+
+def _embed_rows(result: StudyResult, key: str) -> np.ndarray:
+    """Coordinates ``key`` (a view, or ``X_<run>`` for a latent) of the scored cells."""
+    latents = {f"X_{name}": run.latent for name, run in result.runs.items()}
+    coords = result.views[key] if key in result.views else latents[key]
+    return coords if coords.shape[0] == result.embed_idx.size else coords[result.embed_idx]
+
+
+def write_study(result: StudyResult, out_dir: str | Path) -> None:
+    """Write figures, models, ``results.h5ad``, ``metrics.json`` and finally ``report.html``.
+
+    For a result computed without an output directory; :func:`run_study` given one writes
+    the same files itself.
+    """
+    watch = Stopwatch(False)
+    watch.timings = result.timings  # writing stages are added to the study's own timings
+    _write_outputs(result, prepare_output_dir(out_dir), watch)
+
+
+def _write_outputs(result: StudyResult, out_dir: Path, watch: Stopwatch, models_saved: bool = False) -> None:
+    """Write every output into a prepared ``out_dir``; ``report.html`` comes last.
+
+    ``models_saved``: the models are in ``out_dir/models`` already (:func:`run_study` saves
+    each one as soon as it is trained, or reused it from there).
+    """
+    with watch.stage("figures", "drawing figures"):
+        images = {stem: png_bytes(fig) for stem, fig in make_figures(result).items()}
+        for stem, data in images.items():
+            write_bytes(out_dir / "figures" / f"{stem}.png", data)
+    with watch.stage("write_models_h5ad", "writing models and results.h5ad"):
+        for run in result.runs.values() if not models_saved else ():
+            _save_model(run.model, result.dataset, result.config, run.spec, out_dir)
+        with atomic_path(out_dir / "results.h5ad") as tmp:
+            result.to_anndata().write_h5ad(tmp)
+        sample = result.sample_anndata()
+        if sample is not None:
+            with atomic_path(out_dir / "reconstructions.h5ad") as tmp:
+                sample.write_h5ad(tmp)
+        else:
+            (out_dir / "reconstructions.h5ad").unlink(missing_ok=True)  # a stale one from a larger input
+    with watch.stage("report"):
+        metrics = result.metrics()
+        html = build_report(result, metrics, images)
+    metrics["timings"] = {k: round(v, 3) for k, v in watch.timings.items()}
+    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    write_text(out_dir / "report.html", html)
