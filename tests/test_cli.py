@@ -500,8 +500,8 @@ def test_previous_report_kept_when_input_is_bad(small_files, study_out, capsys):
 @pytest.mark.parametrize(
     "argv,needle",
     [
-        (["study", "--out", "x", "--epochs", "0"], "positive integer"),
-        (["study", "--out", "x", "--hidden", "-3"], "positive integer"),
+        (["study", "--out", "x", "--epochs", "0"], "expected an integer in [1, 1000000], got 0"),
+        (["study", "--out", "x", "--hidden", "-3"], "expected an integer in [1, 100000], got -3"),
         (["study", "--out", "x", "--activation", "swish"], "invalid choice"),
         (["study"], "--out"),
         (["bogus"], "invalid choice"),
@@ -560,5 +560,5 @@ def test_study_refuses_to_overwrite_its_h5ad_input(tmp_path, capsys):
     before = source.read_bytes()
     code = main(["study", "--h5ad", str(source), "--label-key", "label", "--out", str(out), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and "would overwrite it" in err and err.startswith("scae: error:")
+    assert code == 2 and "the study would remove or overwrite it" in err and err.startswith("scae: error:")
     assert source.read_bytes() == before

@@ -14,7 +14,15 @@ import pytest
 import scipy.sparse as sp
 
 from scae import Dataset, ScaeInputError, make_dataset, read_counts_labels, read_h5ad
-from scae.data import as_matrix, read_labels_txt, stratified_split
+from scae.data import (
+    MAX_ABS_VALUE,
+    as_matrix,
+    continuous_labels,
+    min_cells_for_test,
+    read_labels_txt,
+    stratified_split,
+    train_only_labels,
+)
 
 
 # ---------------------------------------------------------------- helpers
@@ -249,11 +257,11 @@ def test_label_count_mismatch_names_both_counts(tmp_path):
     assert "7 cells" in msg
 
 
-def test_single_label_refused(tmp_path):
+def test_single_label_refused_naming_the_labels_file(tmp_path):
     counts, lab = write_pair(tmp_path, blob(6, 4), ["same"] * 6)
     msg = input_error(read_counts_labels, counts, lab)
-    assert str(counts) in msg
-    assert "only 1 distinct label" in msg
+    assert msg == (f"{lab}: the labels file has only 1 distinct label ('same') for all 6 cells; "
+                   "expected at least 2 labels (cell populations) to compare")
 
 
 def test_empty_line_inside_labels(tmp_path):
@@ -264,7 +272,7 @@ def test_empty_line_inside_labels(tmp_path):
 
 
 def test_labels_not_utf8(tmp_path):
-    counts, lab = write_pair(tmp_path, blob(2, 3), ["a", "b"])
+    _, lab = write_pair(tmp_path, blob(2, 3), ["a", "b"])
     lab.write_bytes(b"a\n\xff\xfe\n")
     msg = input_error(read_labels_txt, lab)
     assert str(lab) in msg and "UTF-8" in msg
@@ -326,9 +334,12 @@ def test_read_h5ad_unknown_layer_lists_layers(h5ad_files):
     assert "available layers: none" in msg
 
 
-def test_read_h5ad_single_label_refused(h5ad_files):
-    msg = input_error(read_h5ad, h5ad_files["dense"], "batch")
-    assert str(h5ad_files["dense"]) in msg and "only 1 distinct label" in msg
+@pytest.mark.parametrize("kind,stream", [("dense", None), ("sparse", None), ("sparse", True)])
+def test_read_h5ad_single_label_refused_naming_the_obs_column(h5ad_files, kind, stream):
+    msg = input_error(read_h5ad, h5ad_files[kind], "batch", stream=stream)
+    assert msg == (f"{h5ad_files[kind]}: obs column 'batch' has only 1 distinct label ('b1') for all 15 cells; "
+                   "expected at least 2 labels (cell populations) to compare; "
+                   "categorical columns in this file: cell_type, batch")
 
 
 def test_read_h5ad_missing_labels_refused(tmp_path):
@@ -336,7 +347,7 @@ def test_read_h5ad_missing_labels_refused(tmp_path):
     path = tmp_path / "m.h5ad"
     ad.AnnData(X=blob(4, 3), obs=obs).write_h5ad(path)
     msg = input_error(read_h5ad, path, "ct")
-    assert str(path) in msg and "without a label" in msg and "cell 1" in msg
+    assert msg.startswith(f"{path}: obs column 'ct' leaves 1 cell(s) without a label, first at cell 1;")
 
 
 @pytest.mark.parametrize("content", ["not an h5ad file\n", ""])
@@ -374,9 +385,9 @@ def test_make_dataset_errors():
     msg = input_error(make_dataset, blob(4, 3), ["a", "b", "a"], source="src.npy")
     assert "src.npy" in msg and "3 labels" in msg and "4 cells" in msg
     msg = input_error(make_dataset, blob(3, 3), ["a", None, "b"], source="src.npy")
-    assert "without a label" in msg and "cell 1" in msg
+    assert msg == "labels: the label array leaves 1 cell(s) without a label, first at cell 1; expected a label for every cell"
     msg = input_error(make_dataset, blob(3, 3), ["a", "a", "a"], source="src.npy")
-    assert "only 1 distinct label" in msg
+    assert msg.startswith("labels: the label array has only 1 distinct label ('a') for all 3 cells;")
 
 
 def test_as_matrix_accepts_anndata_sparse_and_ints():
@@ -466,23 +477,71 @@ def test_split_is_deterministic_per_seed():
 
 
 @pytest.mark.parametrize(
-    "labels",
+    "labels,largest",
     [
-        ["a", "a", "a", "b"],  # label 'b' has a single cell
-        ["a", "a", "b", "b"],  # 1 test cell for 2 labels
-        ["a"] * 3 + ["b"] * 3 + ["c"] * 3,  # 2 test cells for 3 labels
+        (["a", "a", "a", "b"], 3),  # no label has the 5 cells a 20% test share needs
+        (["a", "a", "b", "b"], 2),
+        (["a"] * 3 + ["b"] * 3 + ["c"] * 4, 4),
     ],
 )
-def test_split_too_few_cells(labels):
+def test_split_too_few_cells(labels, largest):
     msg = input_error(stratified_split, np.array(labels), 0.2, 0)
-    assert "too few cells" in msg
-    assert f"{len(labels)} cells" in msg
-    assert f"{len(set(labels))} labels" in msg
+    assert msg == (
+        f"too few cells for a 80%/20% train/test split: {len(labels)} cells, {len(set(labels))} labels, "
+        f"the largest with {largest} cell(s); expected at least one label with 5 or more cells "
+        "(labels with fewer go to the training cells only)"
+    )
 
 
-def test_split_smallest_label_named():
-    msg = input_error(stratified_split, np.array(["a"] * 10 + ["rare"]), 0.2, 0)
-    assert "label 'rare' has 1 cell(s)" in msg
+def test_split_test_fraction_leaving_too_few_training_cells():
+    msg = input_error(stratified_split, np.array(["a"] * 3 + ["b"] * 3), 0.9, 0)
+    assert msg == ("too few cells for a 10%/90% train/test split: 6 test cells leave 0 training cells for "
+                   "2 labels; expected a smaller test fraction or more cells")
+
+
+@pytest.mark.parametrize("fraction", [0, 1, -0.2, 1.5, float("nan"), "0.2"])
+def test_split_test_fraction_must_lie_between_0_and_1(fraction):
+    msg = input_error(stratified_split, np.array(["a", "b"] * 10), fraction, 0)
+    assert msg == f"test_fraction={fraction!r}; expected a number between 0 and 1 (exclusive)"
+
+
+# ---------------------------------------------------------------- rare labels: training cells only
+@pytest.mark.parametrize("fraction,least", [(0.2, 5), (0.25, 4), (0.3, 4), (0.1, 10), (0.5, 2), (0.9, 2)])
+def test_min_cells_for_test(fraction, least):
+    assert min_cells_for_test(fraction) == least
+    assert math.floor(least * fraction + 1e-9) >= 1  # enough for one test cell
+    assert least == 2 or (least - 1) * fraction < 1  # and no fewer would do
+
+
+def test_train_only_labels_counts_labels_below_a_test_share():
+    labels = np.array(["big"] * 20 + ["four"] * 4 + ["five"] * 5 + ["one"])
+    assert train_only_labels(labels, 0.2) == {"four": 4, "one": 1}
+    assert train_only_labels(labels, 0.5) == {"one": 1}
+    assert train_only_labels(np.array(["a"] * 5 + ["b"] * 5), 0.2) == {}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_puts_rare_labels_in_training_cells_and_stratifies_the_rest(seed):
+    labels = np.array(["A"] * 50 + ["B"] * 30 + ["single"] + ["few"] * 3 + ["C"] * 5)
+    rng = np.random.default_rng(seed)
+    labels = labels[rng.permutation(labels.size)]
+    train, test = stratified_split(labels, 0.2, seed)
+    assert set(labels[test]) == {"A", "B", "C"}  # every splittable label has test cells
+    assert sorted(labels[train].tolist()).count("single") == 1 and (labels[train] == "few").sum() == 3
+    assert test.size == math.ceil(0.2 * 85)  # the share of the 85 splittable cells
+    assert [(labels[test] == c).sum() for c in "ABC"] == [10, 6, 1]
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(labels.size))
+
+
+def test_split_without_rare_labels_is_unchanged():
+    """No rare label: exactly scikit-learn's stratified split of every cell (the split before)."""
+    from sklearn.model_selection import train_test_split
+
+    labels = split_labels(300, seed=4)
+    train, test = stratified_split(labels, 0.2, 3)
+    expected = train_test_split(np.arange(300), test_size=60, stratify=labels, random_state=3)
+    np.testing.assert_array_equal(train, np.sort(expected[0]))
+    np.testing.assert_array_equal(test, np.sort(expected[1]))
 
 
 def test_read_h5ad_without_X_needs_layer(tmp_path):
@@ -514,3 +573,243 @@ def test_npy_header_promising_more_than_the_file_holds_is_refused(tmp_path, shap
     (tmp_path / "labels.txt").write_text("a\nb\n")
     with pytest.raises(ScaeInputError, match=r"header declares a .* matrix \(.* bytes\) but the file holds only 400 bytes"):
         read_counts_labels(path, tmp_path / "labels.txt")
+
+
+# ---------------------------------------------------------------- degenerate matrices
+def no_variation_matrices():
+    varied = blob(10, 4)
+    return {
+        "zeros": (np.zeros((10, 4), dtype=np.float32), "every value is 0, so there is no expression to learn from"),
+        "constant": (np.full((10, 4), 2.5), "every value is 2.5, so there is no structure to learn"),
+        "constant ints": (np.full((10, 4), 3, dtype=np.int64), "every value is 3, so there is no structure to learn"),
+        "constant bool": (np.ones((10, 4), dtype=bool), "every value is 1, so there is no structure to learn"),
+        "identical cells": (
+            np.tile(varied[:1], (10, 1)),
+            ("all 10 cells have the same values (every gene is constant across cells), "
+             "so there is no structure to learn"),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(no_variation_matrices()))
+@pytest.mark.parametrize("how", ["memory", "memory sparse", "npy", "npy streamed", "h5ad", "h5ad streamed"])
+def test_matrix_without_variation_is_refused_up_front(tmp_path, case, how):
+    X, problem = no_variation_matrices()[case]
+    labels = labels_for(10, 2)
+    if how.startswith("memory"):
+        source = "m"
+        read = lambda: make_dataset(sp.csr_matrix(X) if "sparse" in how else X, labels, source="m")
+    elif how.startswith("npy"):
+        counts, lab = write_pair(tmp_path, X, labels)
+        source = str(counts)
+        read = lambda: read_counts_labels(counts, lab, stream="streamed" in how)
+    else:
+        path = tmp_path / "d.h5ad"
+        obs = pd.DataFrame({"ct": pd.Categorical(labels)}, index=[f"c{i}" for i in range(10)])
+        ad.AnnData(X=sp.csr_matrix(X), obs=obs).write_h5ad(path)
+        source = f"{path} X"
+        read = lambda: read_h5ad(path, "ct", stream=True if "streamed" in how else None)
+    assert input_error(read) == f"{source}: {problem}; expected expression values that differ between cells"
+
+
+def test_zero_variance_genes_are_counted_not_refused(tmp_path):
+    X = blob(10, 5)
+    X[:, 1:] = 7.0  # one varying gene, four constant ones
+    ds = make_dataset(X, labels_for(10, 2))
+    assert ds.summary()["constant_genes"] == 4
+    assert make_dataset(sp.csr_matrix(X), labels_for(10, 2)).summary()["constant_genes"] == 4
+    counts, lab = write_pair(tmp_path, X, labels_for(10, 2))
+    assert read_counts_labels(counts, lab, stream=True).summary()["constant_genes"] == 4
+
+
+@pytest.mark.parametrize("how", ["memory", "sparse", "npy", "npy streamed", "h5ad streamed"])
+def test_huge_values_are_refused_with_position_and_value(tmp_path, how):
+    X = blob(6, 4).astype(np.float64)
+    X[2, 3], X[4, 1] = 1e300, -3e13  # 1e300 overflows float32 to infinity; both overflow squared errors
+    if how in ("memory", "sparse"):
+        matrix = sp.csr_matrix(X) if how == "sparse" else X
+        source, read = "m", lambda: make_dataset(matrix, labels_for(6, 2), source="m")
+    elif how.startswith("npy"):
+        counts, lab = write_pair(tmp_path, X, labels_for(6, 2))
+        source, read = str(counts), lambda: read_counts_labels(counts, lab, stream=how.endswith("streamed"))
+    else:
+        path = tmp_path / "d.h5ad"
+        obs = pd.DataFrame({"ct": pd.Categorical(labels_for(6, 2))}, index=[f"c{i}" for i in range(6)])
+        ad.AnnData(X=sp.csr_matrix(X), obs=obs).write_h5ad(path)
+        source, read = f"{path} X", lambda: read_h5ad(path, "ct", stream=True)
+    count = "" if "streamed" in how else "2 "  # a streamed check stops at the first block with one
+    assert input_error(read) == (
+        f"{source}: {count}huge value(s) beyond ±1e+12, first at row 2, column 3 (1e+300); expected values of "
+        "magnitude at most 1e+12 (scae computes in 32-bit floats, where their squares overflow); rescale the matrix"
+    )
+
+
+def test_large_values_within_the_limit_are_kept():
+    X = blob(6, 4).astype(np.float64) * 1e11 + 0.5
+    ds = make_dataset(X, labels_for(6, 2), normalize="none")
+    np.testing.assert_array_equal(ds.X, X.astype(np.float32))
+    assert np.abs(ds.X).max() <= MAX_ABS_VALUE
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64", "int32", "int64", "uint8", "bool", "longdouble"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_npy_of_any_numeric_dtype_reads_as_float32(tmp_path, dtype, stream):
+    X = (blob(9, 4) * 3).astype(dtype)
+    counts, lab = write_pair(tmp_path, X, labels_for(9, 3))
+    ds = read_counts_labels(counts, lab, stream=stream)
+    got = ds.X.read(slice(None)) if stream else ds.X
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, X.astype(np.float32))
+    assert ds.counts == (dtype not in ("float16", "float64", "longdouble"))  # whole non-negative numbers
+
+
+@pytest.mark.parametrize(
+    "dtype,sparse",
+    [(dtype, sparse) for dtype in ["float16", "int32", "uint8", "bool"] for sparse in (False, True)
+     if not (sparse and dtype == "float16")],  # scipy.sparse has no float16
+)
+def test_h5ad_of_any_numeric_dtype_reads_as_float32(tmp_path, dtype, sparse):
+    X = (blob(9, 4) * 3).astype(dtype)
+    path = tmp_path / "d.h5ad"
+    obs = pd.DataFrame({"ct": pd.Categorical(labels_for(9, 3))}, index=[f"c{i}" for i in range(9)])
+    ad.AnnData(X=sp.csr_matrix(X) if sparse else X, obs=obs).write_h5ad(path)
+    ds = read_h5ad(path, "ct")
+    got = ds.X.toarray() if sp.issparse(ds.X) else ds.X
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, X.astype(np.float32))
+
+
+@pytest.mark.parametrize("damage", ["column outside", "short data"])
+def test_damaged_sparse_structure_is_refused(damage):
+    X = sp.csr_matrix(blob(4, 3))
+    if damage == "column outside":
+        X.indices[0] = 7  # scipy would write out of bounds when densifying
+    else:
+        X.data = X.data[:2]
+    msg = input_error(make_dataset, X, labels_for(4, 2), source="m")
+    assert msg.startswith("m: damaged sparse matrix (") and msg.endswith("expected a valid CSR/CSC matrix")
+
+
+def test_npy_header_that_numpy_cannot_tokenize_is_one_line(tmp_path):
+    counts, lab = write_pair(tmp_path, blob(4, 3), labels_for(4, 2))
+    raw = bytearray(counts.read_bytes())
+    raw[10] = ord("(")  # an unbalanced bracket in the header dictionary
+    counts.write_bytes(bytes(raw))
+    msg = input_error(read_counts_labels, counts, lab)
+    assert msg.startswith(f"{counts}: ") and "NumPy .npy file" in msg
+
+
+def test_npy_larger_than_available_memory_is_refused(tmp_path, monkeypatch):
+    import scae.data
+
+    counts, lab = write_pair(tmp_path, blob(40, 30).astype(np.float64), labels_for(40, 2))
+    monkeypatch.setattr(scae.data, "_available_memory", lambda: 1000)
+    msg = input_error(read_counts_labels, counts, lab)
+    assert msg == (f"{counts}: loading it takes 0.0 GiB but only 0.0 GiB of memory is available; "
+                   "stream it from disk instead (--stream)")
+    read_counts_labels(counts, lab, stream=True)  # streaming needs no such memory
+
+
+# ---------------------------------------------------------------- label files and label columns
+def test_labels_txt_line_endings_and_unicode_separators(tmp_path):
+    path = tmp_path / "labels.txt"
+    path.write_bytes("a\rb\r\nc\nΩ\u2028x\n".encode())  # old-Mac, Windows and Unix endings
+    assert read_labels_txt(path) == ["a", "b", "c", "Ω\u2028x"]  # U+2028 is no line break here
+
+
+@pytest.mark.parametrize("char,shown", [("\x00", "'\\x00'"), ("\x1b", "'\\x1b'"), ("\x85", "'\\x85'")])
+def test_labels_txt_control_characters_refused(tmp_path, char, shown):
+    path = tmp_path / "labels.txt"
+    path.write_text(f"a\nb{char}c\n", encoding="utf-8")
+    assert input_error(read_labels_txt, path) == (
+        f"{path}: line 2 holds the control character {shown}; expected one printable label per line"
+    )
+
+
+def test_nul_in_label_array_refused():
+    msg = input_error(make_dataset, blob(3, 3), ["a", "b\x00c", "a"])
+    assert msg == "labels: the label array has a NUL character in the label of cell 1; expected printable labels"
+
+
+def h5ad_with_obs(tmp_path, columns: dict) -> Path:
+    n = len(next(iter(columns.values())))
+    rng = np.random.default_rng(0)
+    X = rng.gamma(1.0, 1.0, size=(n, 4)).astype(np.float32)
+    obs = pd.DataFrame(columns, index=[f"c{i}" for i in range(n)])
+    path = tmp_path / "obs.h5ad"
+    ad.AnnData(X=sp.csr_matrix(X), obs=obs).write_h5ad(path)
+    return path
+
+
+@pytest.mark.parametrize("stream", [None, True])
+def test_continuous_obs_column_refused_with_categorical_columns_named(tmp_path, stream):
+    rng = np.random.default_rng(1)
+    path = h5ad_with_obs(tmp_path, {
+        "cell_type": pd.Categorical(rng.choice(["B", "T"], 300)),
+        "total_counts": rng.gamma(2.0, 1000.0, 300).astype(np.float32),
+        "batch": rng.choice(["b1", "b2"], 300),
+        "leiden": rng.integers(0, 12, 300),
+    })
+    msg = input_error(read_h5ad, path, "total_counts", stream=stream)
+    assert msg == (f"{path}: obs column 'total_counts' holds continuous numbers (300 distinct values), not cell "
+                   "labels; expected one cell-type label per cell; categorical columns in this file: cell_type, batch")
+    assert read_h5ad(path, "leiden").classes.size == 12  # integer cluster ids are labels
+
+
+@pytest.mark.parametrize(
+    "values,continuous",
+    [
+        (np.arange(300) % 12, None),  # cluster ids
+        (np.arange(300) % 60, None),  # 60 whole-number ids, 5 cells each
+        ((np.arange(300) % 5) + 0.5, None),  # few decimals: sub-clusters or doses
+        (np.arange(300) * 1.0, "continuous numbers (300 distinct values)"),  # whole, but one per cell
+        (np.arange(300) / 7, "continuous numbers (300 distinct values)"),
+        (np.arange(3000) % 1500, "continuous numbers (1500 distinct values)"),  # half the cells, but > 1000
+        (np.arange(300) % 100 / 3, "continuous numbers (100 distinct values)"),  # non-whole, > 50 distinct
+        (np.arange(40) / 7, None),  # 40 values are too few to tell
+        (pd.Categorical(np.arange(300) / 7), None),  # a categorical column is labels by declaration
+        (np.array([str(v) for v in np.arange(300) / 7]), "continuous numbers (300 distinct values)"),  # as text
+        (np.array(["nan", "inf"] * 150), None),
+        (np.array([True, False] * 150), None),
+    ],
+)
+def test_continuous_labels_rule(values, continuous):
+    assert continuous_labels(values) == continuous
+
+
+def test_labels_txt_of_distinct_numbers_refused(tmp_path):
+    values = np.random.default_rng(2).normal(size=80)
+    counts, lab = write_pair(tmp_path, blob(80, 4), [repr(float(v)) for v in values])
+    assert input_error(read_counts_labels, counts, lab) == (
+        f"{lab}: the labels file holds continuous numbers (80 distinct values), not cell labels; expected one "
+        "cell-type label per cell; write labels that are numbers with a letter in front (e.g. c1.5) if they "
+        "really are labels"
+    )
+
+
+def test_numeric_label_array_passes_as_categorical():
+    values = np.arange(60) / 7
+    with pytest.raises(ScaeInputError, match="give them as a pandas.Categorical if these numbers are labels"):
+        make_dataset(blob(60, 4), values)
+    assert make_dataset(blob(60, 4), pd.Categorical(values)).classes.size == 60
+
+
+# ---------------------------------------------------------------- h5ad files the HDF5 library cannot survive
+@pytest.mark.parametrize(
+    "probe,problem",
+    [
+        ("import time; time.sleep(30)",
+         "reading its HDF5 structure did not finish in 0.5 s, as happens with a damaged file"),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
+         "the HDF5 library crashed reading it (signal 11), as happens with a damaged file"),
+    ],
+)
+def test_h5ad_that_hangs_or_crashes_the_hdf5_library_is_refused(h5ad_files, monkeypatch, probe, problem):
+    """Some damaged files make HDF5 loop forever or crash; the structure is walked in a child process."""
+    import scae.data
+
+    monkeypatch.setattr(scae.data, "_H5AD_PROBE", probe)
+    monkeypatch.setattr(scae.data, "H5AD_PROBE_SECONDS", 0.5)
+    assert input_error(read_h5ad, h5ad_files["dense"], "cell_type") == (
+        f"{h5ad_files['dense']}: {problem}; expected an intact AnnData .h5ad file"
+    )

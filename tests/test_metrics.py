@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scae.embeddings import fit_pca, pca_coordinates, subsample_indices, tsne_coordinates
-from scae.metrics import cluster_scores, convergence_epoch, linear_separability, pca_reconstruction_errors
+from scae.embeddings import (
+    fit_pca,
+    pca_coordinates,
+    subsample_indices,
+    tsne_coordinates,
+)
+from scae.metrics import (
+    cluster_scores,
+    convergence_epoch,
+    linear_separability,
+    pca_reconstruction_errors,
+)
 
 
 def blobs(n_per=60, k=3, dims=8, spread=0.3, seed=0):
@@ -263,3 +276,102 @@ def test_cluster_scores_silhouette_sample_matches_sklearn_sample():
     labels = rng.integers(0, 3, 400).astype(str)
     scores = cluster_scores(X, labels, n_seeds=1, seed=7, silhouette_max_cells=150)
     assert scores["silhouette"] == pytest.approx(silhouette_score(X, labels, sample_size=150, random_state=7), abs=1e-5)
+
+
+# ---------------------------------------------------------------- degenerate representations, rare labels
+@contextmanager
+def strict_warnings():
+    """Every warning becomes an error (no library warning may reach the user)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("value", [0.0, 2.5])
+def test_fit_pca_of_constant_input_has_zero_variance_not_nan(sparse, value):
+    X = np.full((40, 12), value, dtype=np.float32)
+    with strict_warnings():
+        pca = fit_pca(sp.csr_matrix(X) if sparse else X, 5)
+        coords = pca.transform(X)
+    assert pca.n_components_ == 5
+    np.testing.assert_array_equal(pca.explained_variance_ratio_, np.zeros(5))
+    np.testing.assert_array_equal(pca.explained_variance_, np.zeros(5))
+    np.testing.assert_allclose(coords, 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("X", [np.zeros((60, 6)), np.ones((60, 6)), np.tile(np.arange(6.0), (60, 1))])
+def test_tsne_of_identical_points_is_finite(X):
+    """All points equal: PCA initialisation would be NaN (and crash openTSNE's compiled code)."""
+    from scae.embeddings import TSNEConfig, initial_layout
+
+    layout = initial_layout(X, seed=0)
+    assert layout.shape == (60, 2) and np.isfinite(layout).all()
+    assert 5e-5 < layout.std(axis=0).min() < 2e-4  # openTSNE's scale: standard deviation 1e-4
+    with strict_warnings():
+        coords = tsne_coordinates(X, seed=0, config=TSNEConfig(early_exaggeration_iter=20, n_iter=20))
+    assert coords.shape == (60, 2) and np.isfinite(coords).all()
+
+
+def test_initial_layout_is_openTSNE_pca_for_ordinary_input():
+    from openTSNE import initialization
+
+    from scae.embeddings import initial_layout
+
+    X, _ = blobs()
+    np.testing.assert_array_equal(initial_layout(X, seed=3), initialization.pca(X, random_state=3))
+
+
+def test_cluster_scores_of_a_collapsed_representation_are_zero_without_warnings():
+    _, y = blobs()
+    with strict_warnings():
+        scores = cluster_scores(np.ones((y.size, 4), dtype=np.float32), y, n_seeds=2)
+    assert scores == {"ari": 0.0, "ari_std": 0.0, "nmi": 0.0, "nmi_std": 0.0, "silhouette": 0.0}
+
+
+def test_cluster_scores_with_singleton_labels():
+    X, y = blobs()
+    y = y.astype(object)
+    y[0], y[1] = "alone", "also alone"
+    with strict_warnings():
+        scores = cluster_scores(X, y, n_seeds=2)
+    assert 0.5 < scores["ari"] <= 1.0 and -1.0 <= scores["silhouette"] <= 1.0  # 5 labels, 3 blobs
+
+
+def test_cluster_scores_silhouette_is_zero_when_every_cell_is_its_own_label():
+    X, _ = blobs(n_per=4)
+    scores = cluster_scores(X, np.array([f"c{i}" for i in range(12)]), n_seeds=1)
+    assert scores["silhouette"] == 0.0
+
+
+def test_linear_separability_with_a_label_seen_only_in_training():
+    """A train-only label: no scikit-learn warning; balanced accuracy over the test labels."""
+    X, y = blobs()
+    y = y.astype(object)
+    rare = np.flatnonzero(y == "c2")[:3]
+    y[rare] = "rare"
+    train = np.setdiff1d(np.arange(y.size), rare[1:])[::2]
+    train = np.union1d(train, rare[:1])
+    test = np.setdiff1d(np.arange(y.size), np.union1d(train, rare))
+    with strict_warnings():
+        accuracy = linear_separability(X[train], y[train], X[test], y[test])
+    assert "rare" in set(y[train]) and "rare" not in set(y[test])
+    assert accuracy == pytest.approx(1.0)
+
+
+def test_balanced_accuracy_counts_predicted_train_only_labels_as_wrong():
+    from sklearn.metrics import balanced_accuracy_score
+
+    from scae.metrics import balanced_accuracy
+
+    y_true = np.array(["a", "a", "a", "b", "b", "c"])
+    y_pred = np.array(["a", "a", "b", "b", "b", "c"])
+    assert balanced_accuracy(y_true, y_pred) == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+    y_pred = np.array(["a", "rare", "a", "b", "rare", "c"])  # 'rare' is not among the test labels
+    assert balanced_accuracy(y_true, y_pred) == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    assert balanced_accuracy(np.array([]), np.array([])) == 0.0
+
+
+def test_linear_separability_with_one_training_label_predicts_it():
+    X, y = blobs()
+    assert linear_separability(X[:10], np.array(["c0"] * 10), X, y) == pytest.approx(1 / 3)

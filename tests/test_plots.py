@@ -35,3 +35,14 @@ def test_labels_with_dollar_signs_do_not_break_figures():
     labels = np.array(["$\\x{$"] * 10 + ["T cells"] * 10)
     fig = scatter_panels([Panel("p", rng.normal(size=(20, 2)))], labels, "title")
     assert png_bytes(fig)[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_loss_curves_have_whole_number_epoch_ticks(epochs):
+    history = [{"epoch": e, "test_mse": 2.0 / (e + 1)} for e in range(epochs + 1)]
+    fig = loss_curves({"a": history, "b": history}, ["test_mse"], "loss")  # ticks read before rendering
+    (ax,) = fig.axes
+    low, high = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if low <= t <= high]
+    assert ticks == [float(e) for e in range(epochs + 1)]
+    assert ax.xaxis.get_major_formatter().format_ticks(ticks) == [str(e) for e in range(epochs + 1)]

@@ -31,7 +31,7 @@ def test_pbmc68k_reduced_study(tmp_path):
     assert {p.stem for p in (tmp_path / "models").glob("*.pt")} == set(result.runs)
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["split"] == {"n_train": 560, "n_test": 140, "n_scored": 700}
+    assert metrics["split"] == {"n_train": 560, "n_test": 140, "n_scored": 700, "train_only_labels": {}}
     for name, run in metrics["runs"].items():
         assert len(run["history"]) == 6
         for part in ("train", "test"):

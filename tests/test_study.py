@@ -9,30 +9,13 @@ import pytest
 
 import scae
 from scae.embeddings import BackgroundTSNE, TSNEConfig, tsne_coordinates
-from scae.errors import ScaeInputError
-from scae.study import RunSpec, StudyConfig, prepare_output_dir
+from scae.study import RunSpec, StudyConfig
 
 FAST_TSNE = TSNEConfig(early_exaggeration_iter=30, n_iter=30)
 
 
 def fast_config(**kwargs) -> StudyConfig:
     return StudyConfig(epochs=1, progress=False, kmeans_seeds=1, tsne=FAST_TSNE, hidden=(16,), **kwargs)
-
-
-def test_prepare_output_dir(tmp_path):
-    out = tmp_path / "a" / "b"
-    assert prepare_output_dir(out) == out
-    assert (out / "figures").is_dir() and (out / "models").is_dir()
-    for name in ("report.html", "metrics.json"):
-        (out / name).write_text("old")
-    (out / "results.h5ad").write_text("old")
-    prepare_output_dir(out)
-    assert not (out / "report.html").exists() and not (out / "metrics.json").exists()
-    assert (out / "results.h5ad").read_text() == "old"  # replaced atomically later, not removed
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    with pytest.raises(ScaeInputError, match="cannot write the output directory"):
-        prepare_output_dir(blocker)
 
 
 def test_study_config_to_dict_is_json():

@@ -24,6 +24,8 @@ _EXPORTS = {
     "ScaeInputError": "scae.errors",
     "StudyConfig": "scae.results",
     "StudyResult": "scae.results",
+    "TrainingDivergedError": "scae.training",
+    "write_study": "scae.outputs",
     "make_dataset": "scae.data",
     "read_counts_labels": "scae.data",
     "read_h5ad": "scae.data",

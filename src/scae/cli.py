@@ -7,22 +7,64 @@ status 2 (no traceback).
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import os
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
 from scae import __version__
+from scae import params as rules
 from scae.errors import ScaeInputError
+from scae.interrupts import Interrupted, kill_child_processes, signals_raise_interrupted
 
 EXIT_USAGE = 2
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``scae: error: …``, exit 2), no usage block.
+
+    Subparsers inherit the class (``add_subparsers`` uses the parser's own type). Options whose
+    ranges depend on each other (the network's size) are checked after parsing.
+    """
+
+    def error(self, message: str, prog: str | None = None) -> NoReturn:
+        message = " ".join(message.split())  # one line, whatever the value held
+        self.exit(EXIT_USAGE, f"scae: error: {message} (see '{prog or self.prog} --help')\n")
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        parsed = super().parse_args(args, namespace)
+        hidden = getattr(parsed, "hidden", None)
+        if hidden is not None:  # the part of the network's size that does not depend on the genes
+            latent = getattr(parsed, "latent", STUDY_MAX_LATENT)
+            count = rules.network_parameters(0, latent, tuple(hidden))
+            if count > rules.MAX_PARAMETERS:
+                self.error(
+                    f"argument --hidden: widths {' '.join(map(str, hidden))} with latent size {latent} give the "
+                    f"network {count:,} parameters before any gene is counted; at most {rules.MAX_PARAMETERS:,} "
+                    "are allowed: choose smaller widths",
+                    prog=f"{self.prog} {parsed.command}",
+                )
+        if parsed.command == "simulate" and parsed.cells * parsed.genes > SIMULATE_MAX_ENTRIES:
+            self.error(
+                f"argument --cells: {parsed.cells} cells × {parsed.genes} genes is more than "
+                f"{SIMULATE_MAX_ENTRIES:,} entries (the matrix is written dense, 4 bytes per entry)",
+                prog=f"{self.prog} simulate",
+            )
+        return parsed
+
+
+STUDY_MAX_LATENT = 50
+"""Largest latent size the study trains (:data:`scae.results.DEFAULT_RUNS`)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="scae",
         description="Single-cell autoencoders: train, embed, reconstruct, and measure cluster structure.",
     )
@@ -38,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input_arguments(study)
     study.add_argument("--out", type=Path, required=True, help="output directory")
     _add_training_arguments(study)
-    study.add_argument("--max-embed-cells", type=_positive_int, default=20_000,
+    study.add_argument("--max-embed-cells", type=_option(rules.AT_LEAST_ONE), default=20_000,
                        help="cells sampled for t-SNE, scatter plots and cluster scores (default 20000)")
     study.add_argument("--resume", action="store_true",
                        help="reuse the models an interrupted study already trained in OUT/models "
@@ -53,17 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_input_arguments(fit)
     fit.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
-    fit.add_argument("--latent", type=_positive_int, default=10, help="latent size (default 10)")
-    fit.add_argument("--loss", choices=["mse", "nonzero_mse"], default="mse", help="training loss (default mse)")
+    fit.add_argument("--latent", type=_option(rules.WIDTH), default=10,
+                     help=f"latent size, 1 to {rules.MAX_WIDTH} (default 10)")
+    fit.add_argument("--loss", choices=rules.LOSSES, default="mse", help="training loss (default mse)")
     _add_training_arguments(fit)
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
 
     simulate = sub.add_parser("simulate", help="write the built-in dataset as counts.npy + labels.txt")
     simulate.add_argument("--out", type=Path, required=True, help="output directory")
-    simulate.add_argument("--cells", type=_positive_int, default=5000)
-    simulate.add_argument("--genes", type=_positive_int, default=1000)
-    simulate.add_argument("--populations", type=_positive_int, default=3)
-    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--cells", type=_option(SIMULATE_CELLS), default=5000)
+    simulate.add_argument("--genes", type=_option(SIMULATE_GENES), default=1000)
+    simulate.add_argument("--populations", type=_option(SIMULATE_POPULATIONS), default=3)
+    simulate.add_argument("--seed", type=_option(rules.SEED), default=0)
     return parser
 
 
@@ -84,28 +127,42 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=_positive_int, default=50, help="training epochs (default 50)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
-    parser.add_argument("--hidden", type=_positive_int, nargs="+", default=[100], metavar="WIDTH",
-                        help="hidden layer widths, input side first (default 100)")
-    parser.add_argument("--activation", default="relu",
-                        choices=["relu", "elu", "gelu", "tanh", "sigmoid", "leaky_relu"],
+    parser.add_argument("--epochs", type=_option(rules.EPOCHS), default=50,
+                        help=f"training epochs, 1 to {rules.MAX_EPOCHS} (default 50)")
+    seed = rules.study_seed()
+    parser.add_argument("--seed", type=_option(seed), default=0,
+                        help=f"seed of every random choice, {seed.low} to {seed.high} (default 0)")
+    parser.add_argument("--hidden", type=_option(rules.WIDTH), nargs="+", default=[100], metavar="WIDTH",
+                        help=f"hidden layer widths, input side first, each 1 to {rules.MAX_WIDTH} (default 100)")
+    parser.add_argument("--activation", default="relu", choices=rules.ACTIVATIONS,
                         help="activation of the hidden layers (default relu)")
-    parser.add_argument("--batch-size", type=_positive_int, default=128,
-                        help="minibatch size, over all processes together (default 128)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+    parser.add_argument("--batch-size", type=_option(rules.BATCH_SIZE), default=128,
+                        help=f"minibatch size, over all processes together, 1 to {rules.MAX_BATCH_SIZE} (default 128)")
+    parser.add_argument("--learning-rate", type=_option(rules.LEARNING_RATE), default=1e-3,
+                        help=f"Adam learning rate, > 0 and <= {rules.MAX_LEARNING_RATE:g} (default 1e-3)")
+    parser.add_argument("--device", choices=rules.DEVICES, default="auto",
                         help="where models train and predict (default auto: a GPU when there is one)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+SIMULATE_CELLS = rules.Integer(1, 10_000_000)
+SIMULATE_GENES = rules.Integer(10, 100_000)
+SIMULATE_POPULATIONS = rules.Integer(2, 1000)
+SIMULATE_MAX_ENTRIES = 1_000_000_000
+"""``scae simulate`` writes a dense float32 matrix: at most 4 GB."""
+
+
+def _option(rule):
+    """An argparse ``type`` that parses a command-line value and checks it with a :mod:`scae.params` rule."""
+
+    def parse(text: str):
+        try:
+            return rule.parse(text)
+        except rules.InvalidValue as err:
+            shown = text if text.strip() and text.isprintable() and " " not in text else repr(text)
+            raise argparse.ArgumentTypeError(f"expected {err.expected}, got {shown}") from None
+
+    parse.__name__ = type(rule).__name__.lower()
+    return parse
 
 
 def load_input(args: argparse.Namespace):
@@ -131,18 +188,24 @@ def load_input(args: argparse.Namespace):
 
 
 def run_study_command(args: argparse.Namespace) -> int:
-    from scae.parallel import init_distributed, resolve_device, shutdown_distributed
-    from scae.study import StudyConfig, available_cores, prepare_output_dir, run_study
+    from scae.files import check_output_dir, refuse_inputs_inside
 
-    device = resolve_device(args.device)  # fail fast on a device that is not there
-    distributed = init_distributed(device)
+    refuse_inputs_inside(args.out, [args.h5ad, args.counts, args.labels])  # before anything is removed
+    check_output_dir(args.out)  # fail fast (every process), before loading or training
+    distributed = None
+    if _in_process_group():  # join the group first, so that no process is left waiting for one that stopped
+        distributed = _join_process_group(args.device)
     try:
         main = distributed is None or distributed.is_main
-        prepare_output_dir(args.out, remove_stale=False)  # fail fast (every process), before loading or training
         started = time.perf_counter()
-        dataset = load_input(args)
-        _refuse_overwriting_input(args)
+        dataset = load_input(args)  # input errors come before the heavy imports below
         load_seconds = time.perf_counter() - started
+        from scae.parallel import resolve_device
+        from scae.params import check_parameter_count
+        from scae.study import DEFAULT_RUNS, StudyConfig, available_cores, run_study
+
+        check_parameter_count(dataset.n_genes, max(s.latent_dim for s in DEFAULT_RUNS), tuple(args.hidden))
+        device = resolve_device(args.device)  # fail fast on a device that is not there
         if not args.quiet and main:
             mode = "streamed from disk" if dataset.on_disk else "in memory"
             counts = "; raw counts, models see log1p(counts / library size × 1e4)" if dataset.counts else ""
@@ -166,9 +229,18 @@ def run_study_command(args: argparse.Namespace) -> int:
         if main:
             print(f"scae: study finished in {time.perf_counter() - started:.1f} s; report: {args.out / 'report.html'}")
     finally:
-        if sys.exc_info()[0] is None:  # after a failure the group may be broken: leave it unjoined
+        if distributed is not None and sys.exc_info()[0] is None:  # after a failure the group may be broken
+            from scae.parallel import shutdown_distributed
+
             shutdown_distributed()
     return 0
+
+
+def _join_process_group(device_name: str):
+    """Under torchrun: the device of this process and its place in the group."""
+    from scae.parallel import init_distributed, resolve_device
+
+    return init_distributed(resolve_device(device_name))
 
 
 def run_fit_command(args: argparse.Namespace) -> int:
@@ -212,17 +284,6 @@ def run_fit_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_overwriting_input(args: argparse.Namespace) -> None:
-    """The study writes results.h5ad; it must never replace the file it reads."""
-    written = (args.out / "results.h5ad").resolve()
-    for given in (args.h5ad, args.counts, args.labels):
-        if given is not None and given.resolve() == written:
-            raise ScaeInputError(
-                f"{given}: is the input, and the study would overwrite it with its results.h5ad; "
-                "choose another --out directory"
-            )
-
-
 def run_simulate_command(args: argparse.Namespace) -> int:
     from scae.files import atomic_path, write_text
     from scae.simulate import simulate_dataset
@@ -243,8 +304,33 @@ def run_simulate_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``scae`` command; returns the exit status."""
+    """Entry point of the ``scae`` command; returns the exit status.
+
+    SIGINT and SIGTERM stop the command (worker processes included) with one line on stderr and
+    exit status 130 or 143; the previous signal handlers are restored on return.
+    """
     args = build_parser().parse_args(argv)
+    with signals_raise_interrupted():
+        try:
+            return _run_command(args)
+        except (Interrupted, KeyboardInterrupt) as stop:
+            kill_child_processes()  # any worker its owner had no chance to stop
+            signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+            unwritten = _NOT_WRITTEN_WHEN_INTERRUPTED.get(args.command, "")
+            print(f"scae: interrupted ({signal.Signals(signum).name}){unwritten}", file=sys.stderr)
+            if argv is None:  # the process's own command line: it exits next
+                gc.freeze()  # skips the collections of interpreter shutdown (about 1.5 s with torch loaded)
+            return 128 + signum
+
+
+_NOT_WRITTEN_WHEN_INTERRUPTED = {
+    "study": "; no report.html or metrics.json was written for this run",
+    "fit": "; no model file was written",
+}
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; problems the user can fix become one line and exit status 2."""
     try:
         if args.command == "study":
             return run_study_command(args)
@@ -254,9 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     except ScaeInputError as err:
         print(f"scae: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("scae: interrupted; no report.html or metrics.json was written for this run", file=sys.stderr)
-        return 130
     except RuntimeError as err:
         if not _in_process_group():
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,15 @@ or memory-mapped (a ``.npy``) instead of being loaded; see :mod:`scae.sources`."
 VALIDATE_CHUNK = 8 * 1024**2
 """Values checked at a time when an input on disk is validated in one streamed pass."""
 NORMALIZE_CHOICES = ("auto", "log1p", "none")
+MAX_ABS_VALUE = 1e12
+"""Largest magnitude accepted in a matrix. Training and scoring compute in 32-bit floats, where
+squared errors of values much above this overflow to infinity (raw counts, normalised
+expression and intensities stay far below it)."""
+CONTINUOUS_MIN_DISTINCT = 50
+"""A numeric label column with more distinct values than this is taken as a continuous
+measurement (and refused) when it holds non-whole numbers or more distinct values than half its
+cells, or more than :data:`CONTINUOUS_ALWAYS_DISTINCT` of them."""
+CONTINUOUS_ALWAYS_DISTINCT = 1000
 
 
 @dataclass(frozen=True)
@@ -146,8 +156,18 @@ class Dataset:
             "zero_fraction": round(self.zero_fraction(), 6),
             "value_min": float(low),
             "value_max": float(high),
+            "constant_genes": self.constant_genes(),
             "label_counts": {str(c): int(n) for c, n in zip(classes, counts)},
         }
+
+    def constant_genes(self) -> int:
+        """Number of genes with the same value in every cell (they carry no information)."""
+        if self.stats is not None and "constant_genes" in self.stats:
+            return int(self.stats["constant_genes"])
+        if self.on_disk:
+            return 0  # not measured
+        low, high = _column_range(self.X)
+        return int(np.count_nonzero(low == high))
 
     def to_anndata(self):
         """The data as an :class:`anndata.AnnData` with labels in ``obs["label"]``.
@@ -192,9 +212,12 @@ def make_dataset(
     Parameters
     ----------
     X
-        Cells × genes array-like or SciPy sparse matrix with finite numeric values.
+        Cells × genes array-like or SciPy sparse matrix with finite numeric values of magnitude
+        at most :data:`MAX_ABS_VALUE` that are not the same in every cell.
     labels
-        One label per cell (any type; stored as strings).
+        One label per cell (any type; stored as strings), at least 2 distinct ones. Numbers
+        that look like a continuous measurement are refused (see :func:`continuous_labels`);
+        give numeric labels as a ``pandas.Categorical`` to pass them anyway.
     name
         Description shown in the report.
     obs_names, var_names
@@ -206,22 +229,50 @@ def make_dataset(
         as ``log1p(counts / library size × 10⁴)``; ``"log1p"``: always so; ``"none"``: never.
     """
     X = as_matrix(X, source)
+    return _validated(X, labels, name, obs_names, var_names, source, normalize, _LabelOrigin.given())
+
+
+@dataclass(frozen=True)
+class _LabelOrigin:
+    """Where labels came from, for error messages: ``"{where}: {subject} …; {hint}"``."""
+
+    where: str
+    subject: str
+    hint: str = ""
+    """Added to every message about the labels."""
+    numbers_hint: str = ""
+    """Added to the message about continuous numbers."""
+
+    @classmethod
+    def given(cls) -> _LabelOrigin:
+        return cls("labels", "the label array", numbers_hint="give them as a pandas.Categorical if these numbers are labels")
+
+    def refuse(self, problem: str, expected: str, numbers: bool = False) -> ScaeInputError:
+        hints = "".join(f"; {hint}" for hint in (self.numbers_hint if numbers else "", self.hint) if hint)
+        return ScaeInputError(f"{self.where}: {self.subject} {problem}; {expected}{hints}")
+
+
+def _validated(X: Matrix, labels, name, obs_names, var_names, source: str, normalize: str, origin: _LabelOrigin) -> Dataset:
+    """A :class:`Dataset` of a matrix checked by :func:`as_matrix`: structure, raw counts, labels."""
+    _check_varies(*_column_range(X), X.shape[0], source)
     counts = decide_counts(normalize, value_profile(X.data if sp.issparse(X) else X), source)
-    return _labelled(X, labels, name, obs_names, var_names, source, counts)
+    return _labelled(X, labels, name, obs_names, var_names, source, counts, origin=origin)
 
 
-def _labelled(X, labels, name, obs_names, var_names, source: str, counts: bool, stats: dict | None = None) -> Dataset:
-    labels = _as_labels(labels, source)
+def _labelled(
+    X, labels, name, obs_names, var_names, source: str, counts: bool, stats: dict | None = None,
+    origin: _LabelOrigin | None = None,
+) -> Dataset:
+    origin = origin or _LabelOrigin.given()
+    labels = _as_labels(labels, origin)
     if labels.shape[0] != X.shape[0]:
         raise ScaeInputError(
             f"{source}: {labels.shape[0]} labels for {X.shape[0]} cells (rows); "
             "expected exactly one label per cell"
         )
-    n_classes = np.unique(labels).size
-    if n_classes < 2:
-        raise ScaeInputError(
-            f"{source}: only {n_classes} distinct label; expected at least 2 cell populations"
-        )
+    for names, what in ((obs_names, "cell"), (var_names, "gene")):
+        if names is not None and any("\0" in str(value) for value in names):
+            raise ScaeInputError(f"{source}: a {what} name holds a NUL character; expected printable names")
     return Dataset(
         X=X,
         labels=labels,
@@ -233,13 +284,34 @@ def _labelled(X, labels, name, obs_names, var_names, source: str, counts: bool, 
     )
 
 
+def _column_range(X) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene minimum and maximum of a dense or sparse matrix in memory (implicit zeros count)."""
+    if sp.issparse(X):
+        return X.min(axis=0).toarray().ravel(), X.max(axis=0).toarray().ravel()
+    return X.min(axis=0), X.max(axis=0)
+
+
+def _check_varies(low: np.ndarray, high: np.ndarray, n_cells: int, source: str) -> None:
+    """Refuse a matrix in which every gene has one value in every cell: nothing to learn."""
+    if n_cells < 2 or not np.array_equal(low, high):
+        return
+    if not np.any(high):
+        problem = "every value is 0, so there is no expression to learn from"
+    elif np.all(high == high[0]):
+        problem = f"every value is {float(high[0]):g}, so there is no structure to learn"
+    else:
+        problem = (f"all {n_cells} cells have the same values (every gene is constant across cells), "
+                   "so there is no structure to learn")
+    raise ScaeInputError(f"{source}: {problem}; expected expression values that differ between cells")
+
+
 def value_profile(values: np.ndarray) -> tuple[bool, bool]:
     """``(non_negative, integer_counts)`` of some values: all ≥ 0, and all integers with one > 0."""
     values = np.asarray(values)
     if values.size == 0:
         return True, False
     non_negative = bool(values.min() >= 0)
-    if values.dtype.kind in "iu":
+    if values.dtype.kind in "biu":
         return non_negative, bool(non_negative and values.max() > 0)
     return non_negative, bool(non_negative and values.max() > 0 and np.all(values == np.floor(values)))
 
@@ -265,17 +337,26 @@ def as_matrix(X, source: str = "matrix") -> Matrix:
     """Return ``X`` (array-like, SciPy sparse or AnnData) as float32 dense or CSR after checks.
 
     Raises :class:`~scae.errors.ScaeInputError` for a matrix that is not 2-D, not numeric,
-    empty, or holds NaN or infinite values.
+    empty, a damaged sparse structure, or holds NaN, infinite or huge values (beyond
+    ±:data:`MAX_ABS_VALUE`). Values are checked as given, before the conversion to float32.
     """
     if hasattr(X, "obs") and hasattr(X, "X"):  # AnnData
         X = X.X
     if sp.issparse(X):
         if X.ndim != 2:
             raise ScaeInputError(f"{source}: matrix has shape {X.shape}; expected 2-D cells × genes")
-        X = sp.csr_matrix(X, dtype=np.float32)
-        values = X.data
+        if X.dtype.kind not in "biuf":
+            raise ScaeInputError(f"{source}: matrix has dtype {X.dtype}; expected numbers (float or int)")
+        try:
+            X = sp.csr_matrix(X)
+            X.check_format(full_check=True)  # column indices out of range would corrupt memory later
+        except (ValueError, TypeError) as err:
+            raise ScaeInputError(f"{source}: damaged sparse matrix ({_one_line(err)}); expected a valid CSR/CSC matrix") from None
     else:
-        X = np.asarray(X)
+        try:
+            X = np.asarray(X)
+        except (ValueError, TypeError) as err:  # ragged nested lists and the like
+            raise ScaeInputError(f"{source}: not a matrix ({_one_line(err)}); expected a cells × genes array") from None
         if X.dtype.kind not in "biuf":
             raise ScaeInputError(
                 f"{source}: matrix has dtype {X.dtype}; expected numbers (float or int)"
@@ -284,37 +365,115 @@ def as_matrix(X, source: str = "matrix") -> Matrix:
             raise ScaeInputError(
                 f"{source}: matrix has shape {X.shape} ({X.ndim}-D); expected 2-D cells × genes"
             )
-        X = X.astype(np.float32, copy=False)
-        values = X
     if X.shape[0] == 0 or X.shape[1] < 2:
         raise ScaeInputError(
             f"{source}: matrix has shape {X.shape}; expected cells × genes with at least 1 cell and 2 genes"
         )
-    bad = ~np.isfinite(values)
-    if bad.any():
-        n_bad = int(bad.sum())
-        if sp.issparse(X):
-            pos = int(np.flatnonzero(bad)[0])
-            row = int(np.searchsorted(X.indptr, pos, side="right") - 1)
-            col = int(X.indices[pos])
-        else:
-            row, col = (int(i) for i in np.argwhere(bad)[0])
-        raise ScaeInputError(
-            f"{source}: {n_bad} NaN or infinite value(s), first at row {row}, column {col}; "
-            "expected finite numbers"
+    _check_values(X, source)
+    if sp.issparse(X):
+        return sp.csr_matrix(X, dtype=np.float32)
+    return X.astype(np.float32, copy=False)
+
+
+def _check_values(X: Matrix, source: str, row_offset: int | None = None) -> None:
+    """Refuse NaN, infinite and huge values, naming how many and where the first one is
+    (``X`` is the whole matrix, or, with ``row_offset``, a block of rows starting there)."""
+    values = X.data if sp.issparse(X) else X
+    problem = _value_problem(values)
+    if problem is None:
+        return
+    bad, what = problem
+    if sp.issparse(X):
+        pos = int(np.flatnonzero(bad)[0])
+        row = int(np.searchsorted(X.indptr, pos, side="right") - 1)
+        col, value = int(X.indices[pos]), values[pos]
+    else:
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        value = values[row, col]
+    count = f"{int(bad.sum())} " if row_offset is None else ""
+    raise ScaeInputError(f"{source}: {count}{what((row_offset or 0) + row, col, value)}")
+
+
+def _value_problem(values: np.ndarray):
+    """``None`` when every value is finite and within ±:data:`MAX_ABS_VALUE`; else the mask of
+    the bad values and a function ``(row, col, value) -> message`` describing them."""
+    if values.size == 0 or values.dtype.kind == "b":
+        return None
+    low, high = values.min(), values.max()  # NaN propagates: no full-size temporary when all is well
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return ~np.isfinite(values), lambda row, col, value: (
+            f"NaN or infinite value(s), first at row {row}, column {col}; expected finite numbers"
         )
-    return X
+    if max(-float(low), float(high)) > MAX_ABS_VALUE:
+        return (values > MAX_ABS_VALUE) | (values < -MAX_ABS_VALUE), lambda row, col, value: (
+            f"huge value(s) beyond ±{MAX_ABS_VALUE:.0e}, first at row {row}, column {col} ({float(value):g}); "
+            f"expected values of magnitude at most {MAX_ABS_VALUE:.0e} (scae computes in 32-bit floats, "
+            "where their squares overflow); rescale the matrix"
+        )
+    return None
 
 
-def _as_labels(labels, source: str) -> np.ndarray:
-    series = pd.Series(np.asarray(labels).ravel() if not isinstance(labels, pd.Series) else labels)
+def _label_series(labels) -> pd.Series:
+    """Labels as a pandas Series, keeping a categorical or numeric dtype."""
+    if isinstance(labels, (pd.Series, pd.Categorical, pd.Index)):
+        return pd.Series(np.asarray(labels) if isinstance(labels, pd.Index) else labels).reset_index(drop=True)
+    array = np.asarray(labels, dtype=object) if not isinstance(labels, np.ndarray) else labels
+    return pd.Series(array.ravel())
+
+
+def _as_labels(labels, origin: _LabelOrigin) -> np.ndarray:
+    series = _label_series(labels)
     missing = series.isna().to_numpy()
     if missing.any():
-        raise ScaeInputError(
-            f"{source}: {int(missing.sum())} cell(s) without a label, first at cell "
-            f"{int(np.flatnonzero(missing)[0])}; expected a label for every cell"
+        raise origin.refuse(
+            f"leaves {int(missing.sum())} cell(s) without a label, first at cell {int(np.flatnonzero(missing)[0])}",
+            "expected a label for every cell",
         )
-    return series.astype(str).to_numpy(dtype=str)
+    reason = continuous_labels(series)
+    if reason is not None:
+        raise origin.refuse(f"holds {reason}, not cell labels", "expected one cell-type label per cell", numbers=True)
+    strings = series.astype(str)
+    distinct = strings.unique()  # Python strings: a NUL inside survives (NumPy strings drop trailing ones)
+    with_nul = [label for label in distinct if "\0" in label]
+    if with_nul:
+        cell = int(np.flatnonzero(strings.to_numpy() == with_nul[0])[0])
+        raise origin.refuse(f"has a NUL character in the label of cell {cell}", "expected printable labels")
+    text = strings.to_numpy(dtype=str)
+    if distinct.size < 2:
+        only = f" ('{distinct[0]}')" if distinct.size else ""
+        raise origin.refuse(
+            f"has only 1 distinct label{only} for all {text.size} cells",
+            "expected at least 2 labels (cell populations) to compare",
+        )
+    return text
+
+
+def continuous_labels(labels) -> str | None:
+    """Why ``labels`` look like a continuous measurement rather than cell labels, or ``None``.
+
+    Numbers (numeric values, or strings that all parse as finite numbers; never a categorical
+    or boolean column) are taken as continuous when there are more than
+    :data:`CONTINUOUS_MIN_DISTINCT` distinct values and either some are not whole numbers, or
+    they outnumber half of the cells, or there are more than
+    :data:`CONTINUOUS_ALWAYS_DISTINCT`. Integer codes with few values (cluster ids 0…k) and
+    few distinct decimals (sub-clusters 3.1, 3.2) stay labels.
+    """
+    series = _label_series(labels)
+    if isinstance(series.dtype, pd.CategoricalDtype) or series.dtype.kind == "b" or series.empty:
+        return None
+    if series.dtype.kind in "iuf":
+        numbers = series.to_numpy(dtype=np.float64)
+    else:  # words, or numbers written as text (a labels file)
+        numbers = pd.to_numeric(series.astype(str), errors="coerce").to_numpy(dtype=np.float64)
+    if not np.isfinite(numbers).all():  # a word ("nan" and "inf" included): labels
+        return None
+    distinct = np.unique(numbers).size
+    if distinct <= CONTINUOUS_MIN_DISTINCT:
+        return None
+    whole = bool(np.all(numbers == np.round(numbers)))
+    if whole and distinct <= numbers.size / 2 and distinct <= CONTINUOUS_ALWAYS_DISTINCT:
+        return None
+    return f"continuous numbers ({distinct} distinct values)"
 
 
 def read_counts_labels(
@@ -336,36 +495,39 @@ def read_counts_labels(
             f"(rows, shape {X.shape}); expected one label per line per cell"
         )
     name = f"{counts_path.name} + {labels_path.name}"
-    if isinstance(X, np.ndarray):
-        return make_dataset(X, labels, name=name, source=str(counts_path), normalize=normalize)
+    origin = _LabelOrigin(
+        str(labels_path), "the labels file",
+        numbers_hint="write labels that are numbers with a letter in front (e.g. c1.5) if they really are labels",
+    )
+    if isinstance(X, np.ndarray):  # already checked by as_matrix
+        return _validated(X, labels, name, None, None, str(counts_path), normalize, origin)
     stats, profile = _scan_dense(X, str(counts_path))
     X.counts = decide_counts(normalize, profile, str(counts_path))
-    return _labelled(X, labels, name, None, None, str(counts_path), X.counts, stats)
+    return _labelled(X, labels, name, None, None, str(counts_path), X.counts, stats, origin)
 
 
 def _scan_dense(source, where: str) -> tuple[dict, tuple[bool, bool]]:
-    """One streamed pass over a memory-mapped matrix: finite values, range, zeros, counts."""
+    """One streamed pass over a memory-mapped matrix: finite and bounded values, range, zeros,
+    constant genes, counts."""
     step = max(1, VALIDATE_CHUNK // max(source.n_cols, 1))
-    scan = _ValueScan()
+    scan = _ValueScan(source.n_cols)
     stored = source.stored  # checked as stored: a float64 value beyond float32's range is not "infinite"
     for start in range(0, source.n_rows, step):
         block = np.asarray(stored[start : min(start + step, source.n_rows)])
-        bad = ~np.isfinite(block)
-        if bad.any():
-            row, col = (int(i) for i in np.argwhere(bad)[0])
-            raise ScaeInputError(
-                f"{where}: NaN or infinite value(s), first at row {start + row}, column {col}; expected finite numbers"
-            )
+        _check_values(block, where, row_offset=start)
         scan.add(block)
-    return scan.result(source.n_rows * source.n_cols)
+        scan.add_columns(block.min(axis=0), block.max(axis=0))
+    return scan.result(source.n_rows, where)
 
 
 class _ValueScan:
-    """Running range, zero count and count-likeness of the values of a streamed matrix."""
+    """Running range, zero count, per-gene range and count-likeness of a streamed matrix."""
 
-    def __init__(self) -> None:
+    def __init__(self, n_cols: int) -> None:
         self.low, self.high, self.nonzero = np.inf, -np.inf, 0
         self.non_negative, self.integer = True, True
+        self.col_low = np.full(n_cols, np.inf)
+        self.col_high = np.full(n_cols, -np.inf)
 
     def add(self, values: np.ndarray) -> None:
         if values.size:
@@ -376,16 +538,33 @@ class _ValueScan:
             if values.dtype.kind == "f":
                 self.integer &= bool(np.all(values == np.floor(values)))
 
-    def add_zeros(self, count: int) -> None:
-        """Entries not stored (a sparse matrix's implicit zeros)."""
+    def add_columns(self, low: np.ndarray, high: np.ndarray, columns: np.ndarray | None = None) -> None:
+        """Fold in per-gene minima and maxima (of every gene, or of the given gene per value)."""
+        if columns is None:
+            np.minimum(self.col_low, low, out=self.col_low)
+            np.maximum(self.col_high, high, out=self.col_high)
+        else:
+            np.minimum.at(self.col_low, columns, low)
+            np.maximum.at(self.col_high, columns, high)
+
+    def add_zeros(self, count: int, per_column: np.ndarray | None = None) -> None:
+        """Entries not stored (a sparse matrix's implicit zeros); ``per_column`` says which
+        genes have any."""
         if count:
             self.low, self.high = min(self.low, 0.0), max(self.high, 0.0)
+            if per_column is not None:
+                self.col_low[per_column] = np.minimum(self.col_low[per_column], 0.0)
+                self.col_high[per_column] = np.maximum(self.col_high[per_column], 0.0)
 
-    def result(self, n_entries: int) -> tuple[dict, tuple[bool, bool]]:
+    def result(self, n_rows: int, where: str) -> tuple[dict, tuple[bool, bool]]:
+        """Statistics and the ``(non_negative, integer_counts)`` profile; refuses a matrix
+        without any variation (see :func:`_check_varies`)."""
+        _check_varies(self.col_low, self.col_high, n_rows, where)
         stats = {
-            "zero_fraction": 1.0 - self.nonzero / n_entries,
+            "zero_fraction": 1.0 - self.nonzero / (n_rows * self.col_low.size),
             "value_min": self.low,
             "value_max": self.high,
+            "constant_genes": int(np.count_nonzero(self.col_low == self.col_high)),
         }
         return stats, (self.non_negative, self.non_negative and self.integer and self.high > 0)
 
@@ -407,25 +586,61 @@ def _load_npy(path: Path, stream: bool | None = None):
     _check_npy_size(path)
     try:
         mapped = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError):
-        mapped = None  # not mappable: loading it below names the problem
+    except Exception:  # not mappable (a damaged header raises many types): loading it below names the problem
+        mapped = None
     if mapped is not None:
         if stream is None:
             stream = mapped.ndim == 2 and mapped.size * 4 > STREAM_BYTES
         if stream:
             return _npy_source(path, mapped)
+        if mapped.dtype.kind in "biuf":  # loading makes the array and its float32 copy
+            _check_fits_in_memory(path, mapped.nbytes + (0 if mapped.dtype == np.float32 else mapped.size * 4))
+        del mapped
     try:
         X = np.load(path, allow_pickle=False)
+    except MemoryError:
+        raise ScaeInputError(f"{path}: too large to load into memory; stream it from disk instead (--stream)") from None
     except ValueError as err:
         if "pickle" in str(err).lower():
             raise ScaeInputError(
                 f"{path}: holds Python objects (needs pickle, which scae never loads); "
                 "expected a numeric .npy matrix"
             ) from None
-        raise ScaeInputError(f"{path}: not a readable NumPy .npy file ({err})") from None
-    except (OSError, EOFError) as err:
-        raise ScaeInputError(f"{path}: cannot be read as a NumPy .npy file ({err})") from None
+        raise ScaeInputError(f"{path}: not a readable NumPy .npy file ({_one_line(err)})") from None
+    except Exception as err:  # without pickle nothing runs; a damaged header raises many types
+        raise ScaeInputError(f"{path}: cannot be read as a NumPy .npy file ({type(err).__name__}: {_one_line(err)})") from None
     return as_matrix(X, str(path))
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory this process can still allocate (Linux: MemAvailable, within a cgroup
+    limit), or ``None`` when unknown."""
+    available = None
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max" and available is not None:
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _check_fits_in_memory(path: Path, n_bytes: int) -> None:
+    """Refuse to load ``n_bytes`` when less memory than that is available."""
+    available = _available_memory()
+    if available is not None and n_bytes > available:
+        raise ScaeInputError(
+            f"{path}: loading it takes {n_bytes / 1024**3:.1f} GiB but only {max(available, 0) / 1024**3:.1f} GiB "
+            "of memory is available; stream it from disk instead (--stream)"
+        )
 
 
 def _check_npy_size(path: Path) -> None:
@@ -469,7 +684,11 @@ def _npy_source(path: Path, mapped: np.ndarray):
 
 
 def read_labels_txt(path: str | Path) -> list[str]:
-    """Read one label per line; surrounding white space is stripped, trailing blank lines ignored."""
+    """Read one label per line; surrounding white space is stripped, trailing blank lines ignored.
+
+    Lines end in ``\n``, ``\r\n`` or ``\r``. Empty lines inside the file and control
+    characters (NUL, escape codes, …; tabs are white space) are refused.
+    """
     path = Path(path)
     _check_readable(path, "labels file")
     try:
@@ -478,12 +697,17 @@ def read_labels_txt(path: str | Path) -> list[str]:
         raise ScaeInputError(f"{path}: not UTF-8 text; expected one label per line") from None
     except OSError as err:
         raise ScaeInputError(f"{path}: cannot be read ({err.strerror})") from None
-    lines = [line.strip() for line in text.splitlines()]
+    lines = [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
     while lines and not lines[-1]:
         lines.pop()
     for i, line in enumerate(lines):
         if not line:
             raise ScaeInputError(f"{path}: line {i + 1} is empty; expected one label per line")
+        control = next((c for c in line if unicodedata.category(c) == "Cc" and c != "\t"), None)
+        if control is not None:
+            raise ScaeInputError(
+                f"{path}: line {i + 1} holds the control character {control!r}; expected one printable label per line"
+            )
     return lines
 
 
@@ -513,6 +737,7 @@ def read_h5ad(
     """
     path = Path(path)
     _check_readable(path, "AnnData file")
+    _probe_h5ad(path)
     key = "X" if layer is None else f"layers/{layer}"
     where = f"{path} X" if layer is None else f"{path} layer '{layer}'"
     encoding, shape = _h5ad_matrix_kind(path, key)
@@ -531,6 +756,51 @@ def read_h5ad(
     return _read_h5ad_in_memory(path, label_key, layer, normalize, where)
 
 
+H5AD_PROBE_SECONDS = 60.0
+"""Time allowed for walking the HDF5 structure of an ``.h5ad`` file in a child process."""
+_H5AD_PROBE = """
+import sys, h5py
+def visit(name, obj):
+    for key in obj.attrs:
+        obj.attrs[key]
+    if isinstance(obj, h5py.Dataset) and obj.size:
+        obj[(0,) * obj.ndim] if obj.ndim else obj[()]
+        obj[tuple(n - 1 for n in obj.shape)] if obj.ndim else None
+with h5py.File(sys.argv[1], "r") as handle:
+    for key in handle.attrs:
+        handle.attrs[key]
+    handle.visititems(visit)
+"""
+
+
+def _probe_h5ad(path: Path) -> None:
+    """Walk the file's HDF5 structure (every group, attribute and dataset) in a child process.
+
+    Some damaged files make the HDF5 library loop forever or crash while reading them, which
+    no exception handler can catch; in a child process that becomes one clear error. Any other
+    problem is left to the reader, which names it.
+    """
+    import subprocess
+    import sys
+
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", _H5AD_PROBE, str(path)], capture_output=True, timeout=H5AD_PROBE_SECONDS, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise ScaeInputError(
+            f"{path}: reading its HDF5 structure did not finish in {H5AD_PROBE_SECONDS:g} s, as happens with "
+            "a damaged file; expected an intact AnnData .h5ad file"
+        ) from None
+    except OSError:
+        return  # no child process possible here: read it directly
+    if probe.returncode < 0:
+        raise ScaeInputError(
+            f"{path}: the HDF5 library crashed reading it (signal {-probe.returncode}), as happens with a damaged "
+            "file; expected an intact AnnData .h5ad file"
+        )
+
+
 def _h5ad_matrix_kind(path: Path, key: str) -> tuple[str, tuple[int, ...]]:
     """Encoding (``csr_matrix``, ``csc_matrix``, ``array``, …) and shape of the matrix at ``key``.
 
@@ -541,21 +811,41 @@ def _h5ad_matrix_kind(path: Path, key: str) -> tuple[str, tuple[int, ...]]:
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
-        raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file (not HDF5, or truncated: {err})") from None
-    with handle:
-        if key not in handle:
-            return "missing", ()
-        element = handle[key]
-        if isinstance(element, h5py.Dataset):
-            return str(element.attrs.get("encoding-type", "array")), tuple(int(v) for v in element.shape)
-        return str(element.attrs.get("encoding-type", "unknown")), tuple(int(v) for v in element.attrs.get("shape", ()))
+        raise ScaeInputError(
+            f"{path}: cannot be read as an AnnData .h5ad file (not HDF5, or truncated: {_one_line(err)})"
+        ) from None
+    try:
+        with handle:
+            if key not in handle:
+                return "missing", ()
+            element = handle[key]
+            if isinstance(element, h5py.Dataset):
+                return str(element.attrs.get("encoding-type", "array")), tuple(int(v) for v in element.shape)
+            shape = tuple(int(v) for v in element.attrs.get("shape", ()))
+            return str(element.attrs.get("encoding-type", "unknown")), shape
+    except Exception as err:  # h5py raises many types for a damaged file
+        raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file (damaged: {_one_line(err)})") from None
 
 
 def _h5ad_layers(path: Path) -> str:
     import h5py
 
-    with h5py.File(path, "r") as handle:
-        return ", ".join(handle["layers"].keys()) if "layers" in handle else ""
+    try:
+        with h5py.File(path, "r") as handle:
+            return ", ".join(handle["layers"].keys()) if "layers" in handle else ""
+    except Exception as err:  # h5py raises many types for a damaged file
+        raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file (damaged: {_one_line(err)})") from None
+
+
+def _obs_label_origin(path: Path, label_key: str, obs: pd.DataFrame) -> _LabelOrigin:
+    """Where labels from an obs column came from, with the file's categorical columns as a hint."""
+    categorical = [
+        str(name) for name, column in obs.items()
+        if isinstance(column.dtype, pd.CategoricalDtype) or column.dtype.kind in "bOSU"
+        or pd.api.types.is_string_dtype(column)
+    ]
+    hint = f"categorical columns in this file: {', '.join(categorical) or 'none'}"
+    return _LabelOrigin(str(path), f"obs column '{label_key}'", hint=hint)
 
 
 def _read_h5ad_in_memory(path: Path, label_key: str, layer: str | None, normalize: str, where: str) -> Dataset:
@@ -566,7 +856,7 @@ def _read_h5ad_in_memory(path: Path, label_key: str, layer: str | None, normaliz
             warnings.simplefilter("ignore", getattr(ad, "OldFormatWarning", UserWarning))
             adata = ad.read_h5ad(path)
     except Exception as err:  # anndata raises many types for a corrupt or foreign file
-        raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file ({err})") from None
+        raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file ({_one_line(err)})") from None
     if label_key not in adata.obs.columns:
         available = ", ".join(map(str, adata.obs.columns)) or "none"
         raise ScaeInputError(
@@ -581,14 +871,12 @@ def _read_h5ad_in_memory(path: Path, label_key: str, layer: str | None, normaliz
         X = adata.X
     if X is None:
         raise ScaeInputError(f"{path}: X is empty; expected an expression matrix (or pass --layer)")
-    return make_dataset(
-        X,
-        adata.obs[label_key],
-        name=_h5ad_name(path, label_key, layer),
-        obs_names=adata.obs_names.to_numpy(),
-        var_names=adata.var_names.to_numpy(),
-        source=where,
-        normalize=normalize,
+    if not (sp.issparse(X) or isinstance(X, np.ndarray)):
+        raise ScaeInputError(f"{where}: holds a {type(X).__name__}; expected a dense or sparse matrix")
+    return _validated(
+        as_matrix(X, where), adata.obs[label_key], _h5ad_name(path, label_key, layer),
+        adata.obs_names.to_numpy(), adata.var_names.to_numpy(), where, normalize,
+        _obs_label_origin(path, label_key, adata.obs),
     )
 
 
@@ -622,7 +910,7 @@ def _read_h5ad_streamed(path: Path, key: str, label_key: str, layer: str | None,
     except ScaeInputError:
         raise
     except Exception as err:  # h5py/anndata raise many types for a damaged file
-        raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file ({err})") from None
+        raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file ({_one_line(err)})") from None
     source.counts = decide_counts(normalize, profile, where)
     if obs.shape[0] != source.n_rows:
         raise ScaeInputError(f"{path}: obs has {obs.shape[0]} cells but {key} has {source.n_rows} rows")
@@ -630,7 +918,7 @@ def _read_h5ad_streamed(path: Path, key: str, label_key: str, layer: str | None,
         raise ScaeInputError(f"{path}: var has {var_names.size} genes but {key} has {source.n_cols} columns")
     return _labelled(
         source, obs[label_key], _h5ad_name(path, label_key, layer), obs.index.to_numpy(), var_names,
-        where, source.counts, stats,
+        where, source.counts, stats, _obs_label_origin(path, label_key, obs),
     )
 
 
@@ -644,25 +932,32 @@ def _scan_csr(source, where: str) -> tuple[dict, tuple[bool, bool]]:
     group = source.group()
     if group["data"].shape[0] < source.nnz or group["indices"].shape[0] < source.nnz:
         raise ScaeInputError(f"{where}: damaged CSR matrix (fewer stored values than its indptr says)")
-    scan = _ValueScan()
+    scan = _ValueScan(n_cols)
+    stored_per_column = np.zeros(n_cols, dtype=np.int64)
     for lo in range(0, source.nnz, VALIDATE_CHUNK):
         hi = min(lo + VALIDATE_CHUNK, source.nnz)
         data, indices = group["data"][lo:hi], group["indices"][lo:hi]
         if data.dtype.kind not in "biuf":
             raise ScaeInputError(f"{where}: matrix has dtype {data.dtype}; expected numbers (float or int)")
-        bad = ~np.isfinite(data)
-        if bad.any():
+        if indices.dtype.kind not in "iu" or (indices.size and (indices.min() < 0 or indices.max() >= n_cols)):
+            raise ScaeInputError(f"{where}: damaged CSR matrix (a column index outside 0…{n_cols - 1})")
+        problem = _value_problem(data)
+        if problem is not None:
+            bad, what = problem
             pos = lo + int(np.flatnonzero(bad)[0])
             row = int(np.searchsorted(indptr, pos, side="right") - 1)
-            raise ScaeInputError(
-                f"{where}: NaN or infinite value(s), first at row {row}, column {int(indices[pos - lo])}; "
-                "expected finite numbers"
-            )
-        if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
-            raise ScaeInputError(f"{where}: damaged CSR matrix (a column index outside 0…{n_cols - 1})")
+            raise ScaeInputError(f"{where}: {what(row, int(indices[pos - lo]), data[pos - lo])}")
         scan.add(data)
-    scan.add_zeros(n_rows * n_cols - source.nnz)
-    return scan.result(n_rows * n_cols)
+        scan.add_columns(data, data, indices)
+        stored_per_column += np.bincount(indices, minlength=n_cols)
+    scan.add_zeros(n_rows * n_cols - source.nnz, stored_per_column < n_rows)
+    return scan.result(n_rows, where)
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, at most ``limit`` characters (for error messages)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _check_readable(path: Path, what: str) -> None:
@@ -672,10 +967,38 @@ def _check_readable(path: Path, what: str) -> None:
         raise ScaeInputError(f"{path}: is a directory; expected a {what}")
 
 
+def min_cells_for_test(test_fraction: float) -> int:
+    """Fewest cells a label needs for a stratified split to give it a test cell: the smallest
+    ``n`` with ``n × test_fraction ≥ 1`` (5 at a 20% test share), and at least 2."""
+    _check_test_fraction(test_fraction)
+    return max(2, math.ceil(1.0 / test_fraction - 1e-9))
+
+
+def train_only_labels(labels: np.ndarray, test_fraction: float = 0.2) -> dict[str, int]:
+    """Labels too rare for a share of the test cells, with their cell counts.
+
+    A label with fewer than :func:`min_cells_for_test` cells cannot get a test cell of its
+    own; :func:`stratified_split` puts all of its cells among the training cells, so the
+    models still learn them and the study runs (rare cell types are common in real atlases).
+    """
+    classes, counts = np.unique(np.asarray(labels), return_counts=True)
+    least = min_cells_for_test(test_fraction)
+    return {str(c): int(n) for c, n in zip(classes, counts) if n < least}
+
+
+def _check_test_fraction(test_fraction: float) -> None:
+    if not (isinstance(test_fraction, (int, float)) and 0.0 < test_fraction < 1.0):
+        raise ScaeInputError(f"test_fraction={test_fraction!r}; expected a number between 0 and 1 (exclusive)")
+
+
 def stratified_split(
     labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train/test split that keeps each label's proportion in both parts.
+
+    Labels too rare for a test cell (:func:`train_only_labels`) go to the training cells
+    only; the others are split with ``ceil(test_fraction × their cells)`` test cells, every
+    one of them getting at least one.
 
     Returns
     -------
@@ -686,17 +1009,25 @@ def stratified_split(
 
     labels = np.asarray(labels)
     n = labels.shape[0]
-    classes, counts = np.unique(labels, return_counts=True)
-    n_test = math.ceil(test_fraction * n)
-    if counts.min() < 2 or n_test < classes.size or n - n_test < classes.size:
-        smallest = classes[np.argmin(counts)]
+    rare = train_only_labels(labels, test_fraction)
+    least = min_cells_for_test(test_fraction)
+    split_rows = np.flatnonzero(~np.isin(labels, list(rare))) if rare else np.arange(n)
+    classes = np.unique(labels[split_rows])
+    n_test = math.ceil(test_fraction * split_rows.size)
+    share = f"{1 - test_fraction:.0%}/{test_fraction:.0%} train/test split"
+    if classes.size == 0:
         raise ScaeInputError(
-            f"too few cells for a stratified {1 - test_fraction:.0%}/{test_fraction:.0%} "
-            f"train/test split: {n} cells, {classes.size} labels, label '{smallest}' has "
-            f"{counts.min()} cell(s); expected at least 2 cells per label and "
-            f"{math.ceil(classes.size / test_fraction)} cells in all"
+            f"too few cells for a {share}: {n} cells, {len(rare)} labels, the largest with "
+            f"{max(rare.values())} cell(s); expected at least one label with {least} or more cells "
+            "(labels with fewer go to the training cells only)"
+        )
+    if split_rows.size - n_test < classes.size:
+        raise ScaeInputError(
+            f"too few cells for a {share}: {n_test} test cells leave {split_rows.size - n_test} training "
+            f"cells for {classes.size} labels; expected a smaller test fraction or more cells"
         )
     train_idx, test_idx = train_test_split(
-        np.arange(n), test_size=n_test, stratify=labels, random_state=seed
+        split_rows, test_size=n_test, stratify=labels[split_rows], random_state=seed
     )
+    train_idx = np.concatenate([train_idx, np.flatnonzero(np.isin(labels, list(rare)))]) if rare else train_idx
     return np.sort(train_idx), np.sort(test_idx)

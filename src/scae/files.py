@@ -1,12 +1,20 @@
-"""Atomic output files: a file appears under its final name only once it is complete."""
+"""Output files and folders: atomic files, and the study's all-or-nothing output folder.
+
+A file appears under its final name only once it is complete; a study's outputs appear in its
+folder only once all of them are (:class:`OutputDir`). Light imports only, so the command line
+can check paths before loading anything heavy.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from scae.errors import ScaeInputError
 
 
 @contextmanager
@@ -51,3 +59,197 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     """Write bytes atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+MANAGED_NAMES = ("report.html", "metrics.json", "results.h5ad", "reconstructions.h5ad", "figures", "models")
+"""What a study writes in its output folder (and replaces when it finishes)."""
+STAGING_NAME = ".scae-staging"
+LOCK_NAME = ".scae.lock"
+
+
+class OutputWriteError(ScaeInputError):
+    """An output could not be written (disk full, permissions, ...)."""
+
+
+class OutputDir:
+    """A study's output folder, written all-or-nothing.
+
+    While a study runs it holds an exclusive lock on ``path/.scae.lock`` (a second study into
+    the same folder is refused) and writes everything into ``path/.scae-staging/``. Only
+    :meth:`commit` moves the finished outputs into ``path``: figures, models and ``.h5ad``
+    files first, then ``metrics.json``, then ``report.html``. A previous run's ``report.html``
+    and ``metrics.json`` are removed by :meth:`open`, so after any failure no complete-looking
+    output of the failed run exists. :meth:`abort` removes the staging folder but keeps the
+    models trained so far in ``.scae-staging/models``, where ``--resume`` finds them.
+
+    Use as a context manager around :meth:`open`::
+
+        with OutputDir(out).open(keep_models=resume) as output:
+            ...  # write into output.staging
+            output.commit()
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.staging = self.path / STAGING_NAME
+        self._lock_fd: int | None = None
+        self._committed = False
+
+    @property
+    def models(self) -> Path:
+        """Where this run saves its models as they are trained."""
+        return self.staging / "models"
+
+    def open(self, keep_models: bool = False) -> OutputDir:
+        """Create the folder, take the lock, remove the last run's report and metrics, start staging.
+
+        ``keep_models``: keep the models an interrupted run left in the staging folder (for
+        ``--resume``); otherwise a stale staging folder is removed.
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            check_writable(self.path)
+        except OSError as err:
+            raise ScaeInputError(
+                f"{self.path}: cannot write the output directory ({reason(err)}); expected a writable directory"
+            ) from None
+        self._lock()
+        try:
+            for name in ("report.html", "metrics.json"):
+                (self.path / name).unlink(missing_ok=True)
+            if self.staging.exists():
+                for entry in self.staging.iterdir():
+                    if not (keep_models and entry.name == "models"):
+                        _remove(entry)
+            (self.staging / "figures").mkdir(parents=True, exist_ok=True)
+            self.models.mkdir(exist_ok=True)
+        except OSError as err:
+            self.close()
+            raise ScaeInputError(f"{self.path}: cannot prepare the output directory ({reason(err)})") from None
+        return self
+
+    def _lock(self) -> None:
+        import fcntl
+
+        lock_path = self.path / LOCK_NAME
+        while True:
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise ScaeInputError(f"{lock_path}: cannot create the lock file ({reason(err)})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise ScaeInputError(
+                    f"{self.path}: another scae study is writing to this directory; "
+                    "wait for it to finish or choose another --out"
+                ) from None
+            try:  # the file may have been removed by the previous holder: lock the one on disk
+                if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        self._lock_fd = fd
+
+    def commit(self) -> None:
+        """Move the staged outputs into place; ``metrics.json`` and ``report.html`` last."""
+        order = [n for n in MANAGED_NAMES if n not in ("metrics.json", "report.html")] + ["metrics.json", "report.html"]
+        try:
+            for name in order:
+                staged, final = self.staging / name, self.path / name
+                if not staged.exists():
+                    _remove(final)  # e.g. a stale reconstructions.h5ad from a larger input
+                    continue
+                if staged.is_dir() and final.exists():
+                    old = self.staging / f"{name}.old"
+                    os.replace(final, old)
+                    os.replace(staged, final)
+                    _remove(old)
+                else:
+                    os.replace(staged, final)
+            _remove(self.staging)
+        except OSError as err:
+            raise OutputWriteError(f"{self.path}: cannot move the finished outputs into place ({reason(err)})") from None
+        self._committed = True
+
+    def abort(self) -> bool:
+        """Remove what this run staged, except its trained models; whether any models were kept."""
+        if self._committed or not self.staging.exists():
+            return False
+        kept = self.models.is_dir() and any(self.models.iterdir())
+        for entry in list(self.staging.iterdir()):
+            if not (kept and entry.name == "models"):
+                _remove(entry)
+        if not kept:
+            _remove(self.staging)
+        return kept
+
+    def close(self) -> None:
+        """Release the lock (the lock file is removed; see :meth:`_lock` for the race this handles)."""
+        if self._lock_fd is not None:
+            (self.path / LOCK_NAME).unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> OutputDir:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is not None and not self._committed:
+                self.abort()
+        finally:
+            self.close()
+
+
+def reason(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a folder tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def check_output_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` if needed and check a file can be written in it (nothing is removed)."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(out_dir)
+    except OSError as err:
+        raise ScaeInputError(
+            f"{out_dir}: cannot write the output directory ({reason(err)}); expected a writable directory"
+        ) from None
+    return out_dir
+
+
+def refuse_inputs_inside(out_dir: str | Path, inputs: list[str | Path]) -> None:
+    """Refuse any input file that the study would remove or replace in ``out_dir``.
+
+    An input is refused when it lies (after resolving links) at a name the study writes,
+    inside its ``figures``/``models`` folders or its staging folder, or is a hard link of a
+    file there. Inputs elsewhere inside ``out_dir`` are fine.
+    """
+    out = Path(out_dir).resolve()
+    written = set(MANAGED_NAMES) | {STAGING_NAME, LOCK_NAME}
+    existing = [out / name for name in written]
+    existing = [p for base in existing for p in ([base, *base.rglob("*")] if base.is_dir() else [base]) if p.is_file()]
+    for given in inputs:
+        if given is None:
+            continue
+        path = Path(given).resolve()
+        inside = path.is_relative_to(out) and path != out and path.relative_to(out).parts[0] in written
+        if inside or any(os.path.samefile(path, p) for p in existing if path.exists()):
+            raise ScaeInputError(
+                f"{given}: is an input, and the study would remove or overwrite it in --out {out_dir}; "
+                "move the input or choose another --out directory"
+            )

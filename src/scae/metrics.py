@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from scae.data import dense_if_small
@@ -20,7 +23,10 @@ def cluster_scores(
 
     k-means uses k = number of distinct labels and is repeated with seeds ``seed … seed +
     n_seeds - 1``; ARI and NMI are reported as mean and standard deviation over those runs.
-    The silhouette of the known labels uses Euclidean distance in ``X``.
+    A representation with fewer distinct points than k (collapsed, or duplicated cells) gets
+    fewer clusters, and scores accordingly, without a warning. The silhouette of the known
+    labels uses Euclidean distance in ``X``; it is 0 when it is undefined (every cell its own
+    label).
 
     Returns
     -------
@@ -29,17 +35,19 @@ def cluster_scores(
     """
     labels = np.asarray(labels)
     X = dense_if_small(X)  # pairwise distances are several times faster dense
-    k = np.unique(labels).size
+    k = min(np.unique(labels).size, X.shape[0])
     aris, nmis = [], []
     for s in range(seed, seed + n_seeds):
-        predicted = KMeans(n_clusters=k, n_init=1, random_state=s).fit_predict(X)
+        with warnings.catch_warnings():  # "Number of distinct clusters (1) found smaller than n_clusters"
+            warnings.filterwarnings("ignore", message="Number of distinct clusters", category=ConvergenceWarning)
+            predicted = KMeans(n_clusters=k, n_init=1, random_state=s).fit_predict(X)
         aris.append(adjusted_rand_score(labels, predicted))
         nmis.append(normalized_mutual_info_score(labels, predicted))
+    rows = slice(None)
     if X.shape[0] > silhouette_max_cells:  # the same seeded sample as scikit-learn's sample_size
         rows = np.random.RandomState(seed).permutation(X.shape[0])[:silhouette_max_cells]
-        silhouette = label_silhouette(X[rows], labels[rows])
-    else:
-        silhouette = label_silhouette(X, labels)
+    n_sampled, k_sampled = labels[rows].size, np.unique(labels[rows]).size
+    silhouette = label_silhouette(X[rows], labels[rows]) if 2 <= k_sampled <= n_sampled - 1 else 0.0
     return {
         "ari": float(np.mean(aris)),
         "ari_std": float(np.std(aris)),
@@ -122,15 +130,37 @@ def linear_separability(
 
     Answers "can a linear boundary in this representation tell the populations apart?" without
     rewarding memorisation: the classifier never sees the cells it is scored on.
+
+    Balanced accuracy is the mean recall over the labels present among the test cells, as in
+    scikit-learn; labels seen only in training (too rare for the test share) count as wrong
+    answers when predicted, not as classes to score. With a single label among the training
+    cells every cell is predicted as it. A classifier that has not converged after 1000
+    iterations is scored as it stands, without a warning.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
-    classifier.fit(dense_if_small(Z_train), y_train)
-    return float(balanced_accuracy_score(y_test, classifier.predict(dense_if_small(Z_test))))
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    if np.unique(y_train).size < 2:
+        predicted = np.full(y_test.shape, y_train[0] if y_train.size else None, dtype=object)
+    else:
+        classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=ConvergenceWarning)
+            classifier.fit(dense_if_small(Z_train), y_train)
+        predicted = classifier.predict(dense_if_small(Z_test))
+    return balanced_accuracy(y_test, predicted)
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean recall over the labels in ``y_true`` (scikit-learn's ``balanced_accuracy_score``
+    without its warning for predicted labels absent from ``y_true``); 0 for no cells."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.size == 0:
+        return 0.0
+    recalls = [float(np.mean(y_pred[y_true == label] == label)) for label in np.unique(y_true)]
+    return float(np.mean(recalls))
 
 
 def reconstruction_errors(X, reconstruction, batch_size: int = 4096) -> dict[str, float]:

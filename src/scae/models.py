@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from scae import params as rules
 from scae.data import as_matrix, dense_if_small
+from scae.errors import ScaeInputError
 from scae.files import atomic_path
-from scae.losses import LOSSES
-from scae.parallel import DEVICES, Distributed, resolve_device
+from scae.parallel import Distributed, resolve_device
 from scae.sources import ArraySource, RowSource
 from scae.training import encode, evaluate_losses, predict, train_network
 
@@ -25,7 +29,17 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid,
     "leaky_relu": nn.LeakyReLU,
 }
-MODEL_FORMAT = "scae.Autoencoder/1"
+MODEL_FORMAT_NAME = "scae.Autoencoder"
+MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT = f"{MODEL_FORMAT_NAME}/{MODEL_FORMAT_VERSION}"
+MODEL_KEYS = frozenset({
+    "format", "params", "n_features_in", "state_dict", "history", "fit_seconds", "train_seconds",
+    "train_cells_per_second", "metadata",
+})
+"""Entries of a model file (format version 1); the first six are required."""
+REQUIRED_MODEL_KEYS = ("format", "params", "n_features_in", "state_dict", "history", "fit_seconds")
+ARCHITECTURE_PARAMS = ("latent_dim", "hidden", "activation", "loss")
+"""Parameters a model file must store (the others fall back to their defaults)."""
 
 
 class AutoencoderNet(nn.Module):
@@ -42,12 +56,12 @@ class AutoencoderNet(nn.Module):
         act = ACTIVATIONS[activation]
         widths = [n_genes, *hidden]
         enc: list[nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:]):
+        for a, b in pairwise(widths):
             enc += [nn.Linear(a, b), act()]
         enc.append(nn.Linear(widths[-1], latent_dim))
         dec: list[nn.Module] = []
         back = [latent_dim, *reversed(hidden)]
-        for a, b in zip(back[:-1], back[1:]):
+        for a, b in pairwise(back):
             dec += [nn.Linear(a, b), act()]
         dec.append(nn.Linear(back[-1], n_genes))
         self.encoder = nn.Sequential(*enc)
@@ -62,21 +76,29 @@ class AutoencoderNet(nn.Module):
 class Autoencoder(TransformerMixin, BaseEstimator):
     """Autoencoder for cells × genes expression matrices.
 
+    As in scikit-learn, ``__init__`` only stores the parameters; :meth:`fit` checks them all
+    first and raises :class:`~scae.errors.ScaeInputError` (a ``ValueError``) naming the first
+    bad one, its value and what was expected. Methods that need a fitted model raise
+    scikit-learn's ``NotFittedError`` before :meth:`fit`.
+
     Parameters
     ----------
     latent_dim
-        Size of the latent (bottleneck) layer.
+        Size of the latent (bottleneck) layer: an integer in [1, 100000].
     hidden
-        Widths of the hidden layers between input and latent; the decoder mirrors them.
+        Widths of the hidden layers between input and latent (each in [1, 100000]); the
+        decoder mirrors them. The whole network may have at most 10⁹ parameters.
     activation
         Activation of the hidden layers: one of ``relu``, ``elu``, ``gelu``, ``tanh``,
         ``sigmoid``, ``leaky_relu``.
     loss
         ``"mse"`` or ``"nonzero_mse"`` (MSE over the nonzero input entries of each batch).
     epochs, batch_size, learning_rate
-        Adam training schedule.
+        Adam training schedule: epochs in [1, 10⁶], batch size in [1, 10⁷], learning rate a
+        finite number in (0, 10] (larger steps only diverge). Training stops with
+        :class:`~scae.training.TrainingDivergedError` when the loss becomes NaN or infinite.
     random_state
-        Seeds weight initialisation and batch order.
+        Seeds weight initialisation and batch order: an integer in [0, 2³² − 1].
     device
         ``"auto"`` (a CUDA GPU, else Apple MPS, else the CPU), ``"cpu"``, ``"cuda"`` or ``"mps"``.
     progress
@@ -122,24 +144,28 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         self.device = device
         self.progress = progress
 
-    def _check_params(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss '{self.loss}'; expected one of: {', '.join(LOSSES)}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation '{self.activation}'; expected one of: {', '.join(ACTIVATIONS)}"
-            )
-        if int(self.latent_dim) < 1 or any(int(h) < 1 for h in self.hidden):
-            raise ValueError("latent_dim and hidden widths must be positive integers")
-        if self.device not in DEVICES:
-            raise ValueError(f"unknown device '{self.device}'; expected one of: {', '.join(DEVICES)}")
+    def _check_params(self) -> dict:
+        """Every parameter checked, as the values training uses (the attributes stay as given)."""
+        checked = {
+            "latent_dim": rules.check("latent_dim", self.latent_dim, rules.WIDTH),
+            "hidden": rules.check("hidden", self.hidden, rules.HIDDEN),
+            "activation": rules.check("activation", self.activation, rules.ACTIVATION),
+            "loss": rules.check("loss", self.loss, rules.LOSS),
+            "epochs": rules.check("epochs", self.epochs, rules.EPOCHS),
+            "batch_size": rules.check("batch_size", self.batch_size, rules.BATCH_SIZE),
+            "learning_rate": rules.check("learning_rate", self.learning_rate, rules.LEARNING_RATE),
+            "random_state": rules.check("random_state", self.random_state, rules.SEED),
+            "device": rules.check("device", self.device, rules.DEVICE),
+            "progress": rules.check("progress", self.progress, rules.BOOLEAN),
+        }
+        return checked
 
     def _build(self, n_features: int) -> AutoencoderNet:
+        latent_dim, hidden = int(self.latent_dim), tuple(int(h) for h in self.hidden)
+        rules.check_parameter_count(n_features, latent_dim, hidden)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_state)
-            return AutoencoderNet(
-                n_features, int(self.latent_dim), tuple(int(h) for h in self.hidden), self.activation
-            )
+            torch.manual_seed(int(self.random_state))
+            return AutoencoderNet(n_features, latent_dim, hidden, self.activation)
 
     def fit(
         self,
@@ -162,33 +188,34 @@ class Autoencoder(TransformerMixin, BaseEstimator):
             This process's place in a ``torch.distributed`` group (see :mod:`scae.parallel`);
             every process of the group calls ``fit`` with the same data and parameters.
         """
-        self._check_params()
+        checked = self._check_params()
         train = _as_source(X, "training matrix")
         test = None
         if eval_X is not None:
             test = _as_source(eval_X, "evaluation matrix")
             if test.n_cols != train.n_cols:
-                raise ValueError(
+                raise ScaeInputError(
                     f"eval_X has {test.n_cols} genes (columns); the training matrix has {train.n_cols}"
                 )
-        device = resolve_device(self.device, 0 if distributed is None else distributed.local_rank)
-        self.n_features_in_ = int(train.n_cols)
-        self.net_ = self._build(self.n_features_in_).to(device)
+        device = resolve_device(checked["device"], 0 if distributed is None else distributed.local_rank)
+        net = self._build(int(train.n_cols)).to(device)
         started = time.perf_counter()
         run = train_network(
-            self.net_,
+            net,
             train,
             test,
-            loss=self.loss,
-            epochs=int(self.epochs),
-            batch_size=int(self.batch_size),
-            learning_rate=float(self.learning_rate),
-            seed=int(self.random_state),
+            loss=checked["loss"],
+            epochs=checked["epochs"],
+            batch_size=checked["batch_size"],
+            learning_rate=checked["learning_rate"],
+            seed=checked["random_state"],
             device=device,
             distributed=distributed,
-            progress=self.progress,
+            progress=checked["progress"],
             description=description,
         )
+        self.n_features_in_ = int(train.n_cols)
+        self.net_ = net
         self.fit_seconds_ = time.perf_counter() - started
         self.history_ = run.history
         self.train_seconds_ = run.train_seconds
@@ -201,15 +228,14 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         return next(self.net_.parameters()).device
 
     def _source(self, X) -> RowSource:
-        if not hasattr(self, "net_"):
-            raise RuntimeError("this Autoencoder is not fitted yet; call fit() first")
+        check_is_fitted(self, "net_")
         source = _as_source(X)
         self._check_n_features(source)
         return source
 
     def _check_n_features(self, source: RowSource) -> None:
         if source.n_cols != self.n_features_in_:
-            raise ValueError(f"X has {source.n_cols} genes (columns); the model expects {self.n_features_in_}")
+            raise ScaeInputError(f"X has {source.n_cols} genes (columns); the model expects {self.n_features_in_}")
 
     def transform(self, X) -> np.ndarray:
         """Latent representation, cells × ``latent_dim``."""
@@ -237,8 +263,7 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         ``metadata`` (plain strings and numbers) is stored beside them and comes back as
         ``metadata_`` from :meth:`load`.
         """
-        if not hasattr(self, "net_"):
-            raise RuntimeError("this Autoencoder is not fitted yet; call fit() first")
+        check_is_fitted(self, "net_")
         params = self.get_params()
         params["hidden"] = [int(h) for h in params["hidden"]]
         state = {
@@ -257,23 +282,143 @@ class Autoencoder(TransformerMixin, BaseEstimator):
 
     @classmethod
     def load(cls, path: str | Path) -> Autoencoder:
-        """Load a model written by :meth:`save` (weights-only loading: no code is executed)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
-            raise ValueError(f"{path}: not an scae model file (expected format {MODEL_FORMAT})")
-        params = dict(state["params"])
-        params["hidden"] = tuple(params["hidden"])
-        model = cls(**params)
-        model.n_features_in_ = int(state["n_features_in"])
-        model.net_ = model._build(model.n_features_in_)
-        model.net_.load_state_dict(state["state_dict"])
-        model.net_.eval()
-        model.history_ = list(state["history"])
-        model.fit_seconds_ = float(state["fit_seconds"])
-        model.train_seconds_ = float(state.get("train_seconds", float("nan")))
-        model.train_cells_per_second_ = float(state.get("train_cells_per_second", float("nan")))
-        model.metadata_ = dict(state.get("metadata", {}))
+        """Load a model written by :meth:`save` (weights-only loading: no code is executed).
+
+        Any file that is not such a model — missing, empty, truncated, not a PyTorch file,
+        another kind of PyTorch file, unknown entries or parameters, weights that do not fit the
+        stored architecture, a newer format version — raises
+        :class:`~scae.errors.ScaeInputError` naming the file and the problem.
+        """
+        state = _read_model_file(Path(path))
+        params = _model_params(path, state["params"])
+        try:
+            model = cls(**params)
+            checked = model._check_params()
+        except ScaeInputError as err:
+            raise ScaeInputError(f"{path}: stored parameter {err}") from None
+        model.hidden = checked["hidden"]
+        n_features = state["n_features_in"]
+        if isinstance(n_features, bool) or not isinstance(n_features, int) or n_features < 1:
+            raise ScaeInputError(f"{path}: n_features_in must be a positive integer; got {n_features!r}")
+        try:
+            net = model._build(n_features)
+        except ScaeInputError as err:
+            raise ScaeInputError(f"{path}: {err}") from None
+        _load_weights(path, net, state["state_dict"], params, n_features)
+        net.eval()
+        history = state["history"]
+        if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+            raise ScaeInputError(f"{path}: history must be a list of per-epoch records; got {type(history).__name__}")
+        metadata = state.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise ScaeInputError(f"{path}: metadata must be a dict; got {type(metadata).__name__}")
+        timings = {key: state.get(key, float("nan")) for key in ("fit_seconds", "train_seconds", "train_cells_per_second")}
+        for key, value in timings.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ScaeInputError(f"{path}: {key} must be a number; got {value!r}")
+        model.n_features_in_ = n_features
+        model.net_ = net
+        model.history_ = list(history)
+        model.fit_seconds_ = float(timings["fit_seconds"])
+        model.train_seconds_ = float(timings["train_seconds"])
+        model.train_cells_per_second_ = float(timings["train_cells_per_second"])
+        model.metadata_ = dict(metadata)
         return model
+
+
+def _read_model_file(path: Path) -> dict:
+    """The dict a model file holds, read weights-only, with its format and entries checked."""
+    expected = f"expected a model file written by scae's Autoencoder.save (format {MODEL_FORMAT})"
+    if path.is_dir():
+        raise ScaeInputError(f"{path}: is a directory; {expected}")
+    try:
+        with path.open("rb") as handle:
+            empty = not handle.read(1)
+    except OSError as err:
+        raise ScaeInputError(f"{path}: cannot be read ({err.strerror or err}); {expected}") from None
+    if empty:
+        raise ScaeInputError(f"{path}: is empty; {expected}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever the file holds, the answer is one line
+        blocked = re.search(r"GLOBAL (\S+)", str(err))
+        if blocked:
+            raise ScaeInputError(
+                f"{path}: holds a Python object ({blocked.group(1)}) besides tensors and plain data; "
+                f"refused, since loading it could run code; {expected}"
+            ) from None
+        raise ScaeInputError(
+            f"{path}: not a readable PyTorch file (truncated, corrupted or another kind of file); {expected}"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("format"), str):
+        raise ScaeInputError(f"{path}: a PyTorch file but not an scae model ({type(state).__name__} without "
+                             f"a format entry); {expected}")
+    name, _, version = state["format"].partition("/")
+    if name != MODEL_FORMAT_NAME or not version.isdigit():
+        raise ScaeInputError(f"{path}: not an scae model file (format {state['format']!r}); {expected}")
+    if int(version) > MODEL_FORMAT_VERSION:
+        raise ScaeInputError(
+            f"{path}: written in model format version {int(version)} by a newer scae; this scae reads "
+            f"version {MODEL_FORMAT_VERSION}: upgrade scae to load it"
+        )
+    if int(version) < MODEL_FORMAT_VERSION:  # no older version exists yet
+        raise ScaeInputError(f"{path}: unknown model format version {int(version)}; {expected}")
+    missing = [key for key in REQUIRED_MODEL_KEYS if key not in state]
+    if missing:
+        raise ScaeInputError(f"{path}: incomplete scae model file: no {', '.join(map(repr, missing))} entry")
+    unknown = sorted(str(key) for key in state if key not in MODEL_KEYS)
+    if unknown:
+        raise ScaeInputError(f"{path}: unexpected entries {', '.join(map(repr, unknown))} in an scae model file; {expected}")
+    return state
+
+
+def _model_params(path: str | Path, params) -> dict:
+    """The stored estimator parameters, their names checked (values are checked by the estimator)."""
+    if not isinstance(params, dict):
+        raise ScaeInputError(f"{path}: params must be a dict of Autoencoder parameters; got {type(params).__name__}")
+    known = Autoencoder._get_param_names()
+    unknown = sorted(str(key) for key in params if key not in known)
+    if unknown:
+        raise ScaeInputError(
+            f"{path}: unknown Autoencoder parameter(s) {', '.join(map(repr, unknown))}; "
+            f"expected some of: {', '.join(known)}"
+        )
+    missing = [key for key in ARCHITECTURE_PARAMS if key not in params]
+    if missing:
+        raise ScaeInputError(f"{path}: the stored parameters lack {', '.join(map(repr, missing))}")
+    params = dict(params)
+    if isinstance(params["hidden"], list):
+        params["hidden"] = tuple(params["hidden"])
+    return params
+
+
+def _load_weights(path: str | Path, net: AutoencoderNet, weights, params: dict, n_features: int) -> None:
+    """Copy the stored weights into ``net``, refusing any that do not fit its architecture."""
+    architecture = (f"n_features_in={n_features}, latent_dim={params['latent_dim']}, "
+                    f"hidden={tuple(params['hidden'])}")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ScaeInputError(f"{path}: state_dict must map parameter names to tensors")
+    expected = net.state_dict()
+    missing = [key for key in expected if key not in weights]
+    unknown = [str(key) for key in weights if key not in expected]
+    if missing or unknown:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unexpected {', '.join(unknown)}"] if unknown else [])
+        raise ScaeInputError(
+            f"{path}: the weights do not match the stored architecture ({architecture}): {'; '.join(parts)}"
+        )
+    for key, tensor in expected.items():
+        given = weights[key]
+        if tuple(given.shape) != tuple(tensor.shape):
+            raise ScaeInputError(
+                f"{path}: the weights do not match the stored architecture ({architecture}): {key} has shape "
+                f"{tuple(given.shape)}, expected {tuple(tensor.shape)}"
+            )
+        if not given.is_floating_point():
+            raise ScaeInputError(f"{path}: weight {key} has dtype {given.dtype}; expected floating point")
+        if not bool(torch.isfinite(given).all()):
+            raise ScaeInputError(f"{path}: weight {key} holds NaN or infinite values")
+    net.load_state_dict(weights)
 
 
 def _as_source(X, what: str = "matrix") -> RowSource:

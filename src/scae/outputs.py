@@ -13,8 +13,19 @@ from pathlib import Path
 import numpy as np
 
 from scae.data import Dataset
-from scae.errors import ScaeInputError
-from scae.files import atomic_path, check_writable, write_bytes, write_text
+from scae.files import (  # noqa: F401 (re-exported)
+    LOCK_NAME,
+    MANAGED_NAMES,
+    STAGING_NAME,
+    OutputDir,
+    OutputWriteError,
+    atomic_path,
+    check_output_dir,
+    refuse_inputs_inside,
+    write_bytes,
+    write_text,
+)
+from scae.files import reason as _reason
 from scae.models import Autoencoder
 from scae.plots import Panel, loss_curves, png_bytes, scatter_panels
 from scae.report import build_report, figure_plan
@@ -24,39 +35,12 @@ TRAINING_SETTINGS = ("epochs", "seed", "hidden", "activation", "batch_size", "le
 """The study settings a trained model depends on (the others only change scoring and outputs)."""
 
 
-def _save_model(model: Autoencoder, dataset: Dataset, config: StudyConfig, spec: RunSpec, out_dir: Path) -> None:
-    """Write ``out_dir/models/<run>.pt``, tagged with the key ``--resume`` checks."""
-    model.save(out_dir / "models" / f"{spec.name}.pt", metadata={"study_key": _study_key(dataset, config, spec)})
-
-
-def _study_key(dataset: Dataset, config: StudyConfig, spec: RunSpec) -> str:
+def study_key(dataset: Dataset, config: StudyConfig, spec: RunSpec) -> str:
     """Fingerprint of the input, the training settings and one run: equal keys, same model."""
     settings = {key: value for key, value in config.to_dict().items() if key in TRAINING_SETTINGS}
     settings["run"] = {"latent_dim": spec.latent_dim, "loss": spec.loss}
     blob = json.dumps({"input": dataset.fingerprint(), "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def prepare_output_dir(out_dir: str | Path, remove_stale: bool = True) -> Path:
-    """Create ``out_dir`` and check it is writable; remove a previous run's report and metrics.
-
-    Removing ``report.html`` and ``metrics.json`` first means that, if this run is
-    interrupted, no complete-looking report from an earlier run is left beside new files.
-    """
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "figures").mkdir(exist_ok=True)
-        (out_dir / "models").mkdir(exist_ok=True)
-        check_writable(out_dir)
-        for name in ("report.html", "metrics.json") if remove_stale else ():
-            (out_dir / name).unlink(missing_ok=True)
-    except OSError as err:
-        reason = err.strerror or str(err)
-        raise ScaeInputError(
-            f"{out_dir}: cannot write the output directory ({reason}); expected a writable directory"
-        ) from None
-    return out_dir
 
 
 def make_figures(result: StudyResult) -> dict[str, object]:
@@ -80,40 +64,54 @@ def _embed_rows(result: StudyResult, key: str) -> np.ndarray:
 
 
 def write_study(result: StudyResult, out_dir: str | Path) -> None:
-    """Write figures, models, ``results.h5ad``, ``metrics.json`` and finally ``report.html``.
+    """Write every output of ``result`` into ``out_dir`` (all-or-nothing, see :class:`OutputDir`).
 
-    For a result computed without an output directory; :func:`run_study` given one writes
-    the same files itself.
+    For a result computed without an output directory; :func:`~scae.study.run_study` given one
+    writes the same files itself.
     """
     watch = Stopwatch(False)
     watch.timings = result.timings  # writing stages are added to the study's own timings
-    _write_outputs(result, prepare_output_dir(out_dir), watch)
+    with OutputDir(out_dir).open() as output:
+        write_outputs(result, output, watch)
+        output.commit()
 
 
-def _write_outputs(result: StudyResult, out_dir: Path, watch: Stopwatch, models_saved: bool = False) -> None:
-    """Write every output into a prepared ``out_dir``; ``report.html`` comes last.
+def save_model(model: Autoencoder, dataset: Dataset, config: StudyConfig, spec: RunSpec, models_dir: Path) -> None:
+    """Write ``models_dir/<run>.pt``, tagged with the key ``--resume`` checks."""
+    path = models_dir / f"{spec.name}.pt"
+    try:
+        model.save(path, metadata={"study_key": study_key(dataset, config, spec)})
+    except OSError as err:
+        raise OutputWriteError(f"{path}: cannot write the model ({_reason(err)})") from None
 
-    ``models_saved``: the models are in ``out_dir/models`` already (:func:`run_study` saves
-    each one as soon as it is trained, or reused it from there).
+
+def write_outputs(result: StudyResult, output: OutputDir, watch: Stopwatch, models_saved: bool = False) -> None:
+    """Write every output into ``output``'s staging folder (:meth:`OutputDir.commit` publishes them).
+
+    ``models_saved``: the models are staged already (:func:`~scae.study.run_study` saves each
+    one as soon as it is trained or reused).
     """
-    with watch.stage("figures", "drawing figures"):
-        images = {stem: png_bytes(fig) for stem, fig in make_figures(result).items()}
-        for stem, data in images.items():
-            write_bytes(out_dir / "figures" / f"{stem}.png", data)
-    with watch.stage("write_models_h5ad", "writing models and results.h5ad"):
-        for run in result.runs.values() if not models_saved else ():
-            _save_model(run.model, result.dataset, result.config, run.spec, out_dir)
-        with atomic_path(out_dir / "results.h5ad") as tmp:
-            result.to_anndata().write_h5ad(tmp)
-        sample = result.sample_anndata()
-        if sample is not None:
-            with atomic_path(out_dir / "reconstructions.h5ad") as tmp:
-                sample.write_h5ad(tmp)
-        else:
-            (out_dir / "reconstructions.h5ad").unlink(missing_ok=True)  # a stale one from a larger input
-    with watch.stage("report"):
-        metrics = result.metrics()
-        html = build_report(result, metrics, images)
-    metrics["timings"] = {k: round(v, 3) for k, v in watch.timings.items()}
-    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-    write_text(out_dir / "report.html", html)
+    staging = output.staging
+    try:
+        with watch.stage("figures", "drawing figures"):
+            images = {stem: png_bytes(fig) for stem, fig in make_figures(result).items()}
+            for stem, data in images.items():
+                write_bytes(staging / "figures" / f"{stem}.png", data)
+        with watch.stage("write_models_h5ad", "writing models and results.h5ad"):
+            for run in result.runs.values() if not models_saved else ():
+                save_model(run.model, result.dataset, result.config, run.spec, output.models)
+            with atomic_path(staging / "results.h5ad") as tmp:
+                result.to_anndata().write_h5ad(tmp)
+            sample = result.sample_anndata()
+            if sample is not None:
+                with atomic_path(staging / "reconstructions.h5ad") as tmp:
+                    sample.write_h5ad(tmp)
+        with watch.stage("report"):
+            metrics = result.metrics()
+            html = build_report(result, metrics, images)
+        metrics["timings"] = {k: round(v, 3) for k, v in watch.timings.items()}
+        write_text(staging / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+        write_text(staging / "report.html", html)
+    except OSError as err:
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        raise OutputWriteError(f"{output.path}: cannot write the outputs{where}: {_reason(err)}") from None

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ def scatter_panels(panels: Sequence[Panel], labels: np.ndarray, title: str) -> F
 def loss_curves(histories: dict[str, list[dict]], keys: Sequence[str], title: str) -> Figure:
     """One panel per history key (e.g. ``train_loss``, ``test_loss``), one line per run.
 
-    The y axis is logarithmic when a panel's values span more than a factor of 20.
+    The y axis is logarithmic when a panel's values span more than a factor of 20; the epoch
+    axis has whole-number ticks only.
     """
     fig = Figure(figsize=(5.2 * len(keys), 4.0), layout="constrained")
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
@@ -74,6 +76,7 @@ def loss_curves(histories: dict[str, list[dict]], keys: Sequence[str], title: st
             values = [row[key] for row in history if key in row]
             ax.plot(epochs, values, marker="o", markersize=2.5, linewidth=1.3, label=name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(key.replace("_", " "))
         ax.set_title(key.replace("_", " "), fontsize=10)
         values = [row[key] for h in histories.values() for row in h if key in row]

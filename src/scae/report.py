@@ -1,24 +1,67 @@
-"""The self-contained HTML report: one section per question, findings written from the numbers.
+"""The self-contained HTML report: a summary, one section per question, findings from the numbers.
 
-Every sentence in a finding is chosen by comparing measured values of this run; nothing is
-asserted that the numbers do not show. All text that comes from user files is HTML-escaped.
+Every sentence of a finding is chosen here, in Python, by comparing measured values of this run;
+nothing is asserted that the numbers do not show. The functions below return plain data
+(strings, table rows, :class:`SummaryLine` s); the Jinja2 templates in ``scae/templates`` turn it
+into HTML with autoescaping on, so no text from a user's file (labels, names, paths) can become
+markup. Emphasis inside a finding is structured data (:class:`Strong`), never embedded HTML.
 """
 
 from __future__ import annotations
 
 import base64
-import html
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from functools import cache
+from itertools import pairwise
+from typing import TYPE_CHECKING, NamedTuple
 
 from scae import __version__
 
 if TYPE_CHECKING:
+    import jinja2
+
     from scae.results import RunResult, StudyResult
 
 SURVIVES_ARI_DROP = 0.05
 """A reconstruction 'keeps' the clusters when its k-means ARI is at most this much below the input's."""
 SEPARABLE_ACCURACY = 0.9
 PARTLY_SEPARABLE_ACCURACY = 0.7
+TEMPLATE = "report.html.j2"
+
+
+# ---------------------------------------------------------------- what the template receives
+@dataclass(frozen=True)
+class Strong:
+    """A part of a finding shown emphasised (bold); its text is escaped like any other."""
+
+    text: str
+
+
+Finding = str | tuple[str | Strong, ...]
+"""One finding: a sentence, or a sequence of plain and emphasised parts."""
+
+
+@dataclass(frozen=True)
+class SummaryLine:
+    """The answer to one question and the number behind it, for the summary at the top."""
+
+    question: str
+    answer: str
+    evidence: str
+
+
+@dataclass(frozen=True)
+class Section:
+    """One question's part of the page as plain data; the template writes the prose around it."""
+
+    summary: SummaryLine | None
+    findings: list[Finding]
+    tables: dict[str, list[list[str]]]
+    """Rows of the section's tables (strings), by table name."""
+    run: str = ""
+    """The run the question is about ('' when it is about several)."""
+    facts: dict[str, object] = field(default_factory=dict)
+    """Numbers and switches the section's introduction mentions."""
 
 
 # ---------------------------------------------------------------- which runs answer which question
@@ -144,34 +187,15 @@ def _pct_change(new: float, old: float) -> str:
     return f"{abs(change):.1f}% {'lower' if change < 0 else 'higher'}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _figure(images: dict[str, bytes], stem: str, caption: str) -> str:
-    if stem not in images:
-        return ""
-    data = base64.b64encode(images[stem]).decode("ascii")
-    return (
-        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-        f"<figcaption>{html.escape(caption)} (<code>figures/{stem}.png</code>)</figcaption></figure>"
-    )
-
-
-def _findings(items: list[str]) -> str:
-    return "<div class='findings'><h3>Findings</h3><ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul></div>"
-
-
 def _score_rows(reps: dict, keys: list[str]) -> list[list[str]]:
+    """Rows of the cluster-score table (``templates/macros.html.j2``'s ``score_table``)."""
     rows = []
     for key in keys:
         if key not in reps:
             continue
         r = reps[key]
         rows.append([
-            html.escape(r["description"]),
+            r["description"],
             str(r["dims"]),
             f"{r['ari']:.3f} ± {r['ari_std']:.3f}",
             f"{r['nmi']:.3f} ± {r['nmi_std']:.3f}",
@@ -179,9 +203,6 @@ def _score_rows(reps: dict, keys: list[str]) -> list[list[str]]:
             f"{r['linear_accuracy']:.3f}" if "linear_accuracy" in r else "–",
         ])
     return rows
-
-
-SCORE_HEADER = ["representation", "dims", "k-means ARI", "k-means NMI", "silhouette (labels)", "linear accuracy (test cells)"]
 
 
 def _noise(ra: dict, rb: dict, score: str) -> float:
@@ -206,77 +227,127 @@ def _compare_scores(reps: dict, a: str, b: str, name_a: str, name_b: str) -> str
         if abs(d_sil) >= 0.01
         else f"the labels' silhouette is unchanged at about {rb['silhouette']:.3f}"
     )
-    return f"From {html.escape(name_a)} to {html.escape(name_b)}: {ari_text}; NMI goes from {ra['nmi']:.3f} to {rb['nmi']:.3f}; {sil_text}."
+    return f"From {name_a} to {name_b}: {ari_text}; NMI goes from {ra['nmi']:.3f} to {rb['nmi']:.3f}; {sil_text}."
 
 
-# ---------------------------------------------------------------- sections
-def _faster(a: RunResult, b: RunResult, attribute: str, what: str) -> str:
-    """Which of two runs got somewhere first, by the epoch stored in ``attribute``."""
-    ea, eb = getattr(a, attribute), getattr(b, attribute)
-    if ea is None or eb is None:
-        stalled = a if ea is None else b
-        return f"{stalled.spec.name}'s test loss never went below its starting value."
-    if ea == eb:
-        return f"Both {a.spec.name} and {b.spec.name} {what} at epoch {ea}."
-    fast, slow = (a, b) if ea < eb else (b, a)
-    return (f"{fast.spec.name} {what} at epoch {getattr(fast, attribute)}, {slow.spec.name} at epoch "
-            f"{getattr(slow, attribute)}: {fast.spec.name} is faster by {abs(ea - eb)} epoch(s).")
+# ---------------------------------------------------------------- Q1
+class _Race(NamedTuple):
+    """Two runs and the epoch at which each reached some point (``None``: never)."""
+
+    a: RunResult
+    b: RunResult
+    epoch_a: int | None
+    epoch_b: int | None
+
+    @classmethod
+    def of(cls, a: RunResult, b: RunResult, attribute: str) -> _Race:
+        return cls(a, b, getattr(a, attribute), getattr(b, attribute))
+
+    @property
+    def stalled(self) -> list[RunResult]:
+        """The runs that never got there."""
+        return [r for r, e in ((self.a, self.epoch_a), (self.b, self.epoch_b)) if e is None]
+
+    @property
+    def winner(self) -> tuple[RunResult, int, RunResult, int] | None:
+        """``(fast, its epoch, slow, its epoch)``; ``None`` for a tie or a stalled run."""
+        ea, eb = self.epoch_a, self.epoch_b
+        if ea is None or eb is None or ea == eb:
+            return None
+        return (self.a, ea, self.b, eb) if ea < eb else (self.b, eb, self.a, ea)
 
 
-def _section_q1(result: StudyResult, images: dict) -> str:
+def _race_sentence(race: _Race, what: str) -> str:
+    """Which of two runs got somewhere first."""
+    if race.stalled:
+        return f"{race.stalled[0].spec.name}'s test loss never went below its starting value."
+    if race.winner is None:
+        return f"Both {race.a.spec.name} and {race.b.spec.name} {what} at epoch {race.epoch_a}."
+    fast, fe, slow, se = race.winner
+    return (f"{fast.spec.name} {what} at epoch {fe}, {slow.spec.name} at epoch {se}: "
+            f"{fast.spec.name} is faster by {se - fe} epoch(s).")
+
+
+def _q1_summary(convergence: _Race, near_best: _Race) -> SummaryLine:
+    """Which latent size converges faster, by the 95% rule, else by the 1% one."""
+    a, b = convergence.a.spec.name, convergence.b.spec.name
+    if len(convergence.stalled) == 2:
+        return SummaryLine("Q1", "neither converges", f"the test loss of neither {a} nor {b} went below its starting value")
+    if convergence.stalled:
+        stalled = convergence.stalled[0]
+        moving, epoch = ((convergence.b, convergence.epoch_b) if stalled is convergence.a
+                         else (convergence.a, convergence.epoch_a))
+        return SummaryLine("Q1", f"{moving.spec.name} converges, {stalled.spec.name} does not",
+                           f"{stalled.spec.name}'s test loss never went below its starting value; "
+                           f"{moving.spec.name} made 95% of its test-loss drop by epoch {epoch}")
+    if convergence.winner is not None:
+        fast, fe, slow, se = convergence.winner
+        return SummaryLine("Q1", f"{fast.spec.name} converges faster",
+                           f"95% of its test-loss drop by epoch {fe} vs {se} for {slow.spec.name}")
+    both = f"both make 95% of their test-loss drop by epoch {convergence.epoch_a}"
+    if near_best.winner is not None:
+        fast, fe, slow, se = near_best.winner
+        return SummaryLine("Q1", f"{fast.spec.name} converges faster",
+                           f"{both}, but {fast.spec.name} is within 1% of its lowest test loss by epoch {fe} "
+                           f"vs {se} for {slow.spec.name}")
+    return SummaryLine("Q1", f"{a} and {b} converge equally fast",
+                       f"{both} and are within 1% of their lowest test loss by epoch {near_best.epoch_a}")
+
+
+def _q1_run_finding(r: RunResult) -> str:
+    """Final and lowest losses of one run, and whether it overfits or could use more epochs."""
+    h = r.model.history_
+    last, best = h[-1], min(h[1:], key=lambda row: row["test_loss"])
+    gap = last["test_loss"] - last["train_loss"]
+    text = (
+        f"{r.spec.name}: final training loss {_f(last['train_loss'])}, final test loss {_f(last['test_loss'])} "
+        f"(test − train = {_f(gap, 3)}); lowest test loss {_f(best['test_loss'])} at epoch {best['epoch']}"
+    )
+    rise = (last["test_loss"] - best["test_loss"]) / best["test_loss"]
+    train_at_best = h[best["epoch"]]["train_loss"]
+    if best["epoch"] < last["epoch"] and rise > 0.01:
+        if last["train_loss"] < train_at_best:
+            return text + (f", after which it rose by {rise * 100:.1f}% while the training loss kept falling "
+                           f"({_f(train_at_best)} → {_f(last['train_loss'])}): the model overfits the training cells.")
+        return text + f", after which it rose by {rise * 100:.1f}% (the training loss did not fall either)."
+    if last["test_loss"] < h[-2]["test_loss"] - 0.001 * abs(h[-2]["test_loss"]):
+        return text + "; the test loss was still falling in the last epoch, so more epochs could help."
+    return text + "; the test loss has levelled off."
+
+
+def _section_q1(result: StudyResult) -> Section | None:
     runs = _roles(result)["q1"]
     if not runs:
-        return ""
-    items = []
-    (a, b) = runs
-    items.append(_faster(a, b, "convergence_epoch", "reached 95% of its total test-loss decrease"))
-    items.append(_faster(a, b, "near_best_epoch", "got within 1% of its lowest test loss"))
-    for r in runs:
-        h = r.model.history_
-        last, best = h[-1], min(h[1:], key=lambda row: row["test_loss"])
-        gap = last["test_loss"] - last["train_loss"]
-        text = (
-            f"{r.spec.name}: final training loss {_f(last['train_loss'])}, final test loss {_f(last['test_loss'])} "
-            f"(test − train = {_f(gap, 3)}); lowest test loss {_f(best['test_loss'])} at epoch {best['epoch']}"
-        )
-        rise = (last["test_loss"] - best["test_loss"]) / best["test_loss"]
-        train_at_best = h[best["epoch"]]["train_loss"]
-        if best["epoch"] < last["epoch"] and rise > 0.01:
-            if last["train_loss"] < train_at_best:
-                text += (f", after which it rose by {rise * 100:.1f}% while the training loss kept falling "
-                         f"({_f(train_at_best)} → {_f(last['train_loss'])}): the model overfits the training cells.")
-            else:
-                text += f", after which it rose by {rise * 100:.1f}% (the training loss did not fall either)."
-        elif last["test_loss"] < h[-2]["test_loss"] - 0.001 * abs(h[-2]["test_loss"]):
-            text += "; the test loss was still falling in the last epoch, so more epochs could help."
-        else:
-            text += "; the test loss has levelled off."
-        items.append(text)
+        return None
+    a, b = runs
+    convergence = _Race.of(a, b, "convergence_epoch")
+    near_best = _Race.of(a, b, "near_best_epoch")
+    items: list[Finding] = [
+        _race_sentence(convergence, "reached 95% of its total test-loss decrease"),
+        _race_sentence(near_best, "got within 1% of its lowest test loss"),
+        *(_q1_run_finding(r) for r in runs),
+    ]
     la, lb = a.model.history_[-1]["test_loss"], b.model.history_[-1]["test_loss"]
     items.append(f"{b.spec.name}'s final test loss is {_pct_change(lb, la)} than {a.spec.name}'s.")
-    return (
-        "<section><h2>Q1 · Training and test loss: which latent size converges faster?</h2>"
-        "<p>Loss per epoch of the runs with latent sizes "
-        + " and ".join(str(r.spec.latent_dim) for r in runs)
-        + ". Epoch 0 is the untrained network. The training loss of an epoch is the mean of its minibatch "
-        "losses; the test loss is computed on all held-out cells after the epoch. Convergence epoch: the "
-        "first epoch at which the test loss has made 95% of its total decrease (from epoch 0 to its minimum); "
-        "the first epoch within 1% of the lowest test loss is shown too"
-        + (" (here the 95% point comes within the first two epochs, which remove most of the untrained error, so "
-           "the 1% measure is the one that tells the runs apart)" if all((r.convergence_epoch or 99) <= 2 for r in runs) else "")
-        + ".</p>"
-        + _figure(images, "q1_loss_history", "Training and test loss per epoch")
-        + _table(
-            ["run", "convergence epoch (95%)", "epoch within 1% of best", "final train loss", "final test loss", "min test loss (epoch)"],
-            [[r.spec.name, str(r.convergence_epoch), str(r.near_best_epoch), _f(r.model.history_[-1]["train_loss"]), _f(r.model.history_[-1]["test_loss"]),
-              "{} ({})".format(_f(min(row["test_loss"] for row in r.model.history_[1:])), min(r.model.history_[1:], key=lambda row: row["test_loss"])["epoch"])] for r in runs],
-        )
-        + _findings(items)
-        + "</section>"
+    rows = []
+    for r in runs:
+        h = r.model.history_
+        best = min(h[1:], key=lambda row: row["test_loss"])
+        rows.append([r.spec.name, str(r.convergence_epoch), str(r.near_best_epoch), _f(h[-1]["train_loss"]),
+                     _f(h[-1]["test_loss"]), f"{_f(best['test_loss'])} ({best['epoch']})"])
+    return Section(
+        summary=_q1_summary(convergence, near_best),
+        findings=items,
+        tables={"losses": rows},
+        facts={
+            "latent_dims": [r.spec.latent_dim for r in runs],
+            "early_convergence": all((r.convergence_epoch or 99) <= 2 for r in runs),
+        },
     )
 
 
-def _section_q2(result: StudyResult, images: dict) -> str:
+# ---------------------------------------------------------------- Q2
+def _section_q2(result: StudyResult) -> Section:
     rows, items = [], []
     for name, r in result.runs.items():
         rows.append([name, str(r.spec.latent_dim), r.spec.loss, _f(r.errors["test"]["mse"]), _f(r.errors["train"]["mse"]),
@@ -285,23 +356,19 @@ def _section_q2(result: StudyResult, images: dict) -> str:
         rows.append([f"PCA baseline ({name})", name[3:], "linear", _f(e["test"]["mse"]), _f(e["train"]["mse"]),
                      _f(e["test"]["nonzero_mse"]), _f(e["train"]["nonzero_mse"]), "–"])
     mse_runs = sorted(_runs_where(result, "mse"), key=lambda r: r.errors["test"]["mse"])
+    by_dim = sorted(mse_runs, key=lambda r: r.spec.latent_dim)
     if mse_runs:
-        best = mse_runs[0]
         ranking = ", ".join(f"{r.spec.name} ({_f(r.errors['test']['mse'])})" for r in mse_runs)
-        items.append(f"Lowest test MSE among the MSE-trained runs: {best.spec.name}. Ranking by test MSE: {ranking}.")
-        by_dim = sorted(mse_runs, key=lambda r: r.spec.latent_dim)
-        for small, large in zip(by_dim[:-1], by_dim[1:]):
+        items.append(f"Lowest test MSE among the MSE-trained runs: {mse_runs[0].spec.name}. Ranking by test MSE: {ranking}.")
+        for small, large in pairwise(by_dim):
             change = _pct_change(large.errors["test"]["mse"], small.errors["test"]["mse"])
             verdict = ("reconstructs about as well as" if change == "the same"
                        else "reconstructs better than" if "lower" in change else "reconstructs worse than")
-            items.append(
-                f"Latent {large.spec.latent_dim} {verdict} latent {small.spec.latent_dim}: its test MSE is "
-                f"{_pct_change(large.errors['test']['mse'], small.errors['test']['mse'])}."
-            )
+            items.append(f"Latent {large.spec.latent_dim} {verdict} latent {small.spec.latent_dim}: its test MSE is {change}.")
     ev = result.explained_variance
+    ordered = None  # whether the test MSE falls with every increase in latent size (when there is a variance to cite)
     if ev and mse_runs:
-        by_dim = sorted(mse_runs, key=lambda r: r.spec.latent_dim)
-        ordered = all(a.errors["test"]["mse"] > b.errors["test"]["mse"] for a, b in zip(by_dim[:-1], by_dim[1:]))
+        ordered = all(a.errors["test"]["mse"] > b.errors["test"]["mse"] for a, b in pairwise(by_dim))
         variance = ", ".join(f"{k} PCs explain {v * 100:.1f}%" for k, v in ev.items())
         if ordered:
             items.append(f"Why: a bottleneck of k dimensions can keep at most what k directions carry; on this data the "
@@ -319,31 +386,45 @@ def _section_q2(result: StudyResult, images: dict) -> str:
     for r in result.runs.values():
         gap = _pct_change(r.errors["test"]["mse"], r.errors["train"]["mse"])
         items.append(f"{r.spec.name}: test MSE is {gap} than train MSE.")
-    return (
-        "<section><h2>Q2 · Reconstruction error: which model reconstructs better, and why?</h2>"
-        "<p>Reconstruction MSE over all entries and over the nonzero entries of the input, on the held-out "
-        "test cells and on the training cells, next to PCA reconstructions of the same size as a linear baseline.</p>"
-        + _figure(images, "q2_test_mse_history", "Test MSE per epoch of every run")
-        + _table(["model", "latent", "loss", "test MSE", "train MSE", "test nonzero MSE", "train nonzero MSE", "convergence epoch"], rows)
-        + _findings(items)
-        + "</section>"
-    )
+    return Section(summary=_q2_summary(result, mse_runs, ordered) if mse_runs else None,
+                   findings=items, tables={"errors": rows})
 
 
+def _q2_summary(result: StudyResult, ranked: list[RunResult], ordered: bool | None) -> SummaryLine:
+    """The MSE-trained run with the lowest test MSE, the others', the same-size PCA's, and why."""
+    best, others = ranked[0], ranked[1:]
+    evidence = f"test MSE {_f(best.errors['test']['mse'])}"
+    if others:
+        evidence += " vs " + ", ".join(f"{_f(r.errors['test']['mse'])} for {r.spec.name}" for r in others)
+    base = result.pca_baselines.get(f"pca{best.spec.latent_dim}")
+    if base:
+        evidence += f"; PCA with {best.spec.latent_dim} components: {_f(base['test']['mse'])}"
+    if ordered is True and others:
+        evidence += "; the error falls as the latent size grows"
+    elif ordered is False:
+        evidence += "; the error does not fall with every increase in latent size, so capacity is not the limit"
+    return SummaryLine("Q2", f"{best.spec.name} reconstructs best of the MSE-trained runs", evidence)
+
+
+# ---------------------------------------------------------------- Q3
 def _largest_pca(reps: dict) -> str:
     """Key of the input's largest PCA representation ('' when there is none)."""
     keys = [k for k in reps if k.startswith("original_pca")]
     return max(keys, key=lambda k: reps[k]["dims"]) if keys else ""
 
 
-def _section_q3(result: StudyResult, images: dict) -> str:
+def _section_q3(result: StudyResult) -> Section | None:
     run = _roles(result)["q3"]
     if run is None:
-        return ""
+        return None
     n, reps = run.spec.name, result.representations
-    items = [_compare_scores(reps, "original", f"{n}_reconstruction", "the original data", f"the {n} reconstruction")]
-    drop = reps["original"]["ari"] - reps[f"{n}_reconstruction"]["ari"]
-    if drop <= SURVIVES_ARI_DROP:
+    original, reconstruction = reps["original"]["ari"], reps[f"{n}_reconstruction"]["ari"]
+    items: list[Finding] = [
+        _compare_scores(reps, "original", f"{n}_reconstruction", "the original data", f"the {n} reconstruction")
+    ]
+    drop = original - reconstruction
+    survives = drop <= SURVIVES_ARI_DROP
+    if survives:
         items.append(f"The clusters survive reconstruction: k-means on the reconstruction agrees with the labels at least "
                      f"as well as on the original, within {SURVIVES_ARI_DROP} ARI.")
     else:
@@ -351,22 +432,20 @@ def _section_q3(result: StudyResult, images: dict) -> str:
     pcs = _largest_pca(reps)
     if pcs:
         items.append(_compare_scores(reps, pcs, f"{n}_reconstruction", f"the top {reps[pcs]['dims']} PCs of the input", f"the {n} reconstruction"))
-    return (
-        f"<section><h2>Q3 · Do the clusters survive reconstruction? ({n})</h2>"
-        "<p>Left: the input; right: its reconstruction. The PCA panels share the input's principal axes, so "
-        "positions are directly comparable; each t-SNE is computed on its own data (top 50 PCs), with the same seed.</p>"
-        + _figure(images, "q3_pca_original_vs_reconstruction", "PCA of original vs reconstruction")
-        + _figure(images, "q3_tsne_original_vs_reconstruction", "t-SNE of original vs reconstruction")
-        + _table(SCORE_HEADER, _score_rows(reps, ["original", pcs, f"{n}_reconstruction", f"{n}_latent"]))
-        + _findings(items)
-        + "</section>"
+    summary = SummaryLine(
+        "Q3",
+        f"the clusters survive the {n} reconstruction" if survives else f"the {n} reconstruction loses cluster structure",
+        f"k-means ARI {reconstruction:.3f} on the reconstruction vs {original:.3f} on the original",
     )
+    return Section(summary=summary, findings=items, run=n,
+                   tables={"scores": _score_rows(reps, ["original", pcs, f"{n}_reconstruction", f"{n}_latent"])})
 
 
-def _section_q4(result: StudyResult, images: dict) -> str:
+# ---------------------------------------------------------------- Q4
+def _section_q4(result: StudyResult) -> Section | None:
     run = _roles(result)["q4"]
     if run is None:
-        return ""
+        return None
     n, reps = run.spec.name, result.representations
     r = reps[f"{n}_latent"]
     acc = r["linear_accuracy"]
@@ -376,33 +455,47 @@ def _section_q4(result: StudyResult, images: dict) -> str:
         else "not separable"
     )
     chance = 1.0 / len(result.dataset.classes)
-    items = [
-        f"The 2-D latent space is {verdict}: a logistic regression fitted on the training cells' 2-D codes "
-        f"classifies the held-out cells with balanced accuracy {acc:.3f} (chance: {chance:.3f}; ≥ {SEPARABLE_ACCURACY} "
-        f"counts as largely separable, ≥ {PARTLY_SEPARABLE_ACCURACY} as partly).",
+    items: list[Finding] = [
+        (f"The 2-D latent space is {verdict}: a logistic regression fitted on the training cells' 2-D codes "
+         f"classifies the held-out cells with balanced accuracy {acc:.3f} (chance: {chance:.3f}; ≥ {SEPARABLE_ACCURACY} "
+         f"counts as largely separable, ≥ {PARTLY_SEPARABLE_ACCURACY} as partly)."),
         f"k-means in the 2-D latent: ARI {r['ari']:.3f} ± {r['ari_std']:.3f}, NMI {r['nmi']:.3f}; silhouette of the labels {r['silhouette']:.3f}.",
     ]
+    evidence = f"a linear classifier's balanced accuracy on the test cells is {acc:.3f} (chance {chance:.3f}"
     if "original_pca2" in reps:
         items.append(_compare_scores(reps, "original_pca2", f"{n}_latent", "the first two PCs", f"the {n} latent"))
         p = reps["original_pca2"]["linear_accuracy"]
         items.append(f"Linear accuracy: {acc:.3f} in the 2-D latent vs {p:.3f} in the first two PCs "
                      f"({'the autoencoder separates better' if acc > p + 0.01 else 'PCA separates better' if p > acc + 0.01 else 'no clear difference'}).")
-    return (
-        f"<section><h2>Q4 · Is the 2-D latent space separable? ({n})</h2>"
-        + _figure(images, "q4_latent_2d", "2-D latent space")
-        + _table(SCORE_HEADER, _score_rows(reps, [f"{n}_latent", "original_pca2", "original"]))
-        + _findings(items)
-        + "</section>"
+        evidence += f"; in the first two PCs {p:.3f}"
+    return Section(
+        summary=SummaryLine("Q4", f"the 2-D latent of {n} is {verdict}", evidence + ")"),
+        findings=items, run=n,
+        tables={"scores": _score_rows(reps, [f"{n}_latent", "original_pca2", "original"])},
     )
 
 
-def _section_q5(result: StudyResult, images: dict) -> str:
+# ---------------------------------------------------------------- Q5
+def _structure_verdict(reps: dict, run: str, reference: str, kind: str) -> tuple[str, int, int]:
+    """Whether ``run``'s latent or reconstruction keeps the populations better than ``reference``'s:
+    ``(word, scores up, scores down)`` over ARI, NMI and silhouette, beyond their noise."""
+    a, b = reps[f"{run}_{kind}"], reps[f"{reference}_{kind}"]
+    up = [s for s in ("ari", "nmi", "silhouette") if a[s] > b[s] + _noise(a, b, s)]
+    down = [s for s in ("ari", "nmi", "silhouette") if a[s] < b[s] - _noise(a, b, s)]
+    if up and not down:
+        return "better", len(up), len(down)
+    if down and not up:
+        return "worse", len(up), len(down)
+    return ("mixed" if up else "no clear difference"), len(up), len(down)
+
+
+def _section_q5(result: StudyResult) -> Section | None:
     roles = _roles(result)
     run, ref = roles["q5"], roles["q5_reference"]
     if run is None:
-        return ""
+        return None
     n, reps = run.spec.name, result.representations
-    items = []
+    items: list[Finding] = []
     rows = [[x.spec.name, x.spec.loss, _f(x.errors["test"]["mse"]), _f(x.errors["test"]["nonzero_mse"]),
              _f(x.errors["train"]["mse"]), _f(x.errors["train"]["nonzero_mse"])] for x in ([run, ref] if ref else [run])]
     if ref is not None:
@@ -418,115 +511,119 @@ def _section_q5(result: StudyResult, images: dict) -> str:
                          "includes the zeros it fills in (which a denoising view may want, but MSE counts as error).")
         for kind in ("latent", "reconstruction"):
             items.append(_compare_scores(reps, f"{m}_{kind}", f"{n}_{kind}", f"{m} {kind}", f"{n} {kind}"))
-        verdicts = []
-        for kind in ("latent", "reconstruction"):
-            a, b = reps[f"{n}_{kind}"], reps[f"{m}_{kind}"]
-            up = [s_ for s_ in ("ari", "nmi", "silhouette") if a[s_] > b[s_] + _noise(a, b, s_)]
-            down = [s_ for s_ in ("ari", "nmi", "silhouette") if a[s_] < b[s_] - _noise(a, b, s_)]
-            if up and not down:
-                word = "better"
-            elif down and not up:
-                word = "worse"
-            else:
-                word = "mixed" if up else "no clear difference"
-            detail = (f"{len(up)} of 3 scores (ARI, NMI, silhouette) higher and {len(down)} lower by more than "
+        verdicts = {kind: _structure_verdict(reps, n, m, kind) for kind in ("latent", "reconstruction")}
+        answer: list[str | Strong] = ["Does the nonzero loss capture structure better? "]
+        for i, (kind, (word, up, down)) in enumerate(verdicts.items()):
+            detail = (f"{up} of 3 scores (ARI, NMI, silhouette) higher and {down} lower by more than "
                       "the k-means seed spread (at least 0.02) or, for the silhouette, 0.01")
-            verdicts.append(f"its <b>{kind}</b> keeps the populations {word} than {m}'s ({detail})" if word in ("better", "worse")
-                            else f"its <b>{kind}</b>: {word} ({detail})")
-        answer = "; ".join(verdicts)
-        items.append("Does the nonzero loss capture structure better? " + answer[0].upper() + answer[1:] + ".")
+            answer += ["Its " if i == 0 else "; its ", Strong(kind)]
+            answer.append(f" keeps the populations {word} than {m}'s ({detail})" if word in ("better", "worse")
+                          else f": {word} ({detail})")
+        items.append((*answer, "."))
+        summary = SummaryLine(
+            "Q5",
+            ", ".join(f"{word} in the {kind}" for kind, (word, _, _) in verdicts.items()) + f" ({n} vs {m})",
+            "k-means ARI " + ", ".join(
+                f"{reps[f'{n}_{kind}']['ari']:.3f} vs {reps[f'{m}_{kind}']['ari']:.3f} ({kind})" for kind in verdicts
+            ) + f"; test nonzero MSE {_f(e['nonzero_mse'])} vs {_f(f_['nonzero_mse'])}",
+        )
+    else:
+        summary = SummaryLine(
+            "Q5", f"no MSE run with latent size {run.spec.latent_dim} to compare {n} with",
+            f"k-means ARI {reps[f'{n}_latent']['ari']:.3f} in its latent vs {reps['original']['ari']:.3f} on the original",
+        )
     items.append(_compare_scores(reps, "original", f"{n}_latent", "the original data", f"the {n} latent"))
-    return (
-        f"<section><h2>Q5 · Does the nonzero loss capture structure better? ({n})</h2>"
-        "<p><code>nonzero_mse</code> is, per minibatch, sum(mask·(x − x̂·mask)²) / sum(mask) with mask = (x ≠ 0): "
-        "the error over the nonzero input entries only.</p>"
-        + _table(["model", "loss", "test MSE", "test nonzero MSE", "train MSE", "train nonzero MSE"], rows)
-        + _figure(images, "q5_pca_reconstruction_vs_original", "PCA: reconstruction vs original")
-        + _figure(images, "q5_pca_latent_vs_original", "PCA: latent vs original")
-        + _figure(images, "q5_tsne_reconstruction_vs_original", "t-SNE: reconstruction vs original")
-        + _figure(images, "q5_tsne_latent_vs_original", "t-SNE: latent vs original")
-        + _table(SCORE_HEADER, _score_rows(reps, ["original", f"{n}_latent", f"{ref.spec.name}_latent" if ref else "", f"{n}_reconstruction", f"{ref.spec.name}_reconstruction" if ref else ""]))
-        + _findings(items)
-        + "</section>"
-    )
+    keys = ["original", f"{n}_latent", f"{ref.spec.name}_latent" if ref else "",
+            f"{n}_reconstruction", f"{ref.spec.name}_reconstruction" if ref else ""]
+    return Section(summary=summary, findings=items, run=n, tables={"errors": rows, "scores": _score_rows(reps, keys)})
 
 
-def _section_all(result: StudyResult, metrics: dict, images: dict) -> str:
-    reps = result.representations
-    timing_rows = [[html.escape(k), f"{v:.2f}"] for k, v in metrics["timings"].items()]
-    return (
-        "<section><h2>All representations</h2>"
-        f"<p>Scores on {result.embed_idx.size} cells. k-means: k = {len(result.dataset.classes)} (number of labels), "
-        f"mean ± sd over {result.config.kmeans_seeds} seeds. Silhouette: Euclidean, of the known labels. Linear accuracy: "
-        "balanced accuracy on the test cells of a logistic regression fitted on the training cells (representations up to 50-D).</p>"
-        + _figure(images, "latent_pca_all", "PCA of every latent space")
-        + _table(SCORE_HEADER, _score_rows(reps, list(reps)))
-        + "<h2>Timings</h2><p>Stages in order; <code>tsne_worker_*</code> is each t-SNE's own time in a worker "
-        "process, overlapping <code>scores</code> and <code>tsne_wait</code>.</p>"
-        + _table(["stage", "seconds"], timing_rows)
-        + "</section>"
-    )
-
-
-STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
-h1{margin-bottom:.2em} h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:1em 0;font-size:.9em} th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
-th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
-figure{margin:1em 0} img{max-width:100%;border:1px solid #eee} figcaption{font-size:.85em;color:#555}
-.findings{background:#f6f9ff;border-left:4px solid #4a7bd0;padding:.3em 1em;margin:1em 0}
-code{background:#f3f3f3;padding:0 .2em}
-"""
-
-
-def _input_note(result: StudyResult, metrics: dict) -> str:
+# ---------------------------------------------------------------- the page
+def _input_facts(result: StudyResult, metrics: dict) -> dict:
     """How the models saw the input, where it was read from, and where reconstructions are kept."""
-    d = metrics["dataset"]
-    notes = []
-    if d.get("raw_counts"):
-        notes.append("The input holds raw counts: every model saw log1p(counts / library size × 10⁴), "
-                     "computed per batch from each cell's total count (no normalised copy was made); "
-                     "all MSEs are on that scale.")
-    if result.dataset.on_disk:
-        notes.append("The matrix was streamed from disk in blocks of rows and never loaded whole; "
-                     "<code>results.h5ad</code> therefore holds no <code>X</code>.")
-    notes.append(f"Cluster scores and t-SNE use {result.embed_idx.size} cells; the input and every reconstruction "
-                 "are scored and embedded on their coordinates on the input's top principal axes "
-                 f"({result.views['X_pca'].shape[1]} PCs).")
-    if result.sample_rows is not None:
-        notes.append(f"Reconstructions are kept for {result.sample_rows.size} scored cells in "
-                     "<code>reconstructions.h5ad</code> (the full ones would be too large).")
     env = metrics.get("environment", {})
-    if env:
-        notes.append(f"Models trained on {html.escape(str(env.get('device')))} with {env.get('processes', 1)} process(es).")
-    return "<p>" + " ".join(notes) + "</p>"
+    return {
+        "raw_counts": bool(metrics["dataset"].get("raw_counts")),
+        "on_disk": bool(result.dataset.on_disk),
+        "n_scored": int(result.embed_idx.size),
+        "n_pcs": int(result.views["X_pca"].shape[1]),
+        "n_sample_rows": None if result.sample_rows is None else int(result.sample_rows.size),
+        "device": str(env.get("device")) if env else None,
+        "processes": env.get("processes", 1),
+    }
+
+
+def _train_only_labels(metrics: dict) -> list[tuple[str, int]]:
+    """Labels with too few cells for a test share, which are in the training cells only."""
+    labels = metrics["split"].get("train_only_labels") or {}
+    return [(str(label), int(n)) for label, n in labels.items()]
+
+
+def summary_lines(result: StudyResult) -> list[SummaryLine]:
+    """One line per question whose runs exist: its answer and the number behind it."""
+    return [s.summary for s in _sections(result).values() if s is not None and s.summary is not None]
+
+
+def _sections(result: StudyResult) -> dict[str, Section | None]:
+    return {
+        "q1": _section_q1(result),
+        "q2": _section_q2(result),
+        "q3": _section_q3(result),
+        "q4": _section_q4(result),
+        "q5": _section_q5(result),
+    }
 
 
 def build_report(result: StudyResult, metrics: dict, images: dict[str, bytes]) -> str:
     """The complete report as one HTML string (figures embedded as PNG data URIs)."""
     d = metrics["dataset"]
     cfg = result.config
-    labels = ", ".join(f"{html.escape(k)}: {v}" for k, v in d["label_counts"].items())
-    header = (
-        f"<h1>scae autoencoder study</h1><p>scae {__version__} · data: <b>{html.escape(d['name'])}</b> · "
-        f"{d['n_cells']} cells × {d['n_genes']} genes ({d['storage']}, {d['zero_fraction'] * 100:.1f}% zeros, "
-        f"values {d['value_min']:.3g} to {d['value_max']:.3g}) · labels: {labels}</p>"
-        + _input_note(result, metrics)
-        + f"<p>Split: {metrics['split']['n_train']} training / {metrics['split']['n_test']} test cells "
-        f"(stratified by label, seed {cfg.seed}). Architecture: genes → {' → '.join(map(str, cfg.hidden))} → latent → "
-        f"{' → '.join(map(str, reversed(cfg.hidden)))} → genes, {cfg.activation} on hidden layers, no activation on "
-        f"input, latent or output; Adam (lr {cfg.learning_rate}), batch {cfg.batch_size}, {cfg.epochs} epochs.</p>"
-    )
-    body = (
-        header
-        + _section_q1(result, images)
-        + _section_q2(result, images)
-        + _section_q3(result, images)
-        + _section_q4(result, images)
-        + _section_q5(result, images)
-        + _section_all(result, metrics, images)
-    )
-    return (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>scae study: {html.escape(d['name'])}</title><style>{STYLE}</style></head><body>{body}</body></html>\n"
+    sections = _sections(result)
+    context = {
+        "version": __version__,
+        "dataset": {
+            "name": d["name"],
+            "n_cells": d["n_cells"],
+            "n_genes": d["n_genes"],
+            "storage": d["storage"],
+            "zero_percent": f"{d['zero_fraction'] * 100:.1f}",
+            "value_min": f"{d['value_min']:.3g}",
+            "value_max": f"{d['value_max']:.3g}",
+            "label_counts": list(d["label_counts"].items()),
+        },
+        "input": _input_facts(result, metrics),
+        "split": metrics["split"],
+        "train_only_labels": _train_only_labels(metrics),
+        "config": {
+            "seed": cfg.seed,
+            "encoder": " → ".join(map(str, cfg.hidden)),
+            "decoder": " → ".join(map(str, reversed(cfg.hidden))),
+            "activation": cfg.activation,
+            "learning_rate": cfg.learning_rate,
+            "batch_size": cfg.batch_size,
+            "epochs": cfg.epochs,
+            "kmeans_seeds": cfg.kmeans_seeds,
+        },
+        "summary": [s.summary for s in sections.values() if s is not None and s.summary is not None],
+        **sections,
+        "all_scores": _score_rows(result.representations, list(result.representations)),
+        "n_labels": len(result.dataset.classes),
+        "timings": [(k, f"{v:.2f}") for k, v in metrics["timings"].items()],
+        "images": {stem: base64.b64encode(data).decode("ascii") for stem, data in images.items()},
+    }
+    return _environment().get_template(TEMPLATE).render(context)
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    """The template environment: autoescaping on, undefined names an error (not empty text)."""
+    import jinja2  # imported when a report is written, not when the package is
+
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("scae", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
     )

@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 
 from scae import __version__
-from scae.data import Dataset
+from scae import params as rules
+from scae.data import Dataset, train_only_labels
 from scae.embeddings import TSNEConfig
+from scae.errors import ScaeInputError
 from scae.models import Autoencoder
 from scae.sources import ArraySource
 
@@ -57,7 +59,7 @@ class StudyConfig:
     batch_size: int = 128
     learning_rate: float = 1e-3
     test_fraction: float = 0.2
-    kmeans_seeds: int = 5
+    kmeans_seeds: int = rules.DEFAULT_KMEANS_SEEDS
     max_embed_cells: int = 20_000
     """Cluster scores, t-SNE and scatter plots use a seeded sample of at most this many cells."""
     tsne: TSNEConfig = field(default_factory=TSNEConfig)
@@ -78,6 +80,46 @@ class StudyConfig:
     resume: bool = False
     """Reuse models in ``out_dir/models`` trained by an interrupted study on the same input
     with the same settings (others are refused)."""
+
+    def __post_init__(self) -> None:
+        """Check every setting (the same rules as :class:`~scae.models.Autoencoder` and the command
+        line); a bad one raises :class:`~scae.errors.ScaeInputError` naming the field."""
+        kmeans_seeds = rules.check("kmeans_seeds", self.kmeans_seeds, rules.KMEANS_SEEDS)
+        rules.check("epochs", self.epochs, rules.EPOCHS)
+        rules.check("seed", self.seed, rules.study_seed(kmeans_seeds))
+        hidden = rules.check("hidden", self.hidden, rules.HIDDEN)
+        object.__setattr__(self, "hidden", hidden)  # a list becomes the tuple the study records
+        rules.check("activation", self.activation, rules.ACTIVATION)
+        rules.check("batch_size", self.batch_size, rules.BATCH_SIZE)
+        rules.check("learning_rate", self.learning_rate, rules.LEARNING_RATE)
+        rules.check("test_fraction", self.test_fraction, rules.FRACTION)
+        for name in ("max_embed_cells", "max_layer_entries", "sample_layer_entries"):
+            rules.check(name, getattr(self, name), rules.AT_LEAST_ONE)
+        rules.check("tsne_workers", self.tsne_workers, rules.AT_LEAST_ONE)
+        rules.check("device", self.device, rules.DEVICE)
+        rules.check("progress", self.progress, rules.BOOLEAN)
+        rules.check("resume", self.resume, rules.BOOLEAN)
+        if not isinstance(self.tsne, TSNEConfig):
+            raise ScaeInputError(f"tsne must be a TSNEConfig; got {self.tsne!r}")
+        self._check_runs()
+
+    def _check_runs(self) -> None:
+        runs = self.runs
+        if not isinstance(runs, tuple) or not runs or not all(isinstance(run, RunSpec) for run in runs):
+            raise ScaeInputError(f"runs must be a non-empty tuple of RunSpec; got {runs!r}")
+        names = [run.name for run in runs]
+        if len(set(names)) != len(names):
+            raise ScaeInputError(f"runs must have distinct names; got {', '.join(names)}")
+        for run in runs:
+            rules.check(f"runs[{run.name!r}].latent_dim", run.latent_dim, rules.WIDTH)
+            rules.check(f"runs[{run.name!r}].loss", run.loss, rules.LOSS)
+        largest = max(run.latent_dim for run in runs)
+        count = rules.network_parameters(0, largest, self.hidden)
+        if count > rules.MAX_PARAMETERS:
+            raise ScaeInputError(
+                f"hidden {self.hidden} with latent size {largest} gives the network {count:,} parameters before any "
+                f"gene is counted; at most {rules.MAX_PARAMETERS:,} are allowed: choose smaller widths"
+            )
 
     def to_dict(self) -> dict:
         """JSON-ready settings (without the ones that do not change results: progress, workers,
@@ -165,6 +207,7 @@ class StudyResult:
                 "n_train": int(self.train_idx.size),
                 "n_test": int(self.test_idx.size),
                 "n_scored": int(self.embed_idx.size),
+                "train_only_labels": train_only_labels(self.dataset.labels, self.config.test_fraction),
             },
             "environment": self.environment,
             "outputs": {

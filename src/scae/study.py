@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +28,11 @@ from scae.metrics import (
 )
 from scae.models import Autoencoder
 from scae.outputs import (  # noqa: F401 (re-exported)
-    _save_model,
-    _study_key,
-    _write_outputs,
-    prepare_output_dir,
+    OutputDir,
+    check_output_dir,
+    save_model,
+    study_key,
+    write_outputs,
     write_study,
 )
 from scae.parallel import Distributed, broadcast_from_main, resolve_device
@@ -72,7 +74,8 @@ def run_study(
         Validated input (see :mod:`scae.data` readers and :func:`scae.simulate_dataset`); its
         matrix may be in memory or stream from disk.
     out_dir
-        Output directory; checked for writability before any training starts.
+        Output directory, written all-or-nothing (:class:`~scae.outputs.OutputDir`): locked
+        against a second study, outputs staged and moved into place only when all succeeded.
     config
         Study settings; defaults to :class:`StudyConfig`.
     data_seconds
@@ -85,8 +88,23 @@ def run_study(
     config = config or StudyConfig()
     _check_config(config, dataset)
     main = distributed is None or distributed.is_main
-    if out_dir is not None and main:
-        out_dir = prepare_output_dir(out_dir)
+    output = OutputDir(out_dir).open(keep_models=config.resume) if out_dir is not None and main else None
+    with output if output is not None else nullcontext():  # on any failure: staged outputs removed, models kept
+        result = _run(dataset, output, config, data_seconds, distributed)
+        if output is not None:
+            output.commit()
+    return result
+
+
+def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | None:
+    """:func:`run_study` with the output folder opened (or ``None``).
+
+    The main process computes the input's PCA first and hands each t-SNE to the background
+    workers as soon as its matrix exists: the input's at once, each run's right after that run
+    is trained (runs with t-SNEs train first). On the CPU, training leaves the workers their
+    cores. The cluster scores are computed while the last t-SNEs finish.
+    """
+    main = distributed is None or distributed.is_main
     watch = Stopwatch(config.progress and main)
     if data_seconds is not None:
         watch.timings["data"] = data_seconds
@@ -96,9 +114,9 @@ def run_study(
     with watch.stage("split"):
         train_idx, test_idx = stratified_split(labels, config.test_fraction, seed)
         embed_idx = subsample_indices(dataset.n_cells, config.max_embed_cells, seed)
-
-    models = _train_runs(dataset, source, train_idx, test_idx, config, out_dir, distributed, watch)
+    reusable = _resumable(dataset, config, output, distributed)
     if not main:
+        _train_runs(dataset, source, train_idx, test_idx, config, None, distributed, watch, reusable)
         return None
 
     with watch.stage("pca", "PCA of the input (scored sample) and its streamed projection"):
@@ -120,42 +138,49 @@ def run_study(
     if not keep_all:  # a seeded sample of the scored cells, in file order
         size = min(embed_idx.size, max(1, config.sample_layer_entries // dataset.n_genes))
         sample_rows = np.sort(np.random.default_rng(seed).choice(embed_idx, size, replace=False))
-    runs: dict[str, RunResult] = {}
-    for spec in config.runs:
-        model, resumed = models[spec.name]
-        with watch.stage(f"predict_{spec.name}"):
-            latent, recon, recon_pca, sample, errors = _predict_pass(model, source, is_test, pca, keep_all, sample_rows)
-        runs[spec.name] = RunResult(
-            spec=spec,
-            model=model,
-            latent=latent,
-            reconstruction=recon,
-            reconstruction_pca=recon_pca,
-            sample_reconstruction=sample,
-            errors=errors,
-            convergence_epoch=convergence_epoch([row["test_loss"] for row in model.history_]),
-            near_best_epoch=epochs_to_near_best([row["test_loss"] for row in model.history_]),
-            resumed=resumed,
-        )
 
-    with watch.stage("pca"):
-        for name, run in runs.items():
-            views[f"X_{name}_reconstruction_pca"] = run.reconstruction_pca
-            if run.spec.latent_dim > 2:
-                views[f"X_{name}_pca"] = fit_pca(run.latent, 50, seed).transform(run.latent).astype(np.float32)
+    n_tsne = 1 + sum(spec.tsne_latent + spec.tsne_reconstruction for spec in config.runs)
+    workers = min(config.tsne_workers, n_tsne)
+    with ExitStack() as stack:
+        with watch.stage("tsne_start", f"t-SNE of {n_tsne} representations ({embed_idx.size} cells), in the background"):
+            tsne_jobs = stack.enter_context(BackgroundTSNE(None, seed, config.tsne, workers, config.progress))
+            tsne_jobs.submit("X_tsne", X_pca[embed_idx])
+        runs: dict[str, RunResult] = {}
 
-    # t-SNE runs in worker processes while this process computes the cluster scores
-    # (single-threaded, so the two do not fight over the cores).
-    tsne_inputs = {key: matrix[embed_idx] for key, matrix in _tsne_inputs(X_pca, runs)}
-    # Stage timings stay disjoint: "scores" runs while t-SNE is under way, "tsne_wait" is the rest.
-    with watch.stage("tsne_start", f"t-SNE of {len(tsne_inputs)} representations ({embed_idx.size} cells), in the background"):
-        tsne_jobs = BackgroundTSNE(tsne_inputs, seed, config.tsne, config.tsne_workers, config.progress)
-    with tsne_jobs:
-        with threadpool_limits(1):
+        def trained(spec: RunSpec, model: Autoencoder, resumed: bool) -> None:
+            with watch.stage(f"predict_{spec.name}"):
+                latent, recon, recon_pca, sample, errors = _predict_pass(model, source, is_test, pca, keep_all, sample_rows)
+            runs[spec.name] = run = RunResult(
+                spec=spec,
+                model=model,
+                latent=latent,
+                reconstruction=recon,
+                reconstruction_pca=recon_pca,
+                sample_reconstruction=sample,
+                errors=errors,
+                convergence_epoch=convergence_epoch([row["test_loss"] for row in model.history_]),
+                near_best_epoch=epochs_to_near_best([row["test_loss"] for row in model.history_]),
+                resumed=resumed,
+            )
+            for key, matrix in _tsne_inputs(run):
+                tsne_jobs.submit(key, matrix[embed_idx])
+
+        busy = workers if workers > 1 else 0
+        with _training_threads(config.device, busy):
+            _train_runs(dataset, source, train_idx, test_idx, config, output, distributed, watch, reusable, trained)
+        runs = {spec.name: runs[spec.name] for spec in config.runs}  # the order of the report
+
+        with watch.stage("pca"):
+            for name, run in runs.items():
+                views[f"X_{name}_reconstruction_pca"] = run.reconstruction_pca
+                if run.spec.latent_dim > 2:
+                    views[f"X_{name}_pca"] = fit_pca(run.latent, 50, seed).transform(run.latent).astype(np.float32)
+        # Stage timings stay disjoint: "scores" runs while t-SNE is under way, "tsne_wait" is the rest.
+        with threadpool_limits(1):  # single-threaded, so that scoring and t-SNE do not fight over the cores
             representations = _score_representations(dataset, runs, views, train_idx, test_idx, embed_idx, config, watch)
         with watch.stage("tsne_wait", "waiting for t-SNE"):
             views.update(tsne_jobs.results())
-    # Each embedding's own time in its worker; these overlap "scores" and "tsne_wait".
+    # Each embedding's own time in its worker; these overlap training, "scores" and "tsne_wait".
     watch.timings.update({f"tsne_worker_{key}": value for key, value in tsne_jobs.seconds.items()})
 
     result = StudyResult(
@@ -176,37 +201,65 @@ def run_study(
             "processes": 1 if distributed is None else distributed.world_size,
         },
     )
-    if out_dir is not None:
-        _write_outputs(result, out_dir, watch, models_saved=True)  # out_dir prepared, models saved as trained
+    if output is not None:
+        write_outputs(result, output, watch, models_saved=True)  # models staged as trained or reused
     return result
 
 
-def _train_runs(dataset, source, train_idx, test_idx, config, out_dir, distributed, watch) -> dict:
-    """Train (or, with ``config.resume``, reuse) every run's model; ``{name: (model, resumed)}``.
+@contextmanager
+def _training_threads(device: str, busy_cores: int):
+    """On the CPU, train with the cores the background t-SNE workers leave (at least one)."""
+    if resolve_device(device).type != "cpu" or busy_cores == 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, available_cores() - busy_cores)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
-    Each model is saved to ``out_dir/models`` as soon as it is trained, tagged with a key of the
-    input and settings, so an interrupted study can resume from it.
-    """
+
+def _training_order(runs: tuple[RunSpec, ...]) -> list[RunSpec]:
+    """Runs whose t-SNEs the report shows first, so the workers get them early."""
+    return sorted(runs, key=lambda spec: not (spec.tsne_latent or spec.tsne_reconstruction))
+
+
+def _resumable(dataset, config, output, distributed) -> dict:
+    """With ``--resume``, ``{run: (model, path)}`` of reusable models (on the main process; names
+    elsewhere); every process learns the same names, or the same reason to stop."""
     main = distributed is None or distributed.is_main
-    train, test = source.subset(train_idx), source.subset(test_idx)
     reusable, problem = {}, None
     if main:
         try:
-            reusable = _reusable_models(dataset, config, out_dir)
+            reusable = _reusable_models(dataset, config, output)
         except ScaeInputError as err:
             problem = str(err)
-    # every process learns which models to skip, or the reason to stop (no process left waiting)
     names, problem = broadcast_from_main((sorted(reusable), problem), distributed)
     if problem is not None:
         raise ScaeInputError(problem)
-    models: dict[str, tuple[Autoencoder, bool]] = {}
-    for spec in config.runs:
-        if spec.name in names:
+    return reusable if main else dict.fromkeys(names)
+
+
+def _train_runs(dataset, source, train_idx, test_idx, config, output, distributed, watch, reusable, trained=None) -> None:
+    """Train (or reuse, from ``reusable``) every run's model, t-SNE runs first.
+
+    On the main process each model is staged in ``output.models`` as soon as it is trained or
+    reused, tagged with a key of the input and settings (so an interrupted study can resume
+    from it), and handed to ``trained(spec, model, resumed)``.
+    """
+    main = distributed is None or distributed.is_main
+    train, test = source.subset(train_idx), source.subset(test_idx)
+    for spec in _training_order(config.runs):
+        if spec.name in reusable:
             if main:
-                reusable[spec.name].net_.to(resolve_device(config.device))
-                models[spec.name] = (reusable[spec.name], True)
+                model, found_at = reusable[spec.name]
+                model.net_.to(resolve_device(config.device))
+                if output is not None and found_at.parent != output.models:
+                    save_model(model, dataset, config, spec, output.models)
                 if config.progress:
-                    print(f"scae: reusing {spec.name} from {out_dir}/models (--resume)", file=sys.stderr, flush=True)
+                    print(f"scae: reusing {spec.name} from {found_at} (--resume)", file=sys.stderr, flush=True)
+                trained(spec, model, True)
             continue
         with watch.stage(f"train_{spec.name}", f"training {spec.name} (latent {spec.latent_dim}, {spec.loss})"):
             model = Autoencoder(
@@ -222,34 +275,38 @@ def _train_runs(dataset, source, train_idx, test_idx, config, out_dir, distribut
                 progress=config.progress and main,
             ).fit(train, eval_X=test, description=spec.name, distributed=distributed)
         if main:
-            if out_dir is not None:
-                _save_model(model, dataset, config, spec, Path(out_dir))
-            models[spec.name] = (model, False)
-    return models
+            if output is not None:
+                save_model(model, dataset, config, spec, output.models)
+            trained(spec, model, False)
 
 
-def _reusable_models(dataset: Dataset, config: StudyConfig, out_dir) -> dict[str, Autoencoder]:
-    """With ``config.resume``, the finished models in ``out_dir/models`` that match this study.
+def _reusable_models(dataset: Dataset, config: StudyConfig, output: OutputDir | None) -> dict:
+    """With ``config.resume``: ``{run: (model, path)}`` for the saved models that match this study.
 
-    A model file from another input or other settings is refused with one clear error.
+    Models an interrupted run staged are looked for first, then those of the last finished run
+    in ``out/models``. A model file from another input or other settings is refused with one
+    clear error.
     """
-    if not config.resume or out_dir is None:
+    if not config.resume or output is None:
         return {}
     found = {}
     for spec in config.runs:
-        path = Path(out_dir) / "models" / f"{spec.name}.pt"
-        if not path.exists():
+        for folder in (output.models, output.path / "models"):
+            path = folder / f"{spec.name}.pt"
+            if path.exists():
+                break
+        else:
             continue
         try:
             model = Autoencoder.load(path)
-        except Exception as err:  # a damaged file: say so rather than train over it silently
-            raise ScaeInputError(f"{path}: cannot be reused by --resume ({err}); remove it to retrain") from None
-        if model.metadata_.get("study_key") != _study_key(dataset, config, spec):
+        except ScaeInputError as err:  # a damaged file: say so rather than train over it silently
+            raise ScaeInputError(f"{err}; --resume cannot reuse it: remove it to retrain") from None
+        if model.metadata_.get("study_key") != study_key(dataset, config, spec):
             raise ScaeInputError(
                 f"{path}: was trained on another input or with other settings, so --resume cannot reuse it; "
                 "remove it (or the models folder), or drop --resume to retrain"
             )
-        found[spec.name] = model
+        found[spec.name] = (model, path)
     return found
 
 
@@ -349,19 +406,16 @@ def _predict_pass(model: Autoencoder, source: RowSource, is_test: np.ndarray, pc
     return latent, recon, recon_pca, sample, errors.result()
 
 
-def _tsne_inputs(X_pca: np.ndarray, runs: dict[str, RunResult]):
-    """(obsm key, matrix) of every representation that gets a t-SNE.
+def _tsne_inputs(run: RunResult):
+    """(obsm key, matrix) of each of ``run``'s representations that gets a t-SNE.
 
-    The input and the reconstructions enter through their coordinates on the input's top
-    principal axes, the latents as they are.
+    The reconstruction enters through its coordinates on the input's top principal axes (like
+    the input itself, ``X_tsne``), the latent as it is.
     """
-    yield "X_tsne", X_pca
-    for name, run in runs.items():
-        if run.spec.tsne_reconstruction:
-            yield f"X_{name}_reconstruction_tsne", run.reconstruction_pca
-    for name, run in runs.items():
-        if run.spec.tsne_latent:
-            yield f"X_{name}_tsne", run.latent
+    if run.spec.tsne_reconstruction:
+        yield f"X_{run.spec.name}_reconstruction_tsne", run.reconstruction_pca
+    if run.spec.tsne_latent:
+        yield f"X_{run.spec.name}_tsne", run.latent
 
 
 def _score_representations(dataset, runs, views, train_idx, test_idx, embed_idx, config, watch) -> dict:

@@ -1,0 +1,136 @@
+"""SIGINT and SIGTERM as an exception, and worker processes that leave only when told to.
+
+The command line turns both signals into :class:`Interrupted`, raised in the main thread, so
+every ``finally`` block and context manager on the way out runs (worker processes are killed,
+partial outputs removed) and the process exits with ``128 + signal number`` (130, 143).
+Worker processes are started with both signals blocked, so a Ctrl-C sent to the whole
+foreground process group reaches only the main process, which then stops them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; a ``BaseException``, so ``except Exception`` does not stop it.
+
+    Parameters
+    ----------
+    signum
+        The signal number.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def signal_name(self) -> str:
+        """``"SIGINT"`` or ``"SIGTERM"``."""
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's convention for a process stopped by a signal: 128 + its number."""
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        return self.signal_name
+
+
+@contextmanager
+def signals_raise_interrupted() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread.
+
+    Only the first signal raises: later ones are ignored while the exception unwinds, so a
+    second Ctrl-C cannot break off the clean-up (stopping workers, removing partial outputs).
+    The previous handlers are restored on leaving. Outside the main thread this does nothing
+    (Python delivers signals to the main thread only).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = False
+
+    def handler(signum: int, frame) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in HANDLED_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+@contextmanager
+def signals_blocked_in_children() -> Iterator[None]:
+    """Processes started within the block begin with SIGINT and SIGTERM blocked.
+
+    A blocked signal mask is inherited through ``fork`` and ``exec``, so a spawned worker is
+    immune from its first instruction (an ignore handler installed by the worker itself would
+    leave its start-up exposed to a Ctrl-C). This thread's mask is restored on leaving; a
+    signal sent meanwhile is not lost, it is handled once the block ends. The workers are then
+    stopped by their parent (``Process.kill``). Without ``pthread_sigmask`` this does nothing.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    # started here, not within the block: starting it unblocks both signals in this thread
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def init_worker(parent_pid: int) -> None:
+    """Initializer of a worker process: ignore SIGINT/SIGTERM, and die with the parent.
+
+    On Linux the worker asks the kernel for SIGKILL when its parent exits (``PR_SET_PDEATHSIG``),
+    so not even a killed parent leaves it running; if the parent is already gone it exits.
+
+    Parameters
+    ----------
+    parent_pid
+        Process id of the process that started this worker.
+    """
+    for signum in HANDLED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no usable libc: the parent still stops its workers
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the request above took effect
+        os._exit(1)
+
+
+def kill_child_processes(timeout: float = 1.0) -> None:
+    """Kill every live ``multiprocessing`` child of this process and reap it (a last resort
+    after an interrupt, for workers whose owner had no chance to stop them)."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout)

@@ -1,0 +1,163 @@
+"""SIGINT and SIGTERM stop ``scae study`` and all its processes: one line, exit 130/143, no orphan.
+
+Each test runs the real command in its own session (as a terminal or a scheduler would), waits
+for a stage, sends the signal and then looks at every process of that session in ``/proc``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scae.embeddings import BackgroundTSNE
+from scae.interrupts import Interrupted, signals_raise_interrupted
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+
+SCAE = Path(sys.executable).with_name("scae")
+STOP_SECONDS = 5.0
+"""Signal to exit; measured by hand at well under 2 s, with slack here for a busy CI machine."""
+MESSAGE = "no report.html or metrics.json was written for this run"
+
+
+def _session_processes(sid: int) -> dict[int, str]:
+    """``{pid: command line}`` of the live (not zombie) processes in session ``sid``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # exited meanwhile
+            continue
+        state, _ppid, _pgrp, session = stat.rsplit(")", 1)[1].split()[:4]
+        if int(session) == sid and state != "Z":
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def _wait_for(condition, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the study ended (status {proc.returncode}) before the stage to interrupt: "
+                        f"{proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            _kill_session(proc.pid)
+            pytest.fail("the stage to interrupt was not reached in time")
+        time.sleep(0.05)
+
+
+def _kill_session(sid: int) -> None:
+    for pid in _session_processes(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _start_study(sim_dir: Path, out: Path, epochs: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(SCAE), "study", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+         "--out", str(out), "--epochs", str(epochs), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def _tsne_workers(pid: int) -> list[int]:
+    return [p for p, cmd in _session_processes(pid).items() if "spawn_main" in cmd]
+
+
+def _interrupt_and_check(proc: subprocess.Popen, out: Path, signum: int, to_group: bool) -> None:
+    """Send ``signum``; assert exit status, one stderr line, no process left, no finished outputs."""
+    sid = proc.pid
+    sent = time.monotonic()
+    if to_group:
+        os.killpg(sid, signum)  # a terminal's Ctrl-C goes to the whole foreground group
+    else:
+        os.kill(sid, signum)  # timeout, schedulers and docker stop signal the main process only
+    try:
+        _, err = proc.communicate(timeout=STOP_SECONDS + 30)
+    finally:
+        _kill_session(sid)
+    seconds = time.monotonic() - sent
+    deadline = time.monotonic() + 2.0  # the resource tracker leaves once its last client is gone
+    while _session_processes(sid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = _session_processes(sid)
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, err
+    assert err.splitlines() == [f"scae: interrupted ({name}); {MESSAGE}"]
+    assert seconds <= STOP_SECONDS, f"{name} took {seconds:.1f} s to stop the study"
+    assert left == {}, f"processes left running after {name}: {left}"
+    assert not [*out.rglob("report.html"), *out.rglob("metrics.json")]
+
+
+@pytest.mark.parametrize(("signum", "to_group"), [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM-to-main", "SIGINT-to-group"])
+def test_signal_during_tsne_stops_every_process(sim_dir, tmp_path, signum, to_group):
+    out = tmp_path / "out"
+    proc = _start_study(sim_dir, out, epochs=1)
+    _wait_for(lambda: len(_tsne_workers(proc.pid)) >= 2, 120, proc)
+    time.sleep(0.5)  # into the embeddings, past the workers' start-up
+    assert len(_tsne_workers(proc.pid)) >= 2, "the t-SNE workers finished before the signal"
+    _interrupt_and_check(proc, out, signum, to_group)
+
+
+def test_sigterm_during_training_stops_the_study(sim_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = _start_study(sim_dir, out, epochs=30)  # the second model trains for seconds after the first is saved
+    _wait_for(lambda: any(out.rglob("ae10.pt")), 120, proc)
+    _interrupt_and_check(proc, out, signal.SIGTERM, to_group=False)
+
+
+def test_handlers_raise_interrupted_and_are_restored():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(Interrupted) as caught, signals_raise_interrupted():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts the sleep
+    assert (caught.value.signum, caught.value.exit_status, str(caught.value)) == (signal.SIGTERM, 143, "SIGTERM")
+    assert not isinstance(caught.value, Exception)  # `except Exception` blocks cannot swallow it
+    assert {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} == before
+
+
+def test_only_the_first_signal_raises():
+    raised = []
+    with signals_raise_interrupted():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except Interrupted as first:
+            raised.append(first.signum)
+            os.kill(os.getpid(), signal.SIGTERM)  # a second signal during clean-up is ignored
+            time.sleep(0.2)
+    assert raised == [signal.SIGINT]
+
+
+def test_background_tsne_workers_ignore_signals_and_are_killed_on_an_exception():
+    inputs = {key: np.random.default_rng(seed).normal(size=(2000, 10)) for seed, key in enumerate("abc")}
+    with pytest.raises(RuntimeError, match="scoring failed"), BackgroundTSNE(inputs, seed=0, workers=2):
+        workers = multiprocessing.active_children()
+        blocked = [int(_status_field(w.pid, "SigBlk"), 16) for w in workers]
+        raise RuntimeError("scoring failed")  # while the embeddings are still running
+    assert len(workers) == 2
+    blocked_bits = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
+    assert all(mask & blocked_bits == blocked_bits for mask in blocked)  # a Ctrl-C reaches only the parent
+    assert [w.exitcode for w in workers] == [-signal.SIGKILL] * 2  # killed, not waited for
+    assert not multiprocessing.active_children()
+
+
+def _status_field(pid: int, name: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return line.split()[1]
+    raise KeyError(name)
