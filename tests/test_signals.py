@@ -65,6 +65,17 @@ def _kill_session(sid: int) -> None:
             pass
 
 
+@pytest.fixture(scope="module")
+def tsne_sim_dir(tmp_path_factory) -> Path:
+    """Enough cells (2500) for the study to compute its t-SNEs in worker processes."""
+    from scae.cli import main
+    from scae.study import TSNE_WORKERS_FROM_CELLS
+
+    out = tmp_path_factory.mktemp("sim_tsne")
+    assert main(["simulate", "--out", str(out), "--cells", str(TSNE_WORKERS_FROM_CELLS + 500), "--genes", "60"]) == 0
+    return out
+
+
 def _start_study(sim_dir: Path, out: Path, epochs: int) -> subprocess.Popen:
     return subprocess.Popen(
         [str(SCAE), "study", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
@@ -104,9 +115,9 @@ def _interrupt_and_check(proc: subprocess.Popen, out: Path, signum: int, to_grou
 
 @pytest.mark.parametrize(("signum", "to_group"), [(signal.SIGTERM, False), (signal.SIGINT, True)],
                          ids=["SIGTERM-to-main", "SIGINT-to-group"])
-def test_signal_during_tsne_stops_every_process(sim_dir, tmp_path, signum, to_group):
+def test_signal_during_tsne_stops_every_process(tsne_sim_dir, tmp_path, signum, to_group):
     out = tmp_path / "out"
-    proc = _start_study(sim_dir, out, epochs=1)
+    proc = _start_study(tsne_sim_dir, out, epochs=1)
     _wait_for(lambda: len(_tsne_workers(proc.pid)) >= 2, 120, proc)
     time.sleep(0.5)  # into the embeddings, past the workers' start-up
     assert len(_tsne_workers(proc.pid)) >= 2, "the t-SNE workers finished before the signal"

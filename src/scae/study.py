@@ -46,6 +46,8 @@ from scae.results import (  # noqa: F401 (re-exported)
 )
 from scae.sources import EVAL_BATCH_SIZE, RowSource
 
+TSNE_WORKERS_FROM_CELLS = 2000
+"""Below this many scored cells the t-SNEs run in the main process (each takes well under a second)."""
 INPUT_PCS = 50
 """Principal components of the input: coordinates for plots, and the space in which the input
 and every reconstruction (projected onto these axes) are scored and embedded by t-SNE."""
@@ -140,7 +142,8 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
         sample_rows = np.sort(np.random.default_rng(seed).choice(embed_idx, size, replace=False))
 
     n_tsne = 1 + sum(spec.tsne_latent + spec.tsne_reconstruction for spec in config.runs)
-    workers = min(config.tsne_workers, n_tsne)
+    # worker processes pay off only when a t-SNE takes longer than starting one (~1.5 s of imports)
+    workers = min(config.tsne_workers, n_tsne) if embed_idx.size >= TSNE_WORKERS_FROM_CELLS else 1
     with ExitStack() as stack:
         with watch.stage("tsne_start", f"t-SNE of {n_tsne} representations ({embed_idx.size} cells), in the background"):
             tsne_jobs = stack.enter_context(BackgroundTSNE(None, seed, config.tsne, workers, config.progress))
