@@ -13,7 +13,7 @@ from scae import files, outputs
 from scae.cli import main
 from scae.embeddings import TSNEConfig
 from scae.errors import ScaeInputError
-from scae.outputs import LOCK_NAME, STAGING_NAME, OutputDir, OutputWriteError, refuse_inputs_inside
+from scae.files import LOCK_NAME, STAGING_NAME, OutputDir, OutputWriteError, refuse_inputs_inside
 from scae.study import RunSpec, StudyConfig
 
 ONE_RUN = (RunSpec("ae10", 10, "mse"),)

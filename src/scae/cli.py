@@ -41,15 +41,9 @@ class OneLineParser(argparse.ArgumentParser):
         parsed = super().parse_args(args, namespace)
         hidden = getattr(parsed, "hidden", None)
         if hidden is not None:  # the part of the network's size that does not depend on the genes
-            latent = getattr(parsed, "latent", STUDY_MAX_LATENT)
-            count = rules.network_parameters(0, latent, tuple(hidden))
-            if count > rules.MAX_PARAMETERS:
-                self.error(
-                    f"argument --hidden: widths {' '.join(map(str, hidden))} with latent size {latent} give the "
-                    f"network {count:,} parameters before any gene is counted; at most {rules.MAX_PARAMETERS:,} "
-                    "are allowed: choose smaller widths",
-                    prog=f"{self.prog} {parsed.command}",
-                )
+            problem = rules.network_too_large(getattr(parsed, "latent", STUDY_MAX_LATENT), tuple(hidden))
+            if problem is not None:
+                self.error(f"argument --hidden: {problem}", prog=f"{self.prog} {parsed.command}")
         if parsed.command == "simulate" and parsed.cells * parsed.genes > SIMULATE_MAX_ENTRIES:
             self.error(
                 f"argument --cells: {parsed.cells} cells × {parsed.genes} genes is more than "
@@ -202,9 +196,9 @@ def run_study_command(args: argparse.Namespace) -> int:
         load_seconds = time.perf_counter() - started
         from scae.parallel import resolve_device
         from scae.params import check_parameter_count
-        from scae.study import DEFAULT_RUNS, StudyConfig, available_cores, run_study
+        from scae.study import StudyConfig, available_cores, run_study
 
-        check_parameter_count(dataset.n_genes, max(s.latent_dim for s in DEFAULT_RUNS), tuple(args.hidden))
+        check_parameter_count(dataset.n_genes, STUDY_MAX_LATENT, tuple(args.hidden))
         device = resolve_device(args.device)  # fail fast on a device that is not there
         if not args.quiet and main:
             mode = "streamed from disk" if dataset.on_disk else "in memory"
@@ -315,12 +309,13 @@ def main(argv: list[str] | None = None) -> int:
             return _run_command(args)
         except (Interrupted, KeyboardInterrupt) as stop:
             kill_child_processes()  # any worker its owner had no chance to stop
-            signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+            if not isinstance(stop, Interrupted):
+                stop = Interrupted(signal.SIGINT)
             unwritten = _NOT_WRITTEN_WHEN_INTERRUPTED.get(args.command, "")
-            print(f"scae: interrupted ({signal.Signals(signum).name}){unwritten}", file=sys.stderr)
+            print(f"scae: interrupted ({stop.signal_name}){unwritten}", file=sys.stderr)
             if argv is None:  # the process's own command line: it exits next
                 gc.freeze()  # skips the collections of interpreter shutdown (about 1.5 s with torch loaded)
-            return 128 + signum
+            return stop.exit_status
 
 
 _NOT_WRITTEN_WHEN_INTERRUPTED = {

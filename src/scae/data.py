@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scae import params as rules
 from scae.errors import ScaeInputError
 
 Matrix = np.ndarray | sp.csr_matrix
@@ -166,7 +167,7 @@ class Dataset:
             return int(self.stats["constant_genes"])
         if self.on_disk:
             return 0  # not measured
-        low, high = _column_range(self.X)
+        low, high = column_range(self.X)
         return int(np.count_nonzero(low == high))
 
     def to_anndata(self):
@@ -254,7 +255,7 @@ class _LabelOrigin:
 
 def _validated(X: Matrix, labels, name, obs_names, var_names, source: str, normalize: str, origin: _LabelOrigin) -> Dataset:
     """A :class:`Dataset` of a matrix checked by :func:`as_matrix`: structure, raw counts, labels."""
-    _check_varies(*_column_range(X), X.shape[0], source)
+    _check_varies(*column_range(X), X.shape[0], source)
     counts = decide_counts(normalize, value_profile(X.data if sp.issparse(X) else X), source)
     return _labelled(X, labels, name, obs_names, var_names, source, counts, origin=origin)
 
@@ -284,7 +285,7 @@ def _labelled(
     )
 
 
-def _column_range(X) -> tuple[np.ndarray, np.ndarray]:
+def column_range(X) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene minimum and maximum of a dense or sparse matrix in memory (implicit zeros count)."""
     if sp.issparse(X):
         return X.min(axis=0).toarray().ravel(), X.max(axis=0).toarray().ravel()
@@ -987,8 +988,10 @@ def train_only_labels(labels: np.ndarray, test_fraction: float = 0.2) -> dict[st
 
 
 def _check_test_fraction(test_fraction: float) -> None:
-    if not (isinstance(test_fraction, (int, float)) and 0.0 < test_fraction < 1.0):
-        raise ScaeInputError(f"test_fraction={test_fraction!r}; expected a number between 0 and 1 (exclusive)")
+    try:
+        rules.FRACTION(test_fraction)
+    except rules.InvalidValue:
+        raise ScaeInputError(f"test_fraction={test_fraction!r}; expected a number between 0 and 1 (exclusive)") from None
 
 
 def stratified_split(

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 from sklearn.decomposition import PCA
 from tqdm.auto import tqdm
 
+from scae.data import column_range
 from scae.interrupts import init_worker, signals_blocked_in_children
 
 COVARIANCE_MAX_FEATURES = 2048
@@ -71,10 +72,8 @@ def fit_pca(X, n_components: int = 50, seed: int = 0) -> PCA:
 
 def _is_constant(X) -> bool:
     """Whether every column of ``X`` holds one value in every row (zero variance)."""
-    low, high = X.min(axis=0), X.max(axis=0)
-    if sp.issparse(low):
-        low, high = low.toarray(), high.toarray()
-    return bool(np.array_equal(np.asarray(low), np.asarray(high)))
+    low, high = column_range(X)
+    return bool(np.array_equal(low, high))
 
 
 def pca_coordinates(X, n_components: int = 50, seed: int = 0) -> np.ndarray:

@@ -61,8 +61,9 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-MANAGED_NAMES = ("report.html", "metrics.json", "results.h5ad", "reconstructions.h5ad", "figures", "models")
-"""What a study writes in its output folder (and replaces when it finishes)."""
+MANAGED_NAMES = ("figures", "models", "results.h5ad", "reconstructions.h5ad", "metrics.json", "report.html")
+"""What a study writes in its output folder (and replaces when it finishes), in the order
+:meth:`OutputDir.commit` moves them into place: ``metrics.json`` and ``report.html`` last."""
 STAGING_NAME = ".scae-staging"
 LOCK_NAME = ".scae.lock"
 
@@ -106,13 +107,7 @@ class OutputDir:
         ``keep_models``: keep the models an interrupted run left in the staging folder (for
         ``--resume``); otherwise a stale staging folder is removed.
         """
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            check_writable(self.path)
-        except OSError as err:
-            raise ScaeInputError(
-                f"{self.path}: cannot write the output directory ({reason(err)}); expected a writable directory"
-            ) from None
+        check_output_dir(self.path)
         self._lock()
         try:
             for name in ("report.html", "metrics.json"):
@@ -155,9 +150,8 @@ class OutputDir:
 
     def commit(self) -> None:
         """Move the staged outputs into place; ``metrics.json`` and ``report.html`` last."""
-        order = [n for n in MANAGED_NAMES if n not in ("metrics.json", "report.html")] + ["metrics.json", "report.html"]
         try:
-            for name in order:
+            for name in MANAGED_NAMES:
                 staged, final = self.staging / name, self.path / name
                 if not staged.exists():
                     _remove(final)  # e.g. a stale reconstructions.h5ad from a larger input

@@ -13,19 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from scae.data import Dataset
-from scae.files import (  # noqa: F401 (re-exported)
-    LOCK_NAME,
-    MANAGED_NAMES,
-    STAGING_NAME,
+from scae.files import (
     OutputDir,
     OutputWriteError,
     atomic_path,
-    check_output_dir,
-    refuse_inputs_inside,
+    reason,
     write_bytes,
     write_text,
 )
-from scae.files import reason as _reason
 from scae.models import Autoencoder
 from scae.plots import Panel, loss_curves, png_bytes, scatter_panels
 from scae.report import build_report, figure_plan
@@ -82,7 +77,7 @@ def save_model(model: Autoencoder, dataset: Dataset, config: StudyConfig, spec: 
     try:
         model.save(path, metadata={"study_key": study_key(dataset, config, spec)})
     except OSError as err:
-        raise OutputWriteError(f"{path}: cannot write the model ({_reason(err)})") from None
+        raise OutputWriteError(f"{path}: cannot write the model ({reason(err)})") from None
 
 
 def write_outputs(result: StudyResult, output: OutputDir, watch: Stopwatch, models_saved: bool = False) -> None:
@@ -114,4 +109,4 @@ def write_outputs(result: StudyResult, output: OutputDir, watch: Stopwatch, mode
         write_text(staging / "report.html", html)
     except OSError as err:
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-        raise OutputWriteError(f"{output.path}: cannot write the outputs{where}: {_reason(err)}") from None
+        raise OutputWriteError(f"{output.path}: cannot write the outputs{where}: {reason(err)}") from None

@@ -50,6 +50,15 @@ class InvalidValue(Exception):
         self.expected = expected
 
 
+def _parsed(rule, convert, text: str):
+    """``text`` converted by ``convert`` (``int``, ``float``) and checked by ``rule``."""
+    try:
+        value = convert(text.strip())
+    except ValueError:
+        raise InvalidValue(rule.expected) from None
+    return rule(value)
+
+
 @dataclass(frozen=True)
 class Integer:
     """An integer (not a bool, not a float) in ``[low, high]``; ``high=None``: no upper bound."""
@@ -72,11 +81,7 @@ class Integer:
 
     def parse(self, text: str) -> int:
         """The integer written in ``text`` (command-line form), checked."""
-        try:
-            value = int(text.strip())
-        except ValueError:
-            raise InvalidValue(self.expected) from None
-        return self(value)
+        return _parsed(self, int, text)
 
 
 @dataclass(frozen=True)
@@ -108,11 +113,7 @@ class Real:
 
     def parse(self, text: str) -> float:
         """The number written in ``text`` (command-line form), checked."""
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise InvalidValue(self.expected) from None
-        return self(value)
+        return _parsed(self, float, text)
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,16 @@ def network_parameters(n_genes: int, latent_dim: int, hidden: tuple[int, ...]) -
     widths = [n_genes, *hidden, latent_dim]
     one_way = sum(a * b for a, b in pairwise(widths))
     return 2 * one_way + sum(widths[1:]) + sum(widths[:-1])
+
+
+def network_too_large(latent_dim: int, hidden: tuple[int, ...]) -> str | None:
+    """Why ``hidden`` and ``latent_dim`` are refused whatever the number of genes (the network
+    without its gene layers already has more than :data:`MAX_PARAMETERS`), or ``None``."""
+    count = network_parameters(0, latent_dim, hidden)
+    if count <= MAX_PARAMETERS:
+        return None
+    return (f"widths {' '.join(map(str, hidden))} with latent size {latent_dim} give the network {count:,} "
+            f"parameters before any gene is counted; at most {MAX_PARAMETERS:,} are allowed: choose smaller widths")
 
 
 def check_parameter_count(n_genes: int, latent_dim: int, hidden: tuple[int, ...]) -> int:

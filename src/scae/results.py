@@ -113,13 +113,9 @@ class StudyConfig:
         for run in runs:
             rules.check(f"runs[{run.name!r}].latent_dim", run.latent_dim, rules.WIDTH)
             rules.check(f"runs[{run.name!r}].loss", run.loss, rules.LOSS)
-        largest = max(run.latent_dim for run in runs)
-        count = rules.network_parameters(0, largest, self.hidden)
-        if count > rules.MAX_PARAMETERS:
-            raise ScaeInputError(
-                f"hidden {self.hidden} with latent size {largest} gives the network {count:,} parameters before any "
-                f"gene is counted; at most {rules.MAX_PARAMETERS:,} are allowed: choose smaller widths"
-            )
+        problem = rules.network_too_large(max(run.latent_dim for run in runs), self.hidden)
+        if problem is not None:
+            raise ScaeInputError(f"hidden: {problem}")
 
     def to_dict(self) -> dict:
         """JSON-ready settings (without the ones that do not change results: progress, workers,

@@ -20,6 +20,7 @@ from threadpoolctl import threadpool_limits
 from scae.data import Dataset, stratified_split
 from scae.embeddings import BackgroundTSNE, fit_pca, subsample_indices
 from scae.errors import ScaeInputError
+from scae.files import OutputDir
 from scae.metrics import (
     cluster_scores,
     convergence_epoch,
@@ -27,14 +28,7 @@ from scae.metrics import (
     linear_separability,
 )
 from scae.models import Autoencoder
-from scae.outputs import (  # noqa: F401 (re-exported)
-    OutputDir,
-    check_output_dir,
-    save_model,
-    study_key,
-    write_outputs,
-    write_study,
-)
+from scae.outputs import save_model, study_key, write_outputs, write_study  # noqa: F401 (write_study re-exported)
 from scae.parallel import Distributed, broadcast_from_main, resolve_device
 from scae.results import (  # noqa: F401 (re-exported)
     DEFAULT_RUNS,
@@ -76,7 +70,7 @@ def run_study(
         Validated input (see :mod:`scae.data` readers and :func:`scae.simulate_dataset`); its
         matrix may be in memory or stream from disk.
     out_dir
-        Output directory, written all-or-nothing (:class:`~scae.outputs.OutputDir`): locked
+        Output directory, written all-or-nothing (:class:`~scae.files.OutputDir`): locked
         against a second study, outputs staged and moved into place only when all succeeded.
     config
         Study settings; defaults to :class:`StudyConfig`.
@@ -470,7 +464,5 @@ def _check_config(config: StudyConfig, dataset: Dataset) -> None:
             f"max_embed_cells {config.max_embed_cells} is too small for {n_labels} labels; "
             f"expected at least {least} (50, and 10 per label)"
         )
-    if config.epochs < 1 or config.batch_size < 1 or config.tsne_workers < 1:
-        raise ScaeInputError("epochs, batch size and t-SNE workers must be at least 1")
 
 
