@@ -813,3 +813,20 @@ def test_h5ad_that_hangs_or_crashes_the_hdf5_library_is_refused(h5ad_files, monk
     assert input_error(read_h5ad, h5ad_files["dense"], "cell_type") == (
         f"{h5ad_files['dense']}: {problem}; expected an intact AnnData .h5ad file"
     )
+
+
+@pytest.mark.parametrize("how", ["npy", "npy streamed", "h5ad streamed"])
+def test_float64_values_that_vanish_in_float32_count_as_no_variation(tmp_path, how):
+    """Denormal float64 values (e.g. a damaged file) all become 0 in float32, which training sees."""
+    X = np.zeros((6, 4))
+    X[::2, 1] = 1e-320
+    labels = labels_for(6, 2)
+    if how.startswith("npy"):
+        counts, lab = write_pair(tmp_path, X, labels)
+        msg = input_error(read_counts_labels, counts, lab, stream=how.endswith("streamed"))
+    else:
+        path = tmp_path / "d.h5ad"
+        obs = pd.DataFrame({"ct": pd.Categorical(labels)}, index=[f"c{i}" for i in range(6)])
+        ad.AnnData(X=sp.csr_matrix(X), obs=obs).write_h5ad(path)
+        msg = input_error(read_h5ad, path, "ct", stream=True)
+    assert "every value is 0, so there is no expression to learn from" in msg

@@ -517,7 +517,8 @@ def _scan_dense(source, where: str) -> tuple[dict, tuple[bool, bool]]:
         block = np.asarray(stored[start : min(start + step, source.n_rows)])
         _check_values(block, where, row_offset=start)
         scan.add(block)
-        scan.add_columns(block.min(axis=0), block.max(axis=0))
+        as_trained = block.astype(np.float32, copy=False)  # the variation check sees what training sees:
+        scan.add_columns(as_trained.min(axis=0), as_trained.max(axis=0))  # float64 denormals become 0
     return scan.result(source.n_rows, where)
 
 
@@ -949,7 +950,8 @@ def _scan_csr(source, where: str) -> tuple[dict, tuple[bool, bool]]:
             row = int(np.searchsorted(indptr, pos, side="right") - 1)
             raise ScaeInputError(f"{where}: {what(row, int(indices[pos - lo]), data[pos - lo])}")
         scan.add(data)
-        scan.add_columns(data, data, indices)
+        as_trained = data.astype(np.float32, copy=False)  # as training sees them (float64 denormals are 0)
+        scan.add_columns(as_trained, as_trained, indices)
         stored_per_column += np.bincount(indices, minlength=n_cols)
     scan.add_zeros(n_rows * n_cols - source.nnz, stored_per_column < n_rows)
     return scan.result(n_rows, where)
