@@ -562,3 +562,102 @@ def test_study_refuses_to_overwrite_its_h5ad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "the study would remove or overwrite it" in err and err.startswith("scae: error:")
     assert source.read_bytes() == before
+
+
+# ---------------------------------------------------------------- raw counts and --top-genes (reading only)
+def test_simulate_writes_the_raw_counts_beside(sim_dir):
+    raw = np.load(sim_dir / "raw_counts.npy", allow_pickle=False)
+    expected = scae.simulate_dataset(STUDY_CELLS, STUDY_GENES, 3, SIM_SEED)
+    assert raw.dtype == np.float32
+    np.testing.assert_array_equal(raw, expected.raw.toarray())
+    ds = scae.read_counts_labels(sim_dir / "counts.npy", sim_dir / "labels.txt", raw_counts_path=sim_dir / "raw_counts.npy")
+    assert not ds.counts and ds.has_counts  # the log-normalised matrix for MSE, the counts for count models
+    np.testing.assert_array_equal(ds.count_source().tensor(slice(None)).numpy(), raw)
+
+
+def _parsed(*argv: str):
+    from scae.cli import build_parser
+
+    return build_parser().parse_args(["study", "--out", "unused", *argv])
+
+
+def test_input_options_for_raw_counts_reach_the_readers(sim_dir, tmp_path):
+    from scae.cli import load_input
+
+    ds = load_input(_parsed("--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+                            "--raw-counts", str(sim_dir / "raw_counts.npy"), "--top-genes", str(STUDY_GENES)))
+    assert ds.raw_origin == str(sim_dir / "raw_counts.npy") and ds.has_counts
+    X = np.load(sim_dir / "counts.npy")
+    raw = np.load(sim_dir / "raw_counts.npy")
+    obs = pd.DataFrame({"ct": pd.Categorical(np.loadtxt(sim_dir / "labels.txt", dtype=str))},
+                       index=[f"c{i}" for i in range(STUDY_CELLS)])
+    adata = ad.AnnData(X=sp.csr_matrix(X), obs=obs, layers={"umi": sp.csr_matrix(raw)})
+    adata.raw = ad.AnnData(X=sp.csr_matrix(raw), var=adata.var)
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    for option, origin in ((["--counts-layer", "umi"], "layer 'umi'"), (["--counts-raw"], "adata.raw")):
+        args = _parsed("--h5ad", str(tmp_path / "in.h5ad"), "--label-key", "ct", *option, "--stream")
+        ds = load_input(args)
+        assert ds.on_disk and ds.raw_origin == origin and ds.raw.on_disk
+        np.testing.assert_array_equal(ds.count_source().tensor(np.array([0, 9])).numpy(), raw[[0, 9]])
+    assert _parsed("--top-genes", "25").top_genes == 25 and _parsed().top_genes is None
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--counts-layer", "c"], "--counts-layer and --counts-raw go with --h5ad; with --counts and --labels, give the raw "
+     "counts as --raw-counts raw.npy"),
+    (["--counts-raw"], "--counts-layer and --counts-raw go with --h5ad"),
+    (["--top-genes", "21"], "--top-genes 21: the input has 20 genes; expected at most 20"),
+])
+def test_raw_count_options_combined_wrongly_with_counts_labels(small_files, capsys, extra, needle):
+    rc = main(["study", "--counts", str(small_files.counts), "--labels", str(small_files.labels),
+               "--out", str(small_files.dir / "out"), "--quiet", *extra])
+    assert rc == 2
+    assert_one_line_error(capsys, needle)
+    assert not (small_files.dir / "out" / "report.html").exists()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--raw-counts", "r.npy"], "--raw-counts goes with --counts and --labels; with --h5ad, name the raw counts with "
+     "--counts-layer or --counts-raw"),
+    (["--counts-layer", "c", "--counts-raw"], "give either --counts-layer or --counts-raw (where the raw counts are), not both"),
+    (["--counts-layer", "c"], "no layer 'c' for the raw counts; available layers: none"),
+    (["--counts-raw"], "has no adata.raw for the raw counts"),
+])
+def test_raw_count_options_combined_wrongly_with_h5ad(small_files, capsys, extra, needle):
+    rc = main(["study", "--h5ad", str(small_files.h5ad), "--label-key", "ct", "--out", str(small_files.dir / "out"),
+               "--quiet", *extra])
+    assert rc == 2
+    assert_one_line_error(capsys, needle)
+
+
+def test_raw_counts_without_input_and_top_genes_below_one(tmp_path, capsys, monkeypatch):
+    rc = main(["study", "--raw-counts", str(tmp_path / "r.npy"), "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 2
+    assert_one_line_error(capsys, "--raw-counts goes with --counts and --labels; the built-in dataset has its simulated counts")
+    monkeypatch.chdir(tmp_path)
+    for command in ("study", "fit"):
+        with pytest.raises(SystemExit) as info:
+            main([command, "--out", "x", "--top-genes", "0"])
+        assert info.value.code == 2
+        assert "argument --top-genes: expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_reading_with_top_genes_imports_no_heavy_module(small_files):
+    """The input is read (and --top-genes checked) before PyTorch, scikit-learn or scikit-misc load."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, scae_env
+
+    raw = small_files.dir / "raw.npy"
+    np.save(raw, np.round(np.expm1(small_files.X)))
+    code = (
+        "import sys; from scae.cli import build_parser, load_input; "
+        f"args = build_parser().parse_args(['study', '--out', 'o', '--counts', {str(small_files.counts)!r}, "
+        f"'--labels', {str(small_files.labels)!r}, '--raw-counts', {str(raw)!r}, '--top-genes', '5']); "
+        "ds = load_input(args); assert ds.n_genes == 20 and args.top_genes == 5 and ds.raw is not None; "
+        "print(sorted(m for m in ('torch', 'sklearn', 'skmisc') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=scae_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

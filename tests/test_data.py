@@ -830,3 +830,263 @@ def test_float64_values_that_vanish_in_float32_count_as_no_variation(tmp_path, h
         ad.AnnData(X=sp.csr_matrix(X), obs=obs).write_h5ad(path)
         msg = input_error(read_h5ad, path, "ct", stream=True)
     assert "every value is 0, so there is no expression to learn from" in msg
+
+
+# ---------------------------------------------------------------- raw counts beside the model input
+def counts_and_lognorm(n_cells=30, n_genes=8, seed=0):
+    """Integer counts (every cell has some) and their log1p(counts / library × 1e4)."""
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(2.0, size=(n_cells, n_genes)).astype(np.float32)
+    counts[:, 0] += 1
+    library = counts.sum(axis=1, keepdims=True, dtype=np.float64)
+    return counts, np.log1p(counts / library * 1e4).astype(np.float32)
+
+
+def test_make_dataset_with_raw_counts():
+    counts, lognorm = counts_and_lognorm()
+    labels = labels_for(30)
+    ds = make_dataset(lognorm, labels, raw=sp.csr_matrix(counts), raw_origin="my counts")
+    assert not ds.counts and ds.has_counts and ds.raw_origin == "my counts"
+    np.testing.assert_array_equal(ds.raw.toarray(), counts)
+    source = ds.count_source()
+    assert not source.counts
+    np.testing.assert_array_equal(source.tensor(np.array([0, 5])).numpy(), counts[[0, 5]])
+    np.testing.assert_array_equal(ds.source().tensor(np.array([0, 5])).numpy(), lognorm[[0, 5]])  # the model input
+    s = ds.summary()
+    assert s["count_data"] == "my counts" and s["raw_counts"] is False and s["model_input"] == "as given"
+    # X holding the counts: it is their source, nothing beside it
+    own = make_dataset(counts, labels, raw=counts)
+    assert own.counts and own.raw is None and own.has_counts and own.raw_origin == "X"
+    np.testing.assert_array_equal(own.count_source().tensor(np.array([2])).numpy(), counts[[2]])
+    assert own.summary()["count_data"] == "X"
+    plain = make_dataset(lognorm, labels)
+    assert not plain.has_counts and plain.count_source() is None and plain.summary()["count_data"] is None
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c[:, :-1], "raw counts: has shape (30, 7) but X has shape (30, 8); expected raw counts of the same cells and genes"),
+    (lambda c: c - np.eye(30, 8, k=3, dtype=np.float32) * (c + 1), "raw counts: holds -1 at row 0, column 3, which is not a count; "
+     "expected raw counts (non-negative whole numbers)"),
+    (lambda c: c + (np.arange(8) == 6) * (np.arange(30)[:, None] == 4) * 0.5, "raw counts: holds 2.5 at row 4, column 6, which is not a count"),
+])
+def test_make_dataset_refuses_raw_that_are_not_counts(change, message):
+    counts, lognorm = counts_and_lognorm()
+    counts[4, 6] = 2
+    msg = input_error(make_dataset, lognorm, labels_for(30), raw=change(counts))
+    assert msg.startswith(message)
+
+
+def test_fingerprint_changes_with_the_raw_counts_only_when_there_are_some():
+    counts, lognorm = counts_and_lognorm()
+    labels = labels_for(30)
+    plain = make_dataset(lognorm, labels).fingerprint()
+    assert "raw" not in plain  # fingerprints of inputs without counts are as before
+    with_raw = make_dataset(lognorm, labels, raw=counts).fingerprint()
+    other = counts.copy()
+    other[0, 0] += 1
+    assert with_raw != plain and with_raw != make_dataset(lognorm, labels, raw=other).fingerprint()
+    assert with_raw == make_dataset(lognorm, labels, raw=counts.copy()).fingerprint()
+
+
+@pytest.fixture
+def counts_h5ad(tmp_path):
+    """An .h5ad with log-normalised X, integer counts in layers['counts'] and adata.raw holding
+    the counts of two more genes, its genes in another order."""
+    counts, lognorm = counts_and_lognorm(40, 9, seed=3)
+    genes = [f"G{j}" for j in range(9)]
+    obs = pd.DataFrame({"cell_type": pd.Categorical(labels_for(40))}, index=[f"c{i}" for i in range(40)])
+    raw_genes = ["extra1", *genes[::-1], "extra2"]
+    raw_matrix = np.concatenate([np.full((40, 1), 0.5), counts[:, ::-1], np.ones((40, 1))], axis=1)  # extra1 not counts
+    raw = ad.AnnData(X=sp.csr_matrix(raw_matrix), var=pd.DataFrame(index=raw_genes))
+    adata = ad.AnnData(X=sp.csr_matrix(lognorm), obs=obs, var=pd.DataFrame(index=genes),
+                       layers={"counts": sp.csr_matrix(counts), "dense_counts": counts})
+    adata.raw = raw
+    path = tmp_path / "with_counts.h5ad"
+    adata.write_h5ad(path)
+    return path, counts, lognorm
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("how, origin", [({"counts_layer": "counts"}, "layer 'counts'"), ({"counts_raw": True}, "adata.raw")])
+def test_read_h5ad_raw_counts_from_a_layer_or_adata_raw(counts_h5ad, stream, how, origin):
+    path, counts, lognorm = counts_h5ad
+    ds = read_h5ad(path, "cell_type", stream=stream, **how)
+    assert ds.on_disk == stream and not ds.counts and ds.has_counts and ds.raw_origin == origin
+    assert ds.summary()["count_data"] == origin
+    rows = np.array([0, 7, 39])
+    np.testing.assert_array_equal(ds.count_source().tensor(rows).numpy(), counts[rows])
+    np.testing.assert_allclose(ds.source().tensor(rows).numpy(), lognorm[rows], rtol=1e-6)
+    if stream:
+        assert not ds.raw.counts and ds.raw.on_disk
+    without = read_h5ad(path, "cell_type", stream=stream)
+    assert without.raw is None and not without.has_counts
+    assert ds.fingerprint() != without.fingerprint()
+
+
+def test_read_h5ad_x_of_counts_is_their_source(counts_h5ad):
+    path, counts, _ = counts_h5ad
+    for stream in (False, True):
+        ds = read_h5ad(path, "cell_type", layer="counts", stream=stream, counts_raw=True)
+        assert ds.counts and ds.raw is None and ds.raw_origin == "layer 'counts'"
+        np.testing.assert_array_equal(ds.count_source().tensor(np.array([3])).numpy(), counts[[3]])
+
+
+def test_read_h5ad_refuses_counts_it_cannot_use(counts_h5ad, tmp_path):
+    path, counts, lognorm = counts_h5ad
+    assert input_error(read_h5ad, path, "cell_type", counts_layer="nope") == (
+        f"{path}: no layer 'nope' for the raw counts; available layers: counts, dense_counts"
+    )
+    assert input_error(read_h5ad, path, "cell_type", counts_layer="counts", counts_raw=True).startswith(
+        f"{path}: raw counts from a layer ('counts') and from adata.raw both asked for"
+    )
+    assert "streaming from disk needs a CSR" in input_error(read_h5ad, path, "cell_type", stream=True, counts_layer="dense_counts")
+    assert read_h5ad(path, "cell_type", counts_layer="dense_counts").raw.shape == (40, 9)  # loaded, any storage
+    bad = counts.copy()
+    bad[5, 2] = 1.5
+    obs = pd.DataFrame({"cell_type": pd.Categorical(labels_for(40))}, index=[f"c{i}" for i in range(40)])
+    noraw = tmp_path / "noraw.h5ad"
+    ad.AnnData(X=lognorm, obs=obs, layers={"counts": sp.csr_matrix(bad)}).write_h5ad(noraw)
+    for stream in (False, True):
+        if stream:
+            ad.AnnData(X=sp.csr_matrix(lognorm), obs=obs, layers={"counts": sp.csr_matrix(bad)}).write_h5ad(noraw)
+        assert input_error(read_h5ad, noraw, "cell_type", stream=stream, counts_layer="counts") == (
+            f"{noraw} layer 'counts': holds 1.5 at row 5, column 2, which is not a count; "
+            "expected raw counts (non-negative whole numbers)"
+        )
+        assert input_error(read_h5ad, noraw, "cell_type", stream=stream, counts_raw=True) == (
+            f"{noraw}: has no adata.raw for the raw counts; expected a file whose adata.raw.X holds raw counts, "
+            "or a layer of counts (--counts-layer)"
+        )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_read_h5ad_raw_must_hold_every_gene_of_x_as_counts(tmp_path, stream):
+    counts, lognorm = counts_and_lognorm(20, 5)
+    obs = pd.DataFrame({"cell_type": pd.Categorical(labels_for(20))}, index=[f"c{i}" for i in range(20)])
+    adata = ad.AnnData(X=sp.csr_matrix(lognorm), obs=obs, var=pd.DataFrame(index=["A", "B", "C", "D", "E"]))
+    adata.raw = ad.AnnData(X=sp.csr_matrix(counts[:, :4]), var=pd.DataFrame(index=["D", "C", "B", "A"]))
+    path = tmp_path / "lacking.h5ad"
+    adata.write_h5ad(path)
+    assert input_error(read_h5ad, path, "cell_type", stream=stream, counts_raw=True) == (
+        f"{path} raw.X: lacks 1 of X's 5 genes (first: 'E'); expected raw counts for every gene of X"
+    )
+    bad = counts.copy()
+    bad[3, 1] = -2
+    adata.raw = ad.AnnData(X=sp.csr_matrix(bad[:, ::-1]), var=pd.DataFrame(index=["E", "D", "C", "B", "A"]))
+    adata.write_h5ad(path)
+    assert input_error(read_h5ad, path, "cell_type", stream=stream, counts_raw=True) == (  # column as stored in raw.X
+        f"{path} raw.X: holds -2 at row 3, column 3, which is not a count; expected raw counts (non-negative whole numbers)"
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_read_counts_labels_with_raw_counts(tmp_path, stream):
+    counts, lognorm = counts_and_lognorm()
+    counts_path, labels_path = write_pair(tmp_path, lognorm, labels_for(30))
+    np.save(tmp_path / "raw.npy", counts.astype(np.int64))
+    ds = read_counts_labels(counts_path, labels_path, stream=stream, raw_counts_path=tmp_path / "raw.npy")
+    assert not ds.counts and ds.on_disk == stream and ds.raw_origin == str(tmp_path / "raw.npy")
+    np.testing.assert_array_equal(ds.count_source().tensor(slice(None)).numpy(), counts)
+    before = fingerprint(tmp_path / "raw.npy")
+    np.save(tmp_path / "short.npy", counts[:20])
+    assert input_error(read_counts_labels, counts_path, labels_path, stream=stream, raw_counts_path=tmp_path / "short.npy") == (
+        f"{tmp_path / 'short.npy'}: has shape (20, 8) but {counts_path} has shape (30, 8); "
+        "expected raw counts of the same cells and genes"
+    )
+    bad = counts.copy()
+    bad[12, 7] = 0.25
+    np.save(tmp_path / "bad.npy", bad)
+    assert input_error(read_counts_labels, counts_path, labels_path, stream=stream, raw_counts_path=tmp_path / "bad.npy") == (
+        f"{tmp_path / 'bad.npy'}: holds 0.25 at row 12, column 7, which is not a count; "
+        "expected raw counts (non-negative whole numbers)"
+    )
+    assert input_error(read_counts_labels, counts_path, labels_path, raw_counts_path=tmp_path / "absent.npy") == (
+        f"{tmp_path / 'absent.npy'}: raw counts file not found"
+    )
+    assert fingerprint(tmp_path / "raw.npy") == before  # never modified
+    # a counts matrix of integers is its own source of counts: the raw counts file is not read
+    own = read_counts_labels(tmp_path / "raw.npy", labels_path, raw_counts_path=tmp_path / "absent.npy")
+    assert own.counts and own.raw is None and own.raw_origin == str(tmp_path / "raw.npy")
+
+
+# ---------------------------------------------------------------- gene selection
+def test_select_genes_of_counts_normalises_with_every_gene(tmp_path):
+    counts, _ = counts_and_lognorm(30, 8, seed=1)
+    counts[3] = 0
+    counts[3, 7] = 5  # a cell whose only count lies outside the selected genes
+    genes = np.array([0, 2, 5])
+    labels = labels_for(30)
+    by_hand = np.zeros((30, 3))
+    for i in range(30):  # log1p(count / library over ALL 8 genes × 1e4)
+        library = float(sum(counts[i]))
+        for k, j in enumerate(genes):
+            by_hand[i, k] = math.log1p(counts[i, j] / library * 1e4)
+    path = tmp_path / "c.h5ad"
+    ad.AnnData(X=sp.csr_matrix(counts), obs=pd.DataFrame({"t": labels}, index=[f"c{i}" for i in range(30)])).write_h5ad(path)
+    datasets = {
+        "dense": make_dataset(counts, labels), "sparse": make_dataset(sp.csr_matrix(counts), labels),
+        "streamed": read_h5ad(path, "t", stream=True),
+    }
+    selected = {}
+    for kind, ds in datasets.items():
+        assert ds.counts
+        sub = ds.select_genes(genes)
+        selected[kind] = sub
+        assert sub.n_genes == 3 and not sub.counts and sub.has_counts and sub.raw_origin == "X"
+        assert sub.var_names.tolist() == [ds.var_names[j] for j in genes]
+        model_input = sub.source().tensor(slice(None)).numpy()
+        np.testing.assert_allclose(model_input, by_hand, rtol=1e-6, err_msg=kind)
+        assert not np.any(model_input[3])  # 5 counts, all in a gene left out: zeros, not NaN
+        np.testing.assert_array_equal(sub.count_source().tensor(slice(None)).numpy(), counts[:, genes], err_msg=kind)
+        assert sub.on_disk == (kind == "streamed")
+        s = sub.summary()
+        assert s["gene_selection"] == {"n_genes": 3, "n_genes_before": 8} and s["count_data"] == "X"
+        assert s["model_input"] == ("log1p(counts / library size × 1e4), each cell's library over all 8 genes; "
+                                    "3 of 8 genes selected")
+    streamed, in_memory = selected["streamed"], selected["sparse"]
+    np.testing.assert_array_equal(streamed.source().tensor(slice(None)).numpy(), in_memory.source().tensor(slice(None)).numpy())
+    s, m = streamed.summary(), in_memory.summary()
+    for key in ("zero_fraction", "value_min", "value_max", "constant_genes", "n_genes", "count_data", "model_input"):
+        assert s[key] == pytest.approx(m[key]), key
+    rows = np.array([1, 4])
+    np.testing.assert_array_equal(  # row subsets of the selection stay right, raw or not
+        streamed.source().subset(rows).raw().tensor(slice(None)).numpy(), counts[rows][:, genes]
+    )
+
+
+def test_select_genes_of_lognormalised_data_with_raw_counts(tmp_path):
+    counts, lognorm = counts_and_lognorm(30, 8, seed=2)
+    ds = make_dataset(sp.csr_matrix(lognorm), labels_for(30), raw=counts, raw_origin="given")
+    genes = np.array([1, 6, 7])
+    sub = ds.select_genes(genes)
+    np.testing.assert_array_equal(sub.X.toarray(), lognorm[:, genes])
+    np.testing.assert_array_equal(sub.count_source().tensor(slice(None)).numpy(), counts[:, genes])
+    assert sub.summary()["model_input"] == "as given; 3 of 8 genes selected" and sub.raw_origin == "given"
+    np.save(tmp_path / "x.npy", lognorm)
+    np.save(tmp_path / "r.npy", counts)
+    (tmp_path / "l.txt").write_text("\n".join(labels_for(30)) + "\n")
+    streamed = read_counts_labels(tmp_path / "x.npy", tmp_path / "l.txt", stream=True, raw_counts_path=tmp_path / "r.npy")
+    on_disk = streamed.select_genes(genes)
+    assert on_disk.on_disk and on_disk.raw.on_disk
+    np.testing.assert_array_equal(on_disk.source().tensor(slice(None)).numpy(), lognorm[:, genes])
+    np.testing.assert_array_equal(on_disk.count_source().tensor(slice(None)).numpy(), counts[:, genes])
+    assert "dense, memory-mapped, streamed from" in on_disk.summary()["storage"]
+
+
+def test_select_genes_fingerprint_and_refusals():
+    counts, lognorm = counts_and_lognorm()
+    ds = make_dataset(lognorm, labels_for(30), raw=counts)
+    a, b = ds.select_genes(np.array([0, 1, 2])), ds.select_genes(np.array([0, 1, 3]))
+    assert a.fingerprint() != b.fingerprint() != ds.fingerprint()
+    assert a.fingerprint() == ds.select_genes(np.array([0, 1, 2])).fingerprint()
+    assert a.fingerprint()["selected_from"] == ds.fingerprint()
+    other_raw = make_dataset(lognorm, labels_for(30), raw=counts + 1).select_genes(np.array([0, 1, 2]))
+    assert other_raw.fingerprint() != a.fingerprint()
+    for genes, message in [
+        (np.array([2, 1]), "sorted and distinct"), (np.array([1, 1]), "sorted and distinct"),
+        (np.array([0, 8]), "0…7"), (np.array([], dtype=int), "non-empty"), (np.array([0.0, 1.0]), "gene indices"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ds.select_genes(genes)
+    with pytest.raises(ValueError, match="X holds counts here"):
+        Dataset(X=counts, labels=np.array(labels_for(30)), name="x", counts=True, raw=counts)

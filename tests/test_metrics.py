@@ -18,6 +18,7 @@ from scae.embeddings import (
 from scae.metrics import (
     cluster_scores,
     convergence_epoch,
+    knn_accuracy,
     linear_separability,
     pca_reconstruction_errors,
 )
@@ -375,3 +376,116 @@ def test_balanced_accuracy_counts_predicted_train_only_labels_as_wrong():
 def test_linear_separability_with_one_training_label_predicts_it():
     X, y = blobs()
     assert linear_separability(X[:10], np.array(["c0"] * 10), X, y) == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------- knn_accuracy
+def overlapping_blobs(n_per=50, seed=0):
+    """Three 5-D blobs close enough that some cells' neighbours carry another label."""
+    rng = np.random.default_rng(seed)
+    centres = np.eye(3, 5) * 1.5
+    X = np.concatenate([c + rng.normal(size=(n_per, 5)) for c in centres]).astype(np.float32)
+    return X, np.repeat(["a", "b", "c"], n_per)
+
+
+def test_knn_accuracy_of_well_separated_blobs_is_one():
+    X, y = blobs()
+    with strict_warnings():
+        assert knn_accuracy(X, y) == 1.0
+
+
+def test_knn_accuracy_hand_computed_with_mislabelled_cells():
+    """Blob A: 20 'a' cells and 5 'b' cells near 0; blob B: 20 'b' cells near 100 (1-D).
+
+    Every training part holds >= 16 cells of blob A (16 'a' + up to 5 'b'), so a held-out cell
+    of blob A has its 15 neighbours in blob A, at most 5 of them 'b': predicted 'a'. Blob B's
+    training part holds >= 15 'b' cells: predicted 'b'. So the 5 'b' cells in blob A are the
+    only errors, for any seed: 40 / 45.
+    """
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.uniform(0, 1, 25), rng.uniform(100, 101, 20)])
+    y = np.array(["a"] * 20 + ["b"] * 25)
+    for seed in range(4):
+        assert knn_accuracy(X, y, k=15, seed=seed) == pytest.approx(40 / 45)
+
+
+def test_knn_accuracy_k_larger_than_the_training_part_votes_with_every_training_cell():
+    """30 'a' and 20 'b' cells, 5 stratified folds: every training part has 24 'a' and 16 'b',
+    so with k > 40 every cell is predicted 'a' whatever the geometry: 30 / 50."""
+    X, _ = overlapping_blobs(n_per=25)
+    y = np.array(["a"] * 30 + ["b"] * 20)
+    with strict_warnings():
+        assert knn_accuracy(X[:50], y, k=100) == pytest.approx(0.6)
+
+
+def test_knn_accuracy_keeps_labels_rarer_than_the_folds_in_training():
+    """'a' cells at 0, 10, …, 90, 'b' cells far away, two 'r' cells at 41 and 49 (k = 1).
+
+    The 'r' cells are never held out but are the nearest training cells of a40 and a50, which
+    are thus wrong; every other 'a' cell has a training 'a' at distance 10 (a fold holds out
+    two 'a' cells, never both neighbours and the cell). Accuracy 18 / 20 over the 'a' and 'b'
+    cells; scoring the 'r' cells too (plain StratifiedKFold) would give 18 / 22.
+    """
+    X = np.concatenate([np.arange(0, 100, 10.0), np.arange(1000, 1100, 10.0), [41.0, 49.0]])
+    y = np.array(["a"] * 10 + ["b"] * 10 + ["r"] * 2)
+    with strict_warnings():
+        for seed in range(5):
+            assert knn_accuracy(X, y, k=1, seed=seed) == pytest.approx(0.9)
+
+
+def test_knn_accuracy_reduces_folds_for_tiny_inputs():
+    X = np.array([0.0, 0.1, 0.2, 10.0, 10.1, 10.2])
+    y = np.array(list("aaabbb"))
+    with strict_warnings():
+        assert knn_accuracy(X, y, k=1) == 1.0  # 3 folds: each held-out cell still sees 2 of its label
+        # k capped at the 4 training cells: a 2–2 vote, won by 'a' (sorts first)
+        assert knn_accuracy(X, y, k=15) == pytest.approx(0.5)
+        assert knn_accuracy(np.arange(4.0), np.array(list("abcd"))) == 0.0  # every label a single cell
+        assert knn_accuracy(np.arange(4.0), np.array(list("aaaa"))) == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_knn_accuracy_equals_scikit_learn_cross_validation(seed):
+    from sklearn.metrics import accuracy_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X, y = overlapping_blobs()  # 3 × 50 cells: every fold holds 30 cells
+    cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+    predicted = cross_val_predict(KNeighborsClassifier(n_neighbors=15), X, y, cv=cv)
+    got = knn_accuracy(X, y, seed=seed)
+    assert got == pytest.approx(accuracy_score(y, predicted), abs=1e-12)
+    # equal folds: the accuracy over all cells is the mean of the per-fold accuracies
+    assert got == pytest.approx(cross_val_score(KNeighborsClassifier(n_neighbors=15), X, y, cv=cv).mean())
+    assert 0.5 < got < 1.0  # the blobs overlap: a number that could have been anything
+
+
+def test_knn_accuracy_is_deterministic_in_the_seed():
+    X, y = overlapping_blobs()
+    assert knn_accuracy(X, y, seed=1) == knn_accuracy(X, y, seed=1)
+    assert len({knn_accuracy(X, y, seed=s) for s in range(6)}) > 1  # the seed decides the folds
+
+
+def test_knn_accuracy_sparse_equals_dense_and_input_untouched():
+    X, y = overlapping_blobs()
+    X[X < 0.5] = 0.0
+    before = X.copy()
+    dense = knn_accuracy(X, y)
+    assert knn_accuracy(sp.csr_matrix(X), y) == pytest.approx(dense)
+    assert knn_accuracy(sp.csr_matrix(X), y) == pytest.approx(knn_accuracy(X.astype(np.float64), y))
+    np.testing.assert_array_equal(X, before)
+
+
+def test_knn_accuracy_of_duplicates_and_collapsed_representations_without_warnings():
+    X, y = blobs()
+    with strict_warnings():
+        duplicated = knn_accuracy(np.repeat(X, 3, axis=0), np.repeat(y, 3))
+        collapsed = knn_accuracy(np.zeros((y.size, 2)), y)
+        one_dim = knn_accuracy(X[:, :1], y)
+    assert duplicated == 1.0
+    assert 0.0 <= collapsed <= 1.0
+    assert one_dim == knn_accuracy(X[:, 0], y)
+
+
+def test_knn_accuracy_rejects_mismatched_labels():
+    with pytest.raises(ValueError, match="one label per cell"):
+        knn_accuracy(np.zeros((5, 2)), np.array(["a", "b"]))

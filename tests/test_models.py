@@ -11,6 +11,8 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
+import scae
+import scae.likelihoods
 import scae.training
 from scae import Autoencoder
 from scae.errors import ScaeInputError
@@ -54,8 +56,10 @@ def test_net_forward_shapes_and_unbounded_output():
     torch.manual_seed(0)
     net = AutoencoderNet(30, 4, (16,))
     x = torch.randn(7, 30) * 10
-    z, x_hat = net(x)
+    out = net(x)
+    z, x_hat = out.latent, out.reconstruction
     assert z.shape == (7, 4) and x_hat.shape == (7, 30)
+    assert out.target is x and out.kl is None and out.log_mean is None
     # no activation on latent or output: both take negative values
     assert (z < 0).any() and (x_hat < 0).any()
     assert torch.equal(net.decoder(z), x_hat)
@@ -285,7 +289,15 @@ def test_refit_on_other_genes_without_eval(small_dense):
 @pytest.mark.parametrize(
     "params,message",
     [
-        ({"loss": "mae"}, "loss must be one of: mse, nonzero_mse; got 'mae'"),
+        ({"loss": "mae"}, "loss must be one of: mse, nonzero_mse, poisson, nb, zinb; got 'mae'"),
+        ({"norm": "group"}, "norm must be one of: none, batch, layer; got 'group'"),
+        ({"dropout": 1.0}, "dropout must be a finite number >= 0 and < 1; got 1.0"),
+        ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0 and <= 10; got -0.1"),
+        ({"lr_schedule": "step"}, "lr_schedule must be one of: none, plateau, cosine; got 'step'"),
+        ({"variational": 1}, "variational must be True or False; got 1"),
+        ({"kl_warmup_epochs": -1}, "kl_warmup_epochs must be an integer in [0, 1000000]; got -1"),
+        ({"patience": 0}, "patience must be an integer in [1, 1000000]; got 0"),
+        ({"validation_fraction": 1.0}, "validation_fraction must be a finite number > 0 and < 1; got 1.0"),
         ({"activation": "swish"}, "activation must be one of: relu, elu, gelu, tanh, sigmoid, leaky_relu; got 'swish'"),
         ({"latent_dim": 0}, "latent_dim must be an integer in [1, 100000]; got 0"),
         ({"hidden": (10, 0)}, "hidden must be a sequence of integers in [1, 100000], e.g. (100,) or (256, 64); got (10, 0)"),
@@ -309,6 +321,9 @@ def test_sklearn_get_params_and_clone(fitted, small_dense):
     assert params == {
         "latent_dim": 6, "hidden": (32,), "activation": "relu", "loss": "mse", "epochs": EPOCHS,
         "batch_size": 32, "learning_rate": 1e-3, "random_state": 0, "device": "auto", "progress": False,
+        "variational": False, "kl_warmup_epochs": 0, "norm": "none", "dropout": 0.0, "weight_decay": 0.0,
+        "lr_schedule": "none", "early_stopping": False, "patience": 10, "validation_fraction": 0.1,
+        "scale_input": False, "input_noise": 0.0,
     }
     twin = clone(fitted)
     assert twin is not fitted
@@ -325,20 +340,18 @@ def test_sklearn_get_params_and_clone(fitted, small_dense):
 # ---------------------------------------------------------------- divergence
 def test_nan_loss_stops_training_in_that_epoch(small_dense, monkeypatch):
     """A loss that becomes NaN stops fit at the end of that epoch, not after all epochs."""
-    real = scae.training.get_loss_terms
+    mse = scae.likelihoods.get_likelihood("mse")
+    real = mse.objective
     calls = []
 
-    def poisoned(name):
-        terms = real(name)
+    def nan_after_first_epoch(x, out, kl_weight=1.0):
+        err, count = real(x, out, kl_weight)
+        if torch.is_inference_mode_enabled():  # evaluation: left alone
+            return err, count
+        calls.append(1)
+        return (err * float("nan"), count) if len(calls) > 8 else (err, count)
 
-        def nan_after_first_epoch(x, x_hat):
-            calls.append(1)
-            err, count = terms(x, x_hat)
-            return (err * float("nan"), count) if len(calls) > 8 else (err, count)
-
-        return nan_after_first_epoch
-
-    monkeypatch.setattr(scae.training, "get_loss_terms", poisoned)
+    monkeypatch.setattr(mse, "objective", nan_after_first_epoch)
     model = Autoencoder(latent_dim=3, hidden=(8,), epochs=50, batch_size=32, learning_rate=0.01)
     with pytest.raises(TrainingDivergedError) as err:
         model.fit(small_dense[:256])  # 8 batches per epoch: epoch 2 turns NaN
@@ -422,13 +435,13 @@ def _write_case(case: str, path, state: dict, fitted) -> None:
     elif case == "other format":
         torch.save({"format": "something/1", "state_dict": {}}, path)
     elif case == "newer version":
-        torch.save(edited(state, format="scae.Autoencoder/2"), path)
+        torch.save(edited(state, format="scae.Autoencoder/3"), path)
     elif case == "no state_dict":
         torch.save(edited(state, state_dict=_DROP), path)
     elif case == "unknown entry":
         torch.save(edited(state, optimizer={"lr": 1.0}), path)
     elif case == "unknown parameter":
-        torch.save(edited(state, params={**state["params"], "dropout": 0.1}), path)
+        torch.save(edited(state, params={**state["params"], "momentum": 0.9}), path)
     elif case == "params not a dict":
         torch.save(edited(state, params=[1, 2]), path)
     elif case == "bad parameter value":
@@ -470,11 +483,13 @@ MALFORMED = {
     "tensor": "a PyTorch file but not an scae model (Tensor without a format entry); " + EXPECTED,
     "state dict only": "a PyTorch file but not an scae model (OrderedDict without a format entry); " + EXPECTED,
     "other format": "not an scae model file (format 'something/1'); " + EXPECTED,
-    "newer version": "written in model format version 2 by a newer scae; this scae reads version 1: upgrade scae to load it",
+    "newer version": "written in model format version 3 by a newer scae; this scae reads version 2: upgrade scae to load it",
     "no state_dict": "incomplete scae model file: no 'state_dict' entry",
     "unknown entry": "unexpected entries 'optimizer' in an scae model file; " + EXPECTED,
-    "unknown parameter": "unknown Autoencoder parameter(s) 'dropout'; expected some of: activation, batch_size, "
-                         "device, epochs, hidden, latent_dim, learning_rate, loss, progress, random_state",
+    "unknown parameter": "unknown Autoencoder parameter(s) 'momentum'; expected some of: activation, batch_size, "
+                         "device, dropout, early_stopping, epochs, hidden, input_noise, kl_warmup_epochs, latent_dim, "
+                         "learning_rate, loss, lr_schedule, norm, patience, progress, random_state, scale_input, "
+                         "validation_fraction, variational, weight_decay",
     "params not a dict": "params must be a dict of Autoencoder parameters; got list",
     "bad parameter value": "stored parameter learning_rate must be a finite number > 0 and <= 10; got nan",
     "other architecture": "the weights do not match the stored architecture (n_features_in=120, latent_dim=7, "
@@ -507,3 +522,141 @@ def test_load_accepts_the_file_the_malformed_cases_start_from(saved_state, fitte
     path = tmp_path / "again.pt"
     path.write_bytes(io_bytes(saved_state))
     assert Autoencoder.load(path).get_params() == fitted.get_params()
+
+
+# ---------------------------------------------------------------- count models, VAE, regularisation
+@pytest.fixture(scope="module")
+def small_counts() -> np.ndarray:
+    """Raw counts, 300 cells × 60 genes, 3 populations."""
+    return scae.simulate_counts(300, 60, 3, seed=2)[0].toarray()
+
+
+@pytest.mark.parametrize("loss", ["poisson", "nb", "zinb"])
+def test_count_models_train_on_raw_counts(small_counts, loss):
+    model = Autoencoder(latent_dim=4, hidden=(16,), loss=loss, epochs=4, batch_size=32)
+    model.fit(small_counts[:240], eval_X=small_counts[240:])
+    losses = [row["test_loss"] for row in model.history_]
+    assert losses[-1] < losses[0]  # the negative log-likelihood falls
+    assert all(np.isfinite(row["test_mse"]) for row in model.history_)
+    Z, recon = model.transform_and_reconstruct(small_counts)
+    assert Z.shape == (300, 4) and recon.shape == (300, 60)
+    # the reconstruction is log1p of the expected proportions × 1e4: back on the count scale it sums to 1e4
+    np.testing.assert_allclose(np.expm1(recon).sum(axis=1), 1e4, rtol=1e-3)
+    # its MSE is measured against the log-normalised counts the network encodes
+    library = small_counts.sum(axis=1, keepdims=True)
+    lognorm = np.log1p(small_counts / library * 1e4)
+    assert model.reconstruction_error(small_counts)["mse"] == pytest.approx(float(np.mean((lognorm - recon) ** 2)), rel=1e-4)
+
+
+@pytest.mark.parametrize("bad,word", [(-1.0, "negative"), (0.5, "non-integer")])
+def test_count_model_refuses_values_that_are_not_counts(small_counts, bad, word):
+    X = small_counts.copy()
+    X[3, 4] = bad
+    with pytest.raises(ScaeInputError) as err:
+        Autoencoder(loss="nb", epochs=1).fit(X)
+    assert str(err.value) == (
+        f"training matrix: loss 'nb' models raw counts, but the matrix holds {word} values (e.g. {bad:g}); give the "
+        "raw counts (non-negative whole numbers), or use loss 'mse' for log-normalised values"
+    )
+
+
+def test_count_model_reads_a_normalising_source_raw(small_counts):
+    source = ArraySource(small_counts, counts=True)  # MSE models read it log-normalised
+    as_source = Autoencoder(loss="nb", latent_dim=3, hidden=(8,), epochs=2, batch_size=32).fit(source)
+    as_array = Autoencoder(loss="nb", latent_dim=3, hidden=(8,), epochs=2, batch_size=32).fit(small_counts)
+    assert as_source.history_ == as_array.history_
+
+
+def test_variational_model_transform_is_the_posterior_mean_and_deterministic(small_counts):
+    model = Autoencoder(latent_dim=3, hidden=(16,), loss="nb", variational=True, kl_warmup_epochs=2,
+                        norm="batch", dropout=0.2, epochs=3, batch_size=32)
+    model.fit(small_counts)
+    np.testing.assert_array_equal(model.transform(small_counts), model.transform(small_counts))
+    again = clone(model).fit(small_counts)  # dropout and latent samples are seeded
+    assert again.history_ == model.history_
+    other = clone(model).set_params(random_state=1).fit(small_counts)
+    assert other.history_ != model.history_
+
+
+def test_kl_weight_warms_up_linearly():
+    assert [scae.training.kl_weight(e, 4) for e in range(1, 7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert scae.training.kl_weight(1, 0) == 1.0
+
+
+def test_early_stopping_keeps_the_best_epoch(small_dense):
+    model = Autoencoder(latent_dim=4, hidden=(32,), epochs=60, batch_size=32, learning_rate=0.05,
+                        early_stopping=True, patience=3, validation_fraction=0.2)
+    model.fit(small_dense)
+    val = [row["val_loss"] for row in model.history_]
+    last = model.history_[-1]["epoch"]
+    assert model.best_epoch_ == int(np.argmin(val[1:])) + 1
+    assert last == model.best_epoch_ + 3 < 60  # stopped after 3 epochs without improvement
+    # the kept weights are the best epoch's: the validation cells score exactly its loss again
+    _, validation = scae.models._validation_split(ArraySource(small_dense), 0.2, 0)
+    score = scae.training.evaluate_losses(model.net_, validation, ("mse",))["mse"]
+    assert score == pytest.approx(val[model.best_epoch_], rel=1e-6)
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    source = ArraySource(np.arange(40, dtype=np.float32).reshape(20, 2))
+    fit, held = scae.models._validation_split(source, 0.25, 7)
+    rows_fit, rows_held = fit.read(slice(None))[:, 0] / 2, held.read(slice(None))[:, 0] / 2
+    assert len(rows_held) == 5 and len(rows_fit) == 15
+    assert set(rows_fit.tolist()).isdisjoint(rows_held.tolist())
+    again = scae.models._validation_split(source, 0.25, 7)[1].read(slice(None))
+    np.testing.assert_array_equal(again, held.read(slice(None)))
+
+
+def test_weight_decay_uses_adamw_and_schedules_change_the_rate():
+    net = AutoencoderNet(5, 2, (4,))
+    assert type(scae.training._optimizer(net, 1e-3, 0.0, torch.device("cpu"))) is torch.optim.Adam
+    adamw = scae.training._optimizer(net, 1e-3, 0.01, torch.device("cpu"))
+    assert type(adamw) is torch.optim.AdamW and adamw.param_groups[0]["weight_decay"] == 0.01
+    cosine = scae.training._scheduler(adamw, "cosine", 10)
+    for _ in range(10):
+        adamw.step()
+        cosine.step()
+    assert adamw.param_groups[0]["lr"] == pytest.approx(1e-5)  # 1% of the start after all epochs
+
+
+def test_plateau_schedule_halves_the_rate_when_the_loss_stalls():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    plateau = scae.training._scheduler(optimizer, "plateau", 20)
+    for loss in [1.0] + [1.0] * (scae.training.PLATEAU_PATIENCE + 1):
+        plateau.step(loss)
+    assert optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_presets_build_estimators_and_unknown_ones_are_refused():
+    from scae.presets import PRESETS, RECOMMENDED
+
+    model = Autoencoder.from_preset("recommended", epochs=3)
+    assert model.epochs == 3
+    assert model.get_params() == {**Autoencoder().get_params(), **PRESETS[RECOMMENDED], "epochs": 3}
+    for name in PRESETS:
+        Autoencoder.from_preset(name)._check_params()
+    with pytest.raises(ScaeInputError, match="unknown preset 'best'; expected one of: recommended, "):
+        Autoencoder.from_preset("best")
+
+
+def test_count_vae_with_batch_norm_round_trips_through_a_file(small_counts, tmp_path):
+    model = Autoencoder(latent_dim=3, hidden=(16,), loss="zinb", variational=True, norm="batch",
+                        epochs=2, batch_size=32, early_stopping=True, patience=1).fit(small_counts)
+    model.save(tmp_path / "m.pt")
+    loaded = Autoencoder.load(tmp_path / "m.pt")
+    assert loaded.get_params() == model.get_params() and loaded.best_epoch_ == model.best_epoch_
+    np.testing.assert_array_equal(loaded.transform(small_counts), model.transform(small_counts))
+    np.testing.assert_array_equal(loaded.reconstruct(small_counts), model.reconstruct(small_counts))
+
+
+def test_format_1_files_still_load(fitted, small_dense, tmp_path):
+    path = tmp_path / "v1.pt"
+    fitted.save(path)
+    state = torch.load(path, weights_only=True)
+    old_params = {k: state["params"][k] for k in ("latent_dim", "hidden", "activation", "loss", "epochs",
+                                                  "batch_size", "learning_rate", "random_state", "device", "progress")}
+    state.pop("best_epoch")
+    torch.save({**state, "format": "scae.Autoencoder/1", "params": old_params}, path)
+    loaded = Autoencoder.load(path)
+    np.testing.assert_array_equal(loaded.transform(small_dense), fitted.transform(small_dense))
+    assert loaded.best_epoch_ is None and loaded.variational is False

@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 from scae import cli, params
 from scae.cli import main
 from scae.errors import ScaeInputError
-from scae.losses import LOSSES
-from scae.models import ACTIVATIONS, Autoencoder
+from scae.likelihoods import LIKELIHOODS
+from scae.models import ACTIVATIONS, NORMS, Autoencoder
 from scae.parallel import DEVICES
 from scae.results import DEFAULT_RUNS, RunSpec, StudyConfig
+from scae.training import LR_SCHEDULES
 
 STUDY_SEED_MAX = 2**32 - 1 - (params.DEFAULT_KMEANS_SEEDS - 1)
 
@@ -224,7 +225,8 @@ def test_random_study_arguments_run_or_give_one_line(tokens):
 # ---------------------------------------------------------------- shared rules
 def test_rule_names_match_the_implementations():
     assert params.ACTIVATIONS == tuple(ACTIVATIONS)
-    assert params.LOSSES == LOSSES
+    assert params.LOSSES == tuple(LIKELIHOODS)
+    assert params.NORMS == NORMS and params.LR_SCHEDULES == LR_SCHEDULES
     assert params.DEVICES == DEVICES
     assert cli.STUDY_MAX_LATENT == max(spec.latent_dim for spec in DEFAULT_RUNS)
     assert StudyConfig().kmeans_seeds == params.DEFAULT_KMEANS_SEEDS
@@ -266,7 +268,7 @@ AE_EXPECTED = {
     "batch_size": "an integer in [1, 10000000]",
     "learning_rate": "a finite number > 0 and <= 10",
     "random_state": "an integer in [0, 4294967295]",
-    "loss": "one of: mse, nonzero_mse",
+    "loss": "one of: mse, nonzero_mse, poisson, nb, zinb",
     "activation": "one of: relu, elu, gelu, tanh, sigmoid, leaky_relu",
     "device": "one of: auto, cpu, cuda, mps",
     "progress": "True or False",
@@ -357,7 +359,7 @@ def test_study_config_seed_range_follows_kmeans_seeds():
 def test_study_config_runs_checked():
     with pytest.raises(ScaeInputError, match="runs must have distinct names; got a, a"):
         StudyConfig(runs=(RunSpec("a", 2, "mse"), RunSpec("a", 3, "mse")))
-    with pytest.raises(ScaeInputError, match=r"^runs\['b'\]\.loss must be one of: mse, nonzero_mse; got 'mae'$"):
+    with pytest.raises(ScaeInputError, match=r"^runs\['b'\]\.loss must be one of: mse, nonzero_mse, poisson, nb, zinb; got 'mae'$"):
         StudyConfig(runs=(RunSpec("b", 2, "mae"),))
     with pytest.raises(ScaeInputError, match="runs must be a non-empty tuple of RunSpec"):
         StudyConfig(runs=())

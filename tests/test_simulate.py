@@ -156,3 +156,35 @@ def test_populations_overlap_but_are_distinguishable(default):
     ]
     assert 0.4 <= np.mean(aris) <= 0.85, aris
     assert 0.0 < silhouette_score(Z, default.labels) < 0.5
+
+
+# ---------------------------------------------------------------- the counts beside the model input
+# sha256 of X's CSR arrays (data, indices, indptr) as simulate_dataset made them before the
+# raw counts were added: the four assignment runs must see the same matrix, bit for bit.
+X_SHA256 = {
+    (): "31edba49df7be6a8a8c43afeacadc30b59f5064cce5d056eb5d5e2a8801fbe05",
+    (300, 40, 3, 1): "f767fc743f84516721790228cf2fee3958886c8fd5cab541062d5b8a402ccc07",
+    (2500, 50, 4, 7): "2aed91aef4cf7495a62b8e0ed60c554a94b532c513eb96ca52ed3149d5549d5c",
+}
+
+
+def _sha256(X: sp.csr_matrix) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in (X.data, X.indices, X.indptr):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("args", list(X_SHA256))
+def test_model_input_is_unchanged_and_raw_holds_the_simulated_counts(args, default):
+    ds = default if args == () else simulate_dataset(*args)
+    assert _sha256(ds.X) == X_SHA256[args]
+    counts, labels = simulate_counts(*args)
+    assert _same(ds.raw, counts)
+    assert not ds.counts and ds.has_counts and ds.raw_origin == "simulated counts"
+    assert ds.summary()["count_data"] == "simulated counts"
+    rows = np.array([0, 1, ds.n_cells - 1])
+    np.testing.assert_array_equal(ds.count_source().tensor(rows).numpy(), counts[rows].toarray())
+    assert ds.labels.tolist() == [f"pop{i}" for i in labels]

@@ -321,3 +321,122 @@ def test_cli_stream_fit_and_refusals(counts_h5ad, tmp_path, capsys):
     assert f"trained {CELLS} cells × {GENES} genes for 1 epoch(s)" in out
     model = scae.Autoencoder.load(tmp_path / "m.pt")
     assert model.latent_dim == 3 and len(model.history_) == 2 and model.train_cells_per_second_ > 0
+
+
+# ---------------------------------------------------------------- raw(): count normalisation off
+def _as_array(chunk) -> np.ndarray:
+    if isinstance(chunk, torch.Tensor):
+        return chunk.numpy()
+    return chunk.toarray() if sp.issparse(chunk) else np.asarray(chunk)
+
+
+@pytest.fixture
+def count_sources(tmp_path, counts_h5ad, raw_counts):
+    """Every kind of source over the same raw counts, all with counts=True."""
+    X = raw_counts[0]
+    np.save(tmp_path / "raw.npy", X.toarray())
+    return {
+        "array dense": ArraySource(X.toarray(), counts=True),
+        "array csr": ArraySource(X, counts=True),
+        "h5": H5CSRSource(counts_h5ad, counts=True),
+        "npy": NpySource(tmp_path / "raw.npy", counts=True),
+        "subset": H5CSRSource(counts_h5ad, counts=True).subset(np.arange(0, CELLS, 2)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["array dense", "array csr", "h5", "npy", "subset"])
+def test_raw_reads_the_stored_counts_and_leaves_the_source_normalising(count_sources, raw_counts, kind):
+    import pickle
+
+    source = count_sources[kind]
+    stored = raw_counts[0].toarray()
+    if kind == "subset":
+        stored = stored[::2]
+    rows = np.array([0, 3, 4, 50, source.n_rows - 1])
+    raw = source.raw()
+    assert raw is not source and source.counts and not raw.counts
+    assert raw.shape == source.shape and raw.on_disk == source.on_disk
+    np.testing.assert_array_equal(raw.tensor(rows).numpy(), stored[rows])
+    np.testing.assert_array_equal(_as_array(raw.matrix(rows)), stored[rows])
+    np.testing.assert_allclose(source.tensor(rows).numpy(), reference_log1p_cp10k(stored[rows]), rtol=1e-5, atol=1e-6)
+    assert raw.raw() is raw  # a source that does not normalise is its own raw()
+    inner = np.array([1, 2, 4])
+    np.testing.assert_array_equal(source.subset(rows).raw().tensor(inner).numpy(), raw.subset(rows).tensor(inner).numpy())
+    np.testing.assert_array_equal(source.subset(rows).raw().tensor(inner).numpy(), stored[rows[inner]])
+    copy = pickle.loads(pickle.dumps(raw))
+    assert not copy.counts
+    np.testing.assert_array_equal(copy.tensor(rows).numpy(), stored[rows])
+    batches = list(BatchLoader(raw, np.arange(raw.n_rows), batch_size=64))
+    np.testing.assert_array_equal(torch.cat([x for x, _ in batches]).numpy(), stored)
+
+
+def test_raw_of_a_file_source_has_its_own_handle(counts_h5ad, raw_counts):
+    source = H5CSRSource(counts_h5ad, counts=True)
+    source.read(np.array([0]))  # opens the file
+    raw = source.raw()
+    source.close()  # closing the original leaves the raw view readable
+    np.testing.assert_array_equal(raw.read(np.array([5, 6])).toarray(), raw_counts[0][[5, 6]].toarray())
+    assert source.indptr is raw.indptr  # shared, not copied
+
+
+def test_normalize_counts_with_a_given_library():
+    X = np.array([[1, 0, 3, 4], [0, 2, 0, 0], [0, 0, 0, 0]], dtype=np.float32)
+    library = np.array([10.0, 4.0, 0.0])
+    expected = np.log1p(X[:, [0, 2]] / np.array([[10.0], [4.0], [1.0]]) * 1e4) * (library > 0)[:, None]
+    np.testing.assert_allclose(normalize_counts(X[:, [0, 2]], library), expected, rtol=1e-6)
+    np.testing.assert_allclose(normalize_counts(sp.csr_matrix(X[:, [0, 2]]), library).toarray(), expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- column subsets
+def test_column_subset_normalises_with_the_library_of_all_genes(count_sources, raw_counts):
+    from scae.sources import ColumnSubsetSource
+
+    genes = np.array([1, 4, 5, 20, 39])
+    full = raw_counts[0].toarray().astype(np.float64)
+    library = full.sum(axis=1, keepdims=True)  # over all 40 genes, not the 5 kept
+    expected = np.log1p(full[:, genes] / library * 1e4)
+    expected_subset = expected[::2]
+    for kind, source in count_sources.items():
+        columns = ColumnSubsetSource(source, genes)
+        want = expected_subset if kind == "subset" else expected
+        assert columns.shape == (source.n_rows, 5) and not columns.counts and columns.on_disk == source.on_disk
+        np.testing.assert_allclose(columns.tensor(slice(None)).numpy(), want, rtol=1e-5, atol=1e-6, err_msg=kind)
+        np.testing.assert_allclose(_as_array(columns.matrix()), want, rtol=1e-5, atol=1e-6, err_msg=kind)
+        stored = raw_counts[0].toarray()[:, genes][:: 2 if kind == "subset" else 1]
+        np.testing.assert_array_equal(columns.raw().tensor(slice(None)).numpy(), stored, err_msg=kind)
+    sparse_reads = ColumnSubsetSource(count_sources["h5"], genes).read(np.arange(10))
+    assert sp.issparse(sparse_reads)  # a sparse file stays sparse
+
+
+def test_column_subset_composes_with_row_subsets_pickles_and_loads_batches(counts_h5ad, raw_counts):
+    import pickle
+
+    from scae.sources import ColumnSubsetSource, stored_source
+
+    source = H5CSRSource(counts_h5ad, counts=True)
+    genes = np.array([0, 2, 3, 30])
+    columns = ColumnSubsetSource(source, genes)
+    rows, inner = np.arange(5, 200, 3), np.array([0, 1, 7, 30])
+    np.testing.assert_array_equal(
+        columns.subset(rows).tensor(inner).numpy(), columns.tensor(rows[inner]).numpy()
+    )
+    np.testing.assert_array_equal(columns.subset(rows).raw().tensor(inner).numpy(), columns.raw().subset(rows).tensor(inner).numpy())
+    np.testing.assert_array_equal(columns.raw().tensor(rows).numpy(), raw_counts[0].toarray()[rows][:, genes])
+    copy = pickle.loads(pickle.dumps(columns))
+    np.testing.assert_array_equal(copy.tensor(rows).numpy(), columns.tensor(rows).numpy())
+    order = np.random.default_rng(0).permutation(CELLS)
+    loaded = torch.cat([x for x, _ in BatchLoader(columns, order, batch_size=50)]).numpy()
+    np.testing.assert_array_equal(loaded, columns.tensor(slice(None)).numpy()[order])  # no second normalisation
+    assert stored_source(columns.subset(rows)) is source and stored_source(columns.raw()).path == source.path
+    plain = ColumnSubsetSource(source.raw(), genes)
+    assert plain.raw() is plain  # no normalisation to turn off
+
+
+@pytest.mark.parametrize("columns, message", [
+    (np.array([], dtype=np.int64), "non-empty"), (np.array([0, 40]), "0…39"), (np.array([1.0, 2.0]), "column indices"),
+])
+def test_column_subset_refuses_bad_columns(columns, message):
+    from scae.sources import ColumnSubsetSource
+
+    with pytest.raises(ValueError, match=message):
+        ColumnSubsetSource(ArraySource(np.ones((3, 40))), columns)

@@ -23,13 +23,14 @@ def test_study_config_to_dict_is_json():
     d = cfg.to_dict()
     assert "progress" not in d
     assert d["epochs"] == 7 and d["hidden"] == [64, 32] and d["seed"] == 3
-    assert [r["name"] for r in d["runs"]] == ["ae10", "ae50", "ae2", "ae10_nonzero"]
+    assert [r["name"] for r in d["runs"]] == ["ae10", "ae50", "ae2", "ae10_nonzero", "recommended"]
+    assert [r["preset"] for r in d["runs"]] == [None, None, None, None, "recommended"]
     json.dumps(d, allow_nan=False)
 
 
 def test_run_study_without_output_dir(small_dataset):
     result = scae.run_study(small_dataset, None, fast_config())
-    assert set(result.runs) == {"ae10", "ae50", "ae2", "ae10_nonzero"}
+    assert set(result.runs) == {"ae10", "ae50", "ae2", "ae10_nonzero", "recommended"}  # the data has counts
     n = small_dataset.n_cells
     assert result.train_idx.size + result.test_idx.size == n
     for run in result.runs.values():

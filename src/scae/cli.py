@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_arguments(fit)
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    simulate = sub.add_parser("simulate", help="write the built-in dataset as counts.npy + labels.txt")
+    simulate = sub.add_parser("simulate", help="write the built-in dataset as counts.npy (log-normalized) + "
+                              "raw_counts.npy + labels.txt")
     simulate.add_argument("--out", type=Path, required=True, help="output directory")
     simulate.add_argument("--cells", type=_option(SIMULATE_CELLS), default=5000)
     simulate.add_argument("--genes", type=_option(SIMULATE_GENES), default=1000)
@@ -111,6 +112,16 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--h5ad", type=Path, help="AnnData file")
     source.add_argument("--label-key", help="obs column with the cell labels (with --h5ad)")
     source.add_argument("--layer", help="use this layer instead of X (with --h5ad)")
+    source.add_argument("--counts-layer", metavar="NAME",
+                        help="raw counts of the cells from this layer (with --h5ad), for count models; "
+                             "X (or --layer) stays the input of the MSE runs")
+    source.add_argument("--counts-raw", action="store_true",
+                        help="raw counts from adata.raw.X, its genes matched to X's by name (with --h5ad)")
+    source.add_argument("--raw-counts", type=Path, metavar="PATH",
+                        help="raw counts .npy of the same cells and genes (with --counts and --labels)")
+    source.add_argument("--top-genes", type=_option(rules.AT_LEAST_ONE), metavar="N",
+                        help="keep the N most highly variable genes, measured on the training cells "
+                             "(seurat_v3 on raw counts, else seurat); N at most the number of genes")
     source.add_argument("--normalize", choices=["auto", "log1p", "none"], default="auto",
                         help="raw counts: auto (default) treats a matrix of non-negative integers as raw counts, "
                              "which the models see as log1p(counts / library size × 1e4), computed per batch; "
@@ -160,31 +171,62 @@ def _option(rule):
 
 
 def load_input(args: argparse.Namespace):
-    """The dataset the study arguments name (the built-in one when none is given)."""
+    """The dataset the study arguments name (the built-in one when none is given), with its raw
+    counts when they are given (``--counts-layer``, ``--counts-raw``, ``--raw-counts``);
+    ``--top-genes`` is checked against its number of genes (the selection itself is made on the
+    training cells, by :func:`scae.genes.highly_variable_genes`)."""
+    dataset = _read_input(args)
+    check_top_genes(getattr(args, "top_genes", None), dataset.n_genes)
+    return dataset
+
+
+def _read_input(args: argparse.Namespace):
     from scae.data import read_counts_labels, read_h5ad
     from scae.simulate import simulate_dataset
 
+    counts_layer, counts_raw = getattr(args, "counts_layer", None), getattr(args, "counts_raw", False)
+    raw_counts = getattr(args, "raw_counts", None)
     if args.h5ad is not None and (args.counts is not None or args.labels is not None):
         raise ScaeInputError("give either --h5ad or --counts with --labels, not both")
+    if counts_layer is not None and counts_raw:
+        raise ScaeInputError("give either --counts-layer or --counts-raw (where the raw counts are), not both")
     if args.h5ad is not None:
         if not args.label_key:
             raise ScaeInputError(f"{args.h5ad}: --label-key is required with --h5ad (the obs column of cell labels)")
-        return read_h5ad(args.h5ad, args.label_key, args.layer, normalize=args.normalize, stream=args.stream)
+        if raw_counts is not None:
+            raise ScaeInputError("--raw-counts goes with --counts and --labels; with --h5ad, name the raw counts with "
+                                 "--counts-layer or --counts-raw")
+        return read_h5ad(args.h5ad, args.label_key, args.layer, normalize=args.normalize, stream=args.stream,
+                         counts_layer=counts_layer, counts_raw=counts_raw)
     if args.label_key or args.layer:
         raise ScaeInputError("--label-key and --layer go with --h5ad")
+    if counts_layer is not None or counts_raw:
+        raise ScaeInputError("--counts-layer and --counts-raw go with --h5ad; with --counts and --labels, "
+                             "give the raw counts as --raw-counts raw.npy")
     if (args.counts is None) != (args.labels is None):
         raise ScaeInputError("--counts and --labels go together: the matrix and its one-label-per-line file")
     if args.counts is not None:
-        return read_counts_labels(args.counts, args.labels, normalize=args.normalize, stream=args.stream)
+        return read_counts_labels(args.counts, args.labels, normalize=args.normalize, stream=args.stream,
+                                  raw_counts_path=raw_counts)
+    if raw_counts is not None:
+        raise ScaeInputError("--raw-counts goes with --counts and --labels; the built-in dataset has its simulated counts")
     if args.stream:
         raise ScaeInputError("--stream reads a file from disk (--h5ad, or --counts with --labels); the built-in dataset is made in memory")
     return simulate_dataset()
 
 
+def check_top_genes(top_genes: int | None, n_genes: int) -> None:
+    """Refuse ``--top-genes N`` above the number of genes of the input (known once it is read)."""
+    if top_genes is not None and top_genes > n_genes:
+        raise ScaeInputError(
+            f"--top-genes {top_genes}: the input has {n_genes} genes; expected at most {n_genes}"
+        )
+
+
 def run_study_command(args: argparse.Namespace) -> int:
     from scae.files import check_output_dir, refuse_inputs_inside
 
-    refuse_inputs_inside(args.out, [args.h5ad, args.counts, args.labels])  # before anything is removed
+    refuse_inputs_inside(args.out, [args.h5ad, args.counts, args.labels, args.raw_counts])  # before anything is removed
     check_output_dir(args.out)  # fail fast (every process), before loading or training
     distributed = None
     if _in_process_group():  # join the group first, so that no process is left waiting for one that stopped
@@ -255,7 +297,7 @@ def run_fit_command(args: argparse.Namespace) -> int:
             raise ScaeInputError(f"{out.parent}: cannot write the model file there ({err.strerror or err})") from None
         if out.is_dir():
             raise ScaeInputError(f"{out}: is a directory; expected the path of the model file to write")
-        for given in (args.h5ad, args.counts, args.labels):
+        for given in (args.h5ad, args.counts, args.labels, args.raw_counts):
             if given is not None and given.resolve() == out.resolve():
                 raise ScaeInputError(f"{given}: is the input, and fit would overwrite it with the model; choose another --out")
         dataset = load_input(args)
@@ -285,15 +327,18 @@ def run_simulate_command(args: argparse.Namespace) -> int:
     dataset = simulate_dataset(args.cells, args.genes, args.populations, args.seed)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        X = dataset.X.toarray() if hasattr(dataset.X, "toarray") else dataset.X
-        with atomic_path(args.out / "counts.npy") as tmp:
-            buffer = io.BytesIO()
-            np.save(buffer, X.astype(np.float32), allow_pickle=False)
-            tmp.write_bytes(buffer.getvalue())
+        for name, matrix in (("counts.npy", dataset.X), ("raw_counts.npy", dataset.raw)):
+            dense = matrix.toarray() if hasattr(matrix, "toarray") else matrix
+            with atomic_path(args.out / name) as tmp:
+                buffer = io.BytesIO()
+                np.save(buffer, dense.astype(np.float32), allow_pickle=False)
+                tmp.write_bytes(buffer.getvalue())
+            del dense, buffer
         write_text(args.out / "labels.txt", "\n".join(dataset.labels) + "\n")
     except OSError as err:
         raise ScaeInputError(f"{args.out}: cannot write the output directory ({err.strerror or err})") from None
-    print(f"scae: wrote {args.out / 'counts.npy'} ({dataset.n_cells} × {dataset.n_genes}) and {args.out / 'labels.txt'}")
+    print(f"scae: wrote {args.out / 'counts.npy'} (log-normalized, {dataset.n_cells} × {dataset.n_genes}), "
+          f"{args.out / 'raw_counts.npy'} (its raw counts) and {args.out / 'labels.txt'}")
     return 0
 
 

@@ -8,9 +8,11 @@ that names the file and the problem. Readers never modify their input files.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import unicodedata
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +44,7 @@ CONTINUOUS_ALWAYS_DISTINCT = 1000
 
 @dataclass(frozen=True)
 class Dataset:
-    """A labelled expression matrix.
+    """A labelled expression matrix, with the raw counts of the same cells and genes when known.
 
     Attributes
     ----------
@@ -60,6 +62,17 @@ class Dataset:
         computed per batch (:func:`scae.sources.normalize_counts`).
     stats
         Zero fraction and value range, when they were measured while reading (inputs on disk).
+    raw
+        Raw counts of the same cells and genes when ``X`` itself is *not* raw counts: float32
+        CSR or dense in memory, or a :class:`~scae.sources.RowSource` (``counts=False``) on
+        disk; ``None`` otherwise.
+    raw_origin
+        Where the raw counts come from, for the report (``"X"``, ``"layer 'counts'"``,
+        ``"adata.raw"``, a ``.npy`` path, ``"simulated counts"``); ``None`` without counts.
+    gene_selection
+        Set by :meth:`select_genes`: the number of genes before the selection, whether the
+        model input was normalised with each cell's library over all of them, a hash of the
+        selected indices and the fingerprint of the dataset they were selected from.
     """
 
     X: object
@@ -69,12 +82,22 @@ class Dataset:
     var_names: np.ndarray = field(default=None)  # type: ignore[assignment]
     counts: bool = False
     stats: dict | None = None
+    raw: object = None
+    raw_origin: str | None = None
+    gene_selection: dict | None = None
 
     def __post_init__(self) -> None:
         if self.obs_names is None:
             object.__setattr__(self, "obs_names", np.array([f"cell{i}" for i in range(self.n_cells)]))
         if self.var_names is None:
             object.__setattr__(self, "var_names", np.array([f"gene{j}" for j in range(self.n_genes)]))
+        if self.raw is not None:
+            if self.counts:
+                raise ValueError("raw is for the counts of a dataset whose X is not raw counts; X holds counts here")
+            if tuple(self.raw.shape) != (self.n_cells, self.n_genes):
+                raise ValueError(f"raw has shape {tuple(self.raw.shape)}; expected X's {(self.n_cells, self.n_genes)}")
+            if getattr(self.raw, "counts", False):
+                raise ValueError("raw must be a source whose reads are not normalised (counts=False)")
 
     @property
     def n_cells(self) -> int:
@@ -92,48 +115,105 @@ class Dataset:
     @property
     def on_disk(self) -> bool:
         """Whether ``X`` streams from a file instead of being held in memory."""
-        return not (isinstance(self.X, np.ndarray) or sp.issparse(self.X))
+        return not _in_memory(self.X)
+
+    @property
+    def has_counts(self) -> bool:
+        """Whether raw counts of these cells and genes are known (``X`` itself, or :attr:`raw`)."""
+        return self.counts or self.raw is not None
 
     def source(self):
-        """``X`` as a :class:`~scae.sources.RowSource` (raw counts normalised per batch)."""
+        """``X`` as a :class:`~scae.sources.RowSource`: the model input of the MSE runs (raw counts
+        come out as ``log1p(counts / library size × 10⁴)``, normalised per batch)."""
         from scae.sources import ArraySource
 
         return self.X if self.on_disk else ArraySource(dense_if_small(self.X), counts=self.counts)
 
+    def count_source(self):
+        """The raw counts as a :class:`~scae.sources.RowSource` whose reads are *not* normalised
+        (for count models), or ``None`` when the dataset has no counts."""
+        from scae.sources import ArraySource
+
+        if self.counts:
+            return self.source().raw()
+        if self.raw is None:
+            return None
+        return ArraySource(dense_if_small(self.raw)) if _in_memory(self.raw) else self.raw
+
+    def select_genes(self, genes: np.ndarray) -> Dataset:
+        """The dataset restricted to some genes (e.g. the highly variable ones), ``X`` and
+        :attr:`raw` alike.
+
+        When ``X`` holds raw counts, the model input of the selection is still
+        ``log1p(counts / library × 10⁴)`` with each cell's library over *all* genes (scanpy's
+        order: ``normalize_total``, ``log1p``, then the gene subset): in memory it is computed
+        once here; on disk a :class:`~scae.sources.ColumnSubsetSource` computes it per batch
+        from whole rows. The selection's ``X`` is then that normalised matrix (``counts=False``)
+        and its :attr:`raw` the selected genes' raw counts.
+
+        Parameters
+        ----------
+        genes
+            Sorted, distinct gene (column) indices.
+        """
+        from scae.sources import ColumnSubsetSource, library_sizes, normalize_counts
+
+        genes = _gene_indices(genes, self.n_genes)
+        if self.on_disk:
+            X = ColumnSubsetSource(self.X, genes)  # normalises with the whole rows' library when X holds counts
+            raw = ColumnSubsetSource(self.X.raw(), genes) if self.counts else None
+        elif self.counts:
+            raw = self.X[:, genes]
+            X = normalize_counts(raw, library_sizes(self.X))
+        else:
+            X, raw = self.X[:, genes], None
+        if not self.counts and self.raw is not None:
+            raw = self.raw[:, genes] if _in_memory(self.raw) else ColumnSubsetSource(self.raw, genes)
+        selection = {
+            "n_genes_before": self.n_genes,
+            "library_over_all_genes": self.counts,
+            "genes_sha256": _sha256(genes.astype(np.int64)),
+            "from": self.fingerprint(),
+        }
+        return Dataset(
+            X=X, labels=self.labels, name=self.name, obs_names=self.obs_names, var_names=self.var_names[genes],
+            counts=False, stats=None, raw=raw, raw_origin=self.raw_origin, gene_selection=selection,
+        )
+
     def fingerprint(self) -> dict:
         """What identifies this input: shape, labels and names, and a hash of the matrix (in
         memory) or, on disk, the file's path, size and modification time, the matrix's row
-        pointers and the value statistics of the validation pass (computed once)."""
+        pointers and the value statistics of the validation pass (computed once); the same for
+        the raw counts, and the gene selection."""
         return self._fingerprint
 
     @functools.cached_property
     def _fingerprint(self) -> dict:
-        import hashlib
-
-        digest = hashlib.sha256()
+        names = hashlib.sha256()
         for part in (self.labels, self.obs_names, self.var_names):
-            digest.update("\n".join(map(str, part)).encode())
-        if self.on_disk:
-            stat = Path(self.X.path).stat()
-            matrix = {"file": str(Path(self.X.path).resolve()), "bytes": stat.st_size,
-                      "mtime_ns": stat.st_mtime_ns, "key": getattr(self.X, "key", None),
-                      "stats": self.stats}
-            indptr = getattr(self.X, "indptr", None)
-            if indptr is not None:
-                matrix["indptr_sha256"] = hashlib.sha256(np.ascontiguousarray(indptr).tobytes()).hexdigest()
-        else:
-            parts = (self.X.data, self.X.indices, self.X.indptr) if sp.issparse(self.X) else (self.X,)
-            matrix_digest = hashlib.sha256()
-            for array in parts:
-                matrix_digest.update(np.ascontiguousarray(array).tobytes())
-            matrix = {"sha256": matrix_digest.hexdigest()}
-        return {"shape": [self.n_cells, self.n_genes], "counts": self.counts,
-                "labels_names_sha256": digest.hexdigest(), "matrix": matrix}
+            names.update("\n".join(map(str, part)).encode())
+        shape = [self.n_cells, self.n_genes]
+        if self.gene_selection is not None:  # the dataset it came from, and which genes
+            selection = {key: value for key, value in self.gene_selection.items() if key != "from"}
+            return {"shape": shape, "counts": self.counts, "labels_names_sha256": names.hexdigest(),
+                    "selected_from": self.gene_selection["from"], "genes": selection}
+        fingerprint = {"shape": shape, "counts": self.counts, "labels_names_sha256": names.hexdigest(),
+                       "matrix": _matrix_fingerprint(self.X, self.stats)}
+        if self.raw is not None:
+            fingerprint["raw"] = {"origin": self.raw_origin, "matrix": _matrix_fingerprint(self.raw, None)}
+        return fingerprint
+
+    @functools.cached_property
+    def _measured(self) -> dict | None:
+        """:attr:`stats`, or for a gene selection on disk, the same measured in one streamed pass."""
+        if self.stats is not None or not self.on_disk:
+            return self.stats
+        return _stream_stats(self.X)
 
     def zero_fraction(self) -> float:
         """Fraction of entries that are exactly zero."""
-        if self.stats is not None:
-            return self.stats["zero_fraction"]
+        if self._measured is not None:
+            return self._measured["zero_fraction"]
         nonzero = self.X.count_nonzero() if sp.issparse(self.X) else np.count_nonzero(self.X)
         return 1.0 - nonzero / (self.n_cells * self.n_genes)
 
@@ -141,19 +221,27 @@ class Dataset:
         """Plain-number description for the report and ``metrics.json``."""
         classes, counts = np.unique(self.labels, return_counts=True)
         if self.on_disk:
-            kind = "sparse CSR" if hasattr(self.X, "indptr") else "dense, memory-mapped"
-            storage = f"{kind}, streamed from {getattr(self.X, 'path', 'disk')}"
-            low, high = self.stats["value_min"], self.stats["value_max"]
+            from scae.sources import stored_source
+
+            stored = stored_source(self.X)
+            kind = "sparse CSR" if hasattr(stored, "indptr") else "dense, memory-mapped"
+            storage = f"{kind}, streamed from {getattr(stored, 'path', 'disk')}"
+            low, high = self._measured["value_min"], self._measured["value_max"]
         else:
             storage = "sparse CSR" if sp.issparse(self.X) else "dense"
             low, high = float(self.X.min()), float(self.X.max())
+        selection = self.gene_selection
         return {
             "name": self.name,
             "n_cells": self.n_cells,
             "n_genes": self.n_genes,
             "storage": storage,
             "raw_counts": self.counts,
-            "model_input": "log1p(counts / library size × 1e4), computed per batch" if self.counts else "as given",
+            "count_data": self.raw_origin if self.has_counts else None,
+            "model_input": self._model_input(),
+            "gene_selection": None if selection is None else {
+                "n_genes": self.n_genes, "n_genes_before": selection["n_genes_before"],
+            },
             "zero_fraction": round(self.zero_fraction(), 6),
             "value_min": float(low),
             "value_max": float(high),
@@ -161,10 +249,22 @@ class Dataset:
             "label_counts": {str(c): int(n) for c, n in zip(classes, counts)},
         }
 
+    def _model_input(self) -> str:
+        """What the MSE runs see, in words."""
+        if self.counts:
+            return "log1p(counts / library size × 1e4), computed per batch"
+        selection = self.gene_selection
+        if selection is None:
+            return "as given"
+        kept = f"{self.n_genes} of {selection['n_genes_before']} genes selected"
+        if selection["library_over_all_genes"]:
+            return f"log1p(counts / library size × 1e4), each cell's library over all {selection['n_genes_before']} genes; {kept}"
+        return f"as given; {kept}"
+
     def constant_genes(self) -> int:
         """Number of genes with the same value in every cell (they carry no information)."""
-        if self.stats is not None and "constant_genes" in self.stats:
-            return int(self.stats["constant_genes"])
+        if self._measured is not None and "constant_genes" in self._measured:
+            return int(self._measured["constant_genes"])
         if self.on_disk:
             return 0  # not measured
         low, high = column_range(self.X)
@@ -182,6 +282,78 @@ class Dataset:
         )
         var = pd.DataFrame(index=pd.Index(self.var_names.astype(str)))
         return ad.AnnData(X=None if self.on_disk else self.X, obs=obs, var=var)
+
+
+def _in_memory(X) -> bool:
+    return isinstance(X, np.ndarray) or sp.issparse(X)
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _matrix_fingerprint(X, stats: dict | None) -> dict:
+    """A hash of a matrix in memory; for one on disk its file's identity (path, size,
+    modification time, key), its row pointers, the validation pass's statistics and any
+    column selection."""
+    if _in_memory(X):
+        parts = (X.data, X.indices, X.indptr) if sp.issparse(X) else (X,)
+        digest = hashlib.sha256()
+        for array in parts:
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return {"sha256": digest.hexdigest()}
+    columns = getattr(X, "columns", None)
+    stored = X.parent if columns is not None else X
+    stat = Path(stored.path).stat()
+    matrix = {"file": str(Path(stored.path).resolve()), "bytes": stat.st_size,
+              "mtime_ns": stat.st_mtime_ns, "key": getattr(stored, "key", None), "stats": stats}
+    indptr = getattr(stored, "indptr", None)
+    if indptr is not None:
+        matrix["indptr_sha256"] = _sha256(indptr)
+    if columns is not None:
+        matrix["columns_sha256"] = _sha256(columns)
+    return matrix
+
+
+def _gene_indices(genes, n_genes: int) -> np.ndarray:
+    """``genes`` checked as sorted, distinct gene indices in ``0 … n_genes - 1``."""
+    genes = np.asarray(genes)
+    if genes.ndim != 1 or genes.size == 0 or genes.dtype.kind not in "iu":
+        raise ValueError(f"genes must be a non-empty 1-D array of gene indices; got shape {genes.shape}, dtype {genes.dtype}")
+    genes = genes.astype(np.int64)
+    if np.any(np.diff(genes) <= 0):
+        raise ValueError("genes must be sorted and distinct")
+    if genes[0] < 0 or genes[-1] >= n_genes:
+        raise ValueError(f"genes must lie in 0…{n_genes - 1}")
+    return genes
+
+
+STATS_BLOCK_ROWS = 4096
+"""Rows read at a time when a gene selection on disk is measured for the summary."""
+
+
+def _stream_stats(source) -> dict:
+    """Zero fraction, value range and constant genes of a source's reads (the model input), in
+    one streamed pass."""
+    n_rows, n_cols = source.shape
+    nonzero = 0
+    col_low, col_high = np.full(n_cols, np.inf), np.full(n_cols, -np.inf)
+    for start in range(0, n_rows, STATS_BLOCK_ROWS):
+        block = source.matrix(slice(start, min(start + STATS_BLOCK_ROWS, n_rows)))
+        if sp.issparse(block):
+            block = sp.csr_matrix(block)
+            block.eliminate_zeros()
+            nonzero += block.nnz
+            block_low, block_high = column_range(block)
+        else:
+            block = np.asarray(block)
+            nonzero += int(np.count_nonzero(block))
+            block_low, block_high = block.min(axis=0), block.max(axis=0)
+        np.minimum(col_low, block_low, out=col_low)
+        np.maximum(col_high, block_high, out=col_high)
+    return {"zero_fraction": 1.0 - nonzero / (n_rows * n_cols),
+            "value_min": float(col_low.min()), "value_max": float(col_high.max()),
+            "constant_genes": int(np.count_nonzero(col_low == col_high))}
 
 
 DENSE_BYTES_LIMIT = 1024**3
@@ -207,6 +379,8 @@ def make_dataset(
     var_names=None,
     source: str = "matrix",
     normalize: str = "auto",
+    raw=None,
+    raw_origin: str | None = None,
 ) -> Dataset:
     """Validate a matrix and labels and wrap them in a :class:`Dataset`.
 
@@ -228,9 +402,91 @@ def make_dataset(
     normalize
         ``"auto"``: a matrix of non-negative integers is taken as raw counts, which models see
         as ``log1p(counts / library size × 10⁴)``; ``"log1p"``: always so; ``"none"``: never.
+    raw
+        Raw counts of the same cells and genes (array-like or SciPy sparse; non-negative whole
+        numbers), kept as :attr:`Dataset.raw` when ``X`` itself is not taken as raw counts
+        (then ``X`` is the model input of the MSE runs and ``raw`` feeds count models).
+        Ignored when ``X`` holds the counts itself.
+    raw_origin
+        Where the raw counts come from, for the report (default ``"raw counts"``; ``"X"``
+        when ``X`` holds them).
     """
     X = as_matrix(X, source)
-    return _validated(X, labels, name, obs_names, var_names, source, normalize, _LabelOrigin.given())
+    given = None
+    if raw is not None:
+        origin = raw_origin or "raw counts"
+        shape = X.shape
+        given = _GivenCounts(origin, lambda: _as_counts(raw, origin, shape))
+    return _validated(X, labels, name, obs_names, var_names, source, normalize, _LabelOrigin.given(), "X", given)
+
+
+@dataclass(frozen=True)
+class _GivenCounts:
+    """Raw counts given beside ``X``: where they come from (for the report) and how to read and
+    check them (done only when ``X`` itself is not taken as raw counts)."""
+
+    origin: str
+    read: Callable[[], object]
+
+
+def _count_data(counts: bool, x_origin: str, given: _GivenCounts | None) -> tuple[object, str | None]:
+    """``(raw, raw_origin)`` of a dataset: nothing beside ``X`` when ``X`` holds the counts
+    (given counts are then not read), the given counts read and checked otherwise."""
+    if counts:
+        return None, x_origin
+    if given is None:
+        return None, None
+    return given.read(), given.origin
+
+
+def _as_counts(raw, where: str, shape: tuple[int, int], against: str = "X", columns: np.ndarray | None = None):
+    """Raw counts in memory, checked like any matrix (:func:`as_matrix`), of the given shape, and
+    non-negative whole numbers; ``columns`` maps their columns to the stored ones (for messages).
+    A row source (on disk, validated by its reader) is only checked for its shape."""
+    on_disk = hasattr(raw, "read") and hasattr(raw, "n_rows")  # a row source (its values are not read here)
+    raw = raw.raw() if on_disk else as_matrix(raw, where)
+    if tuple(raw.shape) != tuple(shape):
+        raise ScaeInputError(
+            f"{where}: has shape {tuple(raw.shape)} but {against} has shape {tuple(shape)}; "
+            "expected raw counts of the same cells and genes"
+        )
+    if not on_disk:
+        _check_count_values(raw, where, columns=columns)
+    return raw
+
+
+def _not_counts(values: np.ndarray) -> np.ndarray | None:
+    """Mask of the values that are not counts (negative or not whole), or ``None`` when all are."""
+    if values.size == 0 or values.dtype.kind == "b":
+        return None
+    if values.dtype.kind in "iu":
+        bad = values < 0
+    else:
+        bad = (values < 0) | (values != np.floor(values))
+    return bad if bad.any() else None
+
+
+def _count_problem(where: str, row: int, col: int, value) -> ScaeInputError:
+    return ScaeInputError(
+        f"{where}: holds {float(value):g} at row {row}, column {col}, which is not a count; "
+        "expected raw counts (non-negative whole numbers)"
+    )
+
+
+def _check_count_values(X: Matrix, where: str, row_offset: int = 0, columns: np.ndarray | None = None) -> None:
+    """Refuse values that are not counts, naming the first one's row and column (``X`` is a whole
+    matrix or a block of rows starting at ``row_offset``)."""
+    values = X.data if sp.issparse(X) else X
+    bad = _not_counts(values)
+    if bad is None:
+        return
+    if sp.issparse(X):
+        pos = int(np.flatnonzero(bad)[0])
+        row, col, value = int(np.searchsorted(X.indptr, pos, side="right") - 1), int(X.indices[pos]), values[pos]
+    else:
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        value = values[row, col]
+    raise _count_problem(where, row_offset + row, col if columns is None else int(columns[col]), value)
 
 
 @dataclass(frozen=True)
@@ -253,16 +509,21 @@ class _LabelOrigin:
         return ScaeInputError(f"{self.where}: {self.subject} {problem}; {expected}{hints}")
 
 
-def _validated(X: Matrix, labels, name, obs_names, var_names, source: str, normalize: str, origin: _LabelOrigin) -> Dataset:
-    """A :class:`Dataset` of a matrix checked by :func:`as_matrix`: structure, raw counts, labels."""
+def _validated(
+    X: Matrix, labels, name, obs_names, var_names, source: str, normalize: str, origin: _LabelOrigin,
+    x_origin: str = "X", given: _GivenCounts | None = None,
+) -> Dataset:
+    """A :class:`Dataset` of a matrix checked by :func:`as_matrix`: structure, raw counts, labels;
+    ``x_origin`` names ``X`` as the source of counts, ``given`` the counts given beside it."""
     _check_varies(*column_range(X), X.shape[0], source)
     counts = decide_counts(normalize, value_profile(X.data if sp.issparse(X) else X), source)
-    return _labelled(X, labels, name, obs_names, var_names, source, counts, origin=origin)
+    raw, raw_origin = _count_data(counts, x_origin, given)
+    return _labelled(X, labels, name, obs_names, var_names, source, counts, origin=origin, raw=raw, raw_origin=raw_origin)
 
 
 def _labelled(
     X, labels, name, obs_names, var_names, source: str, counts: bool, stats: dict | None = None,
-    origin: _LabelOrigin | None = None,
+    origin: _LabelOrigin | None = None, raw=None, raw_origin: str | None = None,
 ) -> Dataset:
     origin = origin or _LabelOrigin.given()
     labels = _as_labels(labels, origin)
@@ -282,6 +543,8 @@ def _labelled(
         var_names=None if var_names is None else np.asarray(var_names).astype(str),
         counts=counts,
         stats=stats,
+        raw=raw,
+        raw_origin=raw_origin,
     )
 
 
@@ -478,7 +741,8 @@ def continuous_labels(labels) -> str | None:
 
 
 def read_counts_labels(
-    counts_path: str | Path, labels_path: str | Path, normalize: str = "auto", stream: bool | None = None
+    counts_path: str | Path, labels_path: str | Path, normalize: str = "auto", stream: bool | None = None,
+    *, raw_counts_path: str | Path | None = None,
 ) -> Dataset:
     """Read the classic pair ``counts.npy`` (cells × genes) and ``labels.txt`` (one per line).
 
@@ -486,6 +750,11 @@ def read_counts_labels(
     than :data:`STREAM_BYTES` as float32 (or any, with ``stream=True``) is memory-mapped and
     validated in one streamed pass instead of being loaded. ``normalize``: see
     :func:`make_dataset`.
+
+    ``raw_counts_path`` names a ``.npy`` of the raw counts of the same cells and genes (same
+    shape, non-negative whole numbers), kept as :attr:`Dataset.raw` for count models when the
+    counts matrix is not raw counts itself (then it is not read). It is loaded or
+    memory-mapped as the counts matrix is.
     """
     counts_path, labels_path = Path(counts_path), Path(labels_path)
     labels = read_labels_txt(labels_path)
@@ -500,22 +769,45 @@ def read_counts_labels(
         str(labels_path), "the labels file",
         numbers_hint="write labels that are numbers with a letter in front (e.g. c1.5) if they really are labels",
     )
-    if isinstance(X, np.ndarray):  # already checked by as_matrix
-        return _validated(X, labels, name, None, None, str(counts_path), normalize, origin)
+    in_memory = isinstance(X, np.ndarray)
+    given = None
+    if raw_counts_path is not None:
+        raw_path, shape = Path(raw_counts_path), tuple(X.shape)
+        given = _GivenCounts(str(raw_path), lambda: _read_npy_counts(raw_path, not in_memory, shape, str(counts_path)))
+    if in_memory:  # already checked by as_matrix
+        return _validated(X, labels, name, None, None, str(counts_path), normalize, origin, str(counts_path), given)
     stats, profile = _scan_dense(X, str(counts_path))
     X.counts = decide_counts(normalize, profile, str(counts_path))
-    return _labelled(X, labels, name, None, None, str(counts_path), X.counts, stats, origin)
+    raw, raw_origin = _count_data(X.counts, str(counts_path), given)
+    return _labelled(X, labels, name, None, None, str(counts_path), X.counts, stats, origin, raw, raw_origin)
 
 
-def _scan_dense(source, where: str) -> tuple[dict, tuple[bool, bool]]:
+def _read_npy_counts(path: Path, stream: bool, shape: tuple[int, int], against: str):
+    """Raw counts from a ``.npy`` beside the counts matrix: loaded and checked, or (``stream``)
+    memory-mapped and checked in one streamed pass."""
+    matrix = _load_npy(path, stream, what="raw counts file")
+    if isinstance(matrix, np.ndarray):
+        return _as_counts(matrix, str(path), shape, against)
+    if tuple(matrix.shape) != tuple(shape):
+        raise ScaeInputError(
+            f"{path}: has shape {tuple(matrix.shape)} but {against} has shape {tuple(shape)}; "
+            "expected raw counts of the same cells and genes"
+        )
+    _scan_dense(matrix, str(path), counts_only=True)
+    return matrix
+
+
+def _scan_dense(source, where: str, counts_only: bool = False) -> tuple[dict, tuple[bool, bool]]:
     """One streamed pass over a memory-mapped matrix: finite and bounded values, range, zeros,
-    constant genes, counts."""
+    constant genes, counts (with ``counts_only``, a value that is not a count is refused)."""
     step = max(1, VALIDATE_CHUNK // max(source.n_cols, 1))
     scan = _ValueScan(source.n_cols)
     stored = source.stored  # checked as stored: a float64 value beyond float32's range is not "infinite"
     for start in range(0, source.n_rows, step):
         block = np.asarray(stored[start : min(start + step, source.n_rows)])
         _check_values(block, where, row_offset=start)
+        if counts_only:
+            _check_count_values(block, where, row_offset=start)
         scan.add(block)
         as_trained = block.astype(np.float32, copy=False)  # the variation check sees what training sees:
         scan.add_columns(as_trained.min(axis=0), as_trained.max(axis=0))  # float64 denormals become 0
@@ -574,9 +866,9 @@ class _ValueScan:
 NPY_MAGIC = b"\x93NUMPY"
 
 
-def _load_npy(path: Path, stream: bool | None = None):
+def _load_npy(path: Path, stream: bool | None = None, what: str = "counts file"):
     """The matrix of a ``.npy`` file: loaded, or an :class:`~scae.sources.NpySource` when streamed."""
-    _check_readable(path, "counts file")
+    _check_readable(path, what)
     try:
         with path.open("rb") as handle:
             head = handle.read(len(NPY_MAGIC))
@@ -719,6 +1011,9 @@ def read_h5ad(
     layer: str | None = None,
     normalize: str = "auto",
     stream: bool | None = None,
+    *,
+    counts_layer: str | None = None,
+    counts_raw: bool = False,
 ) -> Dataset:
     """Read an AnnData ``.h5ad`` file; labels come from ``obs[label_key]``.
 
@@ -736,26 +1031,99 @@ def read_h5ad(
         Leave the matrix on disk and stream it (:class:`~scae.sources.H5CSRSource`); it must be
         stored as CSR. ``None``: stream a CSR matrix larger than :data:`STREAM_BYTES` as dense
         float32, load anything else.
+    counts_layer
+        Take the raw counts of the cells from ``layers[counts_layer]`` (kept as
+        :attr:`Dataset.raw` for count models; ``X`` stays the model input of the MSE runs).
+    counts_raw
+        Take them from ``adata.raw.X`` instead, its genes matched to ``X``'s by name (``raw``
+        may hold more genes; every gene of ``X`` must be there).
+
+    Given counts must be non-negative whole numbers; they are read, streamed or refused as
+    ``X`` is. When ``X`` itself holds raw counts, it is their source and the given ones are not
+    read.
     """
     path = Path(path)
     _check_readable(path, "AnnData file")
+    if counts_layer is not None and counts_raw:
+        raise ScaeInputError(f"{path}: raw counts from a layer ('{counts_layer}') and from adata.raw both asked for; expected one of them")
     _probe_h5ad(path)
     key = "X" if layer is None else f"layers/{layer}"
     where = f"{path} X" if layer is None else f"{path} layer '{layer}'"
     encoding, shape = _h5ad_matrix_kind(path, key)
     if encoding == "missing" and layer is not None:
         raise ScaeInputError(f"{path}: no layer '{layer}'; available layers: {_h5ad_layers(path) or 'none'}")
+    counts = _h5ad_counts_place(path, counts_layer, counts_raw)
     if stream is None:
         stream = encoding == "csr_matrix" and len(shape) == 2 and shape[0] * shape[1] * 4 > STREAM_BYTES
     if stream and encoding != "missing":
-        if encoding != "csr_matrix":
-            stored = {"csc_matrix": "as CSC (column-compressed)", "array": "dense"}.get(encoding, f"as '{encoding}'")
+        _check_streamable(encoding, where)
+        return _read_h5ad_streamed(path, key, label_key, layer, normalize, where, counts)
+    return _read_h5ad_in_memory(path, label_key, layer, normalize, where, counts)
+
+
+@dataclass(frozen=True)
+class _H5Counts:
+    """Where in an ``.h5ad`` the raw counts are: the HDF5 key of the matrix, its name in error
+    messages and in the report, its encoding, and the key of its gene table (``adata.raw``)."""
+
+    key: str
+    where: str
+    origin: str
+    encoding: str
+    var_key: str | None = None
+
+
+def _h5ad_counts_place(path: Path, counts_layer: str | None, counts_raw: bool) -> _H5Counts | None:
+    """The place of the raw counts asked for, refusing a layer or ``adata.raw`` the file lacks."""
+    if counts_layer is not None:
+        key = f"layers/{counts_layer}"
+        encoding, _ = _h5ad_matrix_kind(path, key)
+        if encoding == "missing":
             raise ScaeInputError(
-                f"{where}: is stored {stored}; streaming from disk needs a CSR (row-compressed) sparse "
-                "matrix (write it with adata.X = scipy.sparse.csr_matrix(adata.X)), or load it without streaming"
+                f"{path}: no layer '{counts_layer}' for the raw counts; available layers: {_h5ad_layers(path) or 'none'}"
             )
-        return _read_h5ad_streamed(path, key, label_key, layer, normalize, where)
-    return _read_h5ad_in_memory(path, label_key, layer, normalize, where)
+        return _H5Counts(key, f"{path} layer '{counts_layer}'", f"layer '{counts_layer}'", encoding)
+    if counts_raw:
+        encoding, _ = _h5ad_matrix_kind(path, "raw/X")
+        if encoding == "missing":
+            raise ScaeInputError(
+                f"{path}: has no adata.raw for the raw counts; expected a file whose adata.raw.X holds "
+                "raw counts, or a layer of counts (--counts-layer)"
+            )
+        return _H5Counts("raw/X", f"{path} raw.X", "adata.raw", encoding, var_key="raw/var")
+    return None
+
+
+def _check_streamable(encoding: str, where: str) -> None:
+    """Refuse to stream a matrix that is not stored as CSR, with the remedy."""
+    if encoding != "csr_matrix":
+        stored = {"csc_matrix": "as CSC (column-compressed)", "array": "dense"}.get(encoding, f"as '{encoding}'")
+        raise ScaeInputError(
+            f"{where}: is stored {stored}; streaming from disk needs a CSR (row-compressed) sparse "
+            "matrix (write it with adata.X = scipy.sparse.csr_matrix(adata.X)), or load it without streaming"
+        )
+
+
+def _raw_columns(raw_names, x_names, where: str) -> np.ndarray | None:
+    """Column of ``adata.raw`` for each gene of ``X``, matched by name (``None``: the same genes
+    in the same order); refuses when some of ``X``'s genes are missing from ``raw``."""
+    raw_index = pd.Index(np.asarray(raw_names).astype(str))
+    x_index = pd.Index(np.asarray(x_names).astype(str))
+    if raw_index.equals(x_index):
+        return None
+    if not raw_index.is_unique:
+        raise ScaeInputError(
+            f"{where}: its gene names (raw.var_names) repeat, so X's genes cannot be matched to them; "
+            "expected unique gene names"
+        )
+    columns = raw_index.get_indexer(x_index)
+    missing = np.flatnonzero(columns < 0)
+    if missing.size:
+        raise ScaeInputError(
+            f"{where}: lacks {missing.size} of X's {x_index.size} genes (first: '{x_index[missing[0]]}'); "
+            "expected raw counts for every gene of X"
+        )
+    return columns.astype(np.int64)
 
 
 H5AD_PROBE_SECONDS = 60.0
@@ -850,7 +1218,9 @@ def _obs_label_origin(path: Path, label_key: str, obs: pd.DataFrame) -> _LabelOr
     return _LabelOrigin(str(path), f"obs column '{label_key}'", hint=hint)
 
 
-def _read_h5ad_in_memory(path: Path, label_key: str, layer: str | None, normalize: str, where: str) -> Dataset:
+def _read_h5ad_in_memory(
+    path: Path, label_key: str, layer: str | None, normalize: str, where: str, counts: _H5Counts | None = None,
+) -> Dataset:
     import anndata as ad
 
     try:
@@ -873,21 +1243,46 @@ def _read_h5ad_in_memory(path: Path, label_key: str, layer: str | None, normaliz
         X = adata.X
     if X is None:
         raise ScaeInputError(f"{path}: X is empty; expected an expression matrix (or pass --layer)")
-    if not (sp.issparse(X) or isinstance(X, np.ndarray)):
-        raise ScaeInputError(f"{where}: holds a {type(X).__name__}; expected a dense or sparse matrix")
+    _check_matrix_type(X, where)
+    given = None
+    if counts is not None:
+        given = _GivenCounts(counts.origin, lambda: _h5ad_counts_in_memory(adata, counts, tuple(adata.shape)))
     return _validated(
         as_matrix(X, where), adata.obs[label_key], _h5ad_name(path, label_key, layer),
         adata.obs_names.to_numpy(), adata.var_names.to_numpy(), where, normalize,
-        _obs_label_origin(path, label_key, adata.obs),
+        _obs_label_origin(path, label_key, adata.obs), "X" if layer is None else f"layer '{layer}'", given,
     )
+
+
+def _check_matrix_type(X, where: str) -> None:
+    if not (sp.issparse(X) or isinstance(X, np.ndarray)):
+        raise ScaeInputError(f"{where}: holds a {type(X).__name__}; expected a dense or sparse matrix")
+
+
+def _h5ad_counts_in_memory(adata, counts: _H5Counts, shape: tuple[int, int]) -> Matrix:
+    """The raw counts of a loaded AnnData, checked (``adata.raw``'s genes matched to ``X``'s)."""
+    if counts.var_key is None:
+        matrix = adata.layers[counts.key.removeprefix("layers/")]
+        _check_matrix_type(matrix, counts.where)
+        return _as_counts(matrix, counts.where, shape)
+    matrix = adata.raw.X
+    _check_matrix_type(matrix, counts.where)
+    columns = _raw_columns(adata.raw.var_names, adata.var_names, counts.where)
+    if columns is not None:
+        matrix = (sp.csr_matrix(matrix) if sp.issparse(matrix) else matrix)[:, columns]
+    return _as_counts(matrix, counts.where, shape, columns=columns)
 
 
 def _h5ad_name(path: Path, label_key: str, layer: str | None) -> str:
     return f"{path.name} (labels: obs['{label_key}']" + (f", layer '{layer}')" if layer else ")")
 
 
-def _read_h5ad_streamed(path: Path, key: str, label_key: str, layer: str | None, normalize: str, where: str) -> Dataset:
-    """obs and var are read; the CSR matrix stays on disk and is validated in one streamed pass."""
+def _read_h5ad_streamed(
+    path: Path, key: str, label_key: str, layer: str | None, normalize: str, where: str,
+    counts: _H5Counts | None = None,
+) -> Dataset:
+    """obs and var are read; the CSR matrix stays on disk and is validated in one streamed pass
+    (the raw counts, when given and needed, likewise)."""
     import h5py
 
     try:
@@ -918,14 +1313,64 @@ def _read_h5ad_streamed(path: Path, key: str, label_key: str, layer: str | None,
         raise ScaeInputError(f"{path}: obs has {obs.shape[0]} cells but {key} has {source.n_rows} rows")
     if var_names is not None and var_names.size != source.n_cols:
         raise ScaeInputError(f"{path}: var has {var_names.size} genes but {key} has {source.n_cols} columns")
+    given = None
+    if counts is not None:
+        names = var_names if var_names is not None else np.array([f"gene{j}" for j in range(source.n_cols)])
+        given = _GivenCounts(counts.origin, lambda: _h5ad_counts_streamed(path, counts, source.shape, names))
+    raw, raw_origin = _count_data(source.counts, "X" if layer is None else f"layer '{layer}'", given)
     return _labelled(
         source, obs[label_key], _h5ad_name(path, label_key, layer), obs.index.to_numpy(), var_names,
-        where, source.counts, stats, _obs_label_origin(path, label_key, obs),
+        where, source.counts, stats, _obs_label_origin(path, label_key, obs), raw, raw_origin,
     )
 
 
-def _scan_csr(source, where: str) -> tuple[dict, tuple[bool, bool]]:
-    """One streamed pass over a CSR matrix on disk: structure, finite values, range, zeros, counts."""
+def _h5ad_counts_streamed(path: Path, counts: _H5Counts, shape: tuple[int, int], var_names: np.ndarray):
+    """The raw counts of an ``.h5ad`` left on disk (CSR), validated in one streamed pass; the
+    genes of ``adata.raw`` are matched to ``X``'s by name (a column selection when they differ)."""
+    import h5py
+
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem
+
+    from scae.sources import ColumnSubsetSource, H5CSRSource
+
+    _check_streamable(counts.encoding, counts.where)
+    try:
+        source = H5CSRSource(path, counts.key)
+        columns = None
+        if counts.var_key is not None:
+            with h5py.File(path, "r") as handle:
+                raw_names = read_elem(handle[counts.var_key]).index.to_numpy() if counts.var_key in handle else None
+            if raw_names is None or raw_names.size != source.n_cols:
+                raise ScaeInputError(f"{counts.where}: its gene table (raw.var) does not describe its {source.n_cols} columns")
+            columns = _raw_columns(raw_names, var_names, counts.where)
+        if source.n_rows != shape[0] or (columns is None and source.n_cols != shape[1]):
+            raise ScaeInputError(
+                f"{counts.where}: has shape {source.shape} but X has shape {tuple(shape)}; "
+                "expected raw counts of the same cells and genes"
+            )
+        checked = np.ones(source.n_cols, dtype=bool)
+        if columns is not None:
+            checked[:] = False
+            checked[columns] = True
+        try:
+            _scan_csr(source, counts.where, counts_in=checked)
+        finally:
+            source.close()
+    except ScaeInputError:
+        raise
+    except Exception as err:  # h5py/anndata raise many types for a damaged file
+        raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file ({_one_line(err)})") from None
+    return source if columns is None else ColumnSubsetSource(source, columns)
+
+
+def _scan_csr(source, where: str, counts_in: np.ndarray | None = None) -> tuple[dict, tuple[bool, bool]]:
+    """One streamed pass over a CSR matrix on disk: structure, finite values, range, zeros, counts.
+
+    ``counts_in``: a mask of the columns that must hold counts (a value there that is not a
+    non-negative whole number is refused, naming its row and column)."""
     indptr, n_rows, n_cols = source.indptr, source.n_rows, source.n_cols
     if n_rows == 0 or n_cols < 2:
         raise ScaeInputError(f"{where}: matrix has shape ({n_rows}, {n_cols}); expected at least 1 cell and 2 genes")
@@ -949,6 +1394,12 @@ def _scan_csr(source, where: str) -> tuple[dict, tuple[bool, bool]]:
             pos = lo + int(np.flatnonzero(bad)[0])
             row = int(np.searchsorted(indptr, pos, side="right") - 1)
             raise ScaeInputError(f"{where}: {what(row, int(indices[pos - lo]), data[pos - lo])}")
+        if counts_in is not None:
+            bad = _not_counts(data)
+            if bad is not None and np.any(bad & counts_in[indices]):
+                pos = lo + int(np.flatnonzero(bad & counts_in[indices])[0])
+                row = int(np.searchsorted(indptr, pos, side="right") - 1)
+                raise _count_problem(where, row, int(indices[pos - lo]), data[pos - lo])
         scan.add(data)
         as_trained = data.astype(np.float32, copy=False)  # as training sees them (float64 denormals are 0)
         scan.add_columns(as_trained, as_trained, indices)

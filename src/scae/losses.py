@@ -59,17 +59,21 @@ class LossTotals:
     Parameters
     ----------
     names
-        Losses to accumulate (from :data:`LOSSES`).
+        Losses to accumulate (from :data:`LOSSES`), each given ``(x, x_hat)``.
+    terms
+        Instead of ``names``: ``{name: function}`` of any (sum, count) functions; :meth:`add`
+        passes its arguments to each (e.g. a batch and a network's output, see
+        :mod:`scae.likelihoods`).
     """
 
-    def __init__(self, names: tuple[str, ...] = LOSSES) -> None:
-        self._terms = {name: get_loss_terms(name) for name in names}
-        self._sums = {name: [0.0, 0.0] for name in names}
+    def __init__(self, names: tuple[str, ...] = LOSSES, terms: dict[str, Callable] | None = None) -> None:
+        self._terms = dict(terms) if terms is not None else {name: get_loss_terms(name) for name in names}
+        self._sums = {name: [0.0, 0.0] for name in self._terms}
 
-    def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
-        """Add one batch of inputs and their reconstructions."""
+    def add(self, *batch) -> None:
+        """Add one batch (the arguments each terms function takes, e.g. inputs and reconstructions)."""
         for name, terms in self._terms.items():
-            err, count = terms(x, x_hat)
+            err, count = terms(*batch)
             self._sums[name][0] += float(err)
             self._sums[name][1] += float(count)
 

@@ -15,6 +15,11 @@ from scae.data import dense_if_small
 SILHOUETTE_MAX_CELLS = 10_000
 """Silhouette is quadratic in the number of cells; above this it is computed on a seeded sample."""
 
+KNN_TREE_MAX_DIMS = 4
+""":func:`knn_accuracy` searches neighbours with a k-d tree up to this many dimensions (dense), by
+brute force above: measured on 20,000 cells, one thread, a k-d tree takes 0.14 s at 1-D and 0.8 s
+at 5-D but 5 s at 10-D and 24 s at 50-D, brute force 1.0–1.4 s at any dimension."""
+
 
 def cluster_scores(
     X, labels: np.ndarray, n_seeds: int = 5, seed: int = 0, silhouette_max_cells: int = SILHOUETTE_MAX_CELLS
@@ -208,3 +213,76 @@ def pca_reconstruction_errors(
         for k in n_components
         if k <= pca.n_components_
     }
+
+
+def knn_accuracy(X, labels: np.ndarray, k: int = 15, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated k-nearest-neighbour label accuracy of a representation.
+
+    The cells are split into ``folds`` stratified folds (scikit-learn's
+    ``StratifiedKFold(shuffle=True, random_state=seed)``); every cell of a fold is predicted by
+    the majority label of its ``k`` nearest cells (Euclidean) among the other folds
+    (scikit-learn's ``KNeighborsClassifier``, uniform weights: a tied vote goes to the label
+    that sorts first), and the result is the fraction of held-out cells predicted right. Unlike
+    k-means scores, it does not depend on the populations forming round clusters.
+
+    Parameters
+    ----------
+    X
+        Cells × dimensions, dense or sparse (sparse input is densified when small, as in
+        :func:`scae.data.dense_if_small`); a 1-D array is one dimension. Computed in float32;
+        neighbours by brute force, or a k-d tree up to :data:`KNN_TREE_MAX_DIMS` dimensions
+        (the same neighbours; only among cells at exactly equal distance may the two choose
+        differently).
+    labels
+        One label per cell.
+    k
+        Neighbours per vote; a training part with fewer than ``k`` cells votes with all of them.
+    folds
+        Number of folds. Reduced to the number of cells of the largest label when that is
+        smaller (tiny inputs).
+    seed
+        Seed of the fold assignment (the only random choice).
+
+    Returns
+    -------
+    float
+        Accuracy over the held-out cells. A label with fewer cells than the folds cannot have
+        a cell in every fold: its cells are always in the training part — neighbours (and
+        possible wrong answers) for the others, never scored themselves, as the study treats
+        labels too rare for the test share. 0.0 when every label has a single cell (no cell's
+        label can be learnt from the others).
+    """
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.neighbors import KNeighborsClassifier
+
+    labels = np.asarray(labels)
+    X = dense_if_small(X)
+    if not sp.issparse(X):
+        X = np.asarray(X)
+        if X.ndim == 1:
+            X = X[:, None]
+    X = X.astype(np.float32)  # a copy: the input is never touched
+    if X.ndim != 2 or labels.ndim != 1 or labels.shape[0] != X.shape[0]:
+        raise ValueError(f"knn_accuracy needs a cells × dimensions matrix and one label per cell, "
+                         f"got shape {X.shape} and {labels.shape[0] if labels.ndim else 0} labels")
+    if k < 1 or folds < 2:
+        raise ValueError(f"knn_accuracy needs k >= 1 and folds >= 2, got k={k}, folds={folds}")
+    if labels.size == 0:
+        return 0.0
+    _, codes, label_sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    codes = codes.ravel()
+    folds = min(folds, int(label_sizes.max()))
+    if folds < 2:
+        return 0.0
+    scored = label_sizes[codes] >= folds
+    algorithm = "kd_tree" if not sp.issparse(X) and X.shape[1] <= KNN_TREE_MAX_DIMS else "brute"
+    scored_cells, train_only = np.flatnonzero(scored), np.flatnonzero(~scored)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    correct = 0
+    for train_part, test_part in splitter.split(np.zeros((scored_cells.size, 1)), codes[scored_cells]):
+        train = np.sort(np.concatenate([scored_cells[train_part], train_only]))
+        test = scored_cells[test_part]
+        classifier = KNeighborsClassifier(n_neighbors=min(k, train.size), algorithm=algorithm)
+        classifier.fit(X[train], codes[train])
+        correct += int(np.count_nonzero(classifier.predict(X[test]) == codes[test]))
+    return correct / scored_cells.size

@@ -8,6 +8,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
@@ -17,8 +18,10 @@ from scae import params as rules
 from scae.data import as_matrix, dense_if_small
 from scae.errors import ScaeInputError
 from scae.files import atomic_path
+from scae.likelihoods import LOG_EPS, Output, get_likelihood
 from scae.parallel import Distributed, resolve_device
-from scae.sources import ArraySource, RowSource
+from scae.presets import preset
+from scae.sources import TARGET_SUM, ArraySource, RowSource, normalize_counts_tensor
 from scae.training import encode, evaluate_losses, predict, train_network
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -30,47 +33,155 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
 }
 MODEL_FORMAT_NAME = "scae.Autoencoder"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2
+"""Version 2 added the count, variational and regularisation parameters and ``best_epoch``;
+version 1 files load with those parameters at their defaults."""
 MODEL_FORMAT = f"{MODEL_FORMAT_NAME}/{MODEL_FORMAT_VERSION}"
 MODEL_KEYS = frozenset({
     "format", "params", "n_features_in", "state_dict", "history", "fit_seconds", "train_seconds",
-    "train_cells_per_second", "metadata",
+    "train_cells_per_second", "metadata", "best_epoch",
 })
-"""Entries of a model file (format version 1); the first six are required."""
+"""Entries of a model file; the first six are required."""
 REQUIRED_MODEL_KEYS = ("format", "params", "n_features_in", "state_dict", "history", "fit_seconds")
 ARCHITECTURE_PARAMS = ("latent_dim", "hidden", "activation", "loss")
 """Parameters a model file must store (the others fall back to their defaults)."""
+
+
+NORMS = ("none", "batch", "layer")
+VAR_EPS = 1e-4
+"""Added to a variational network's latent variances (as scvi-tools does), so none reaches zero."""
+
+
+def _hidden_block(width_in: int, width_out: int, activation: str, norm: str, dropout: float) -> list[nn.Module]:
+    """``Linear → [BatchNorm | LayerNorm] → activation → [Dropout]``."""
+    layers: list[nn.Module] = [nn.Linear(width_in, width_out)]
+    if norm == "batch":
+        layers.append(nn.BatchNorm1d(width_out))
+    elif norm == "layer":
+        layers.append(nn.LayerNorm(width_out))
+    layers.append(ACTIVATIONS[activation]())
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    return layers
+
+
+def _through_all_but_last(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    for layer in list(layers)[:-1]:
+        x = layer(x)
+    return x
 
 
 class AutoencoderNet(nn.Module):
     """Symmetric fully connected autoencoder.
 
     ``n_genes → hidden[0] → … → latent_dim → … → hidden[0] → n_genes``, with ``activation``
-    after every hidden layer and no activation on the input, latent or output layer.
+    after every hidden layer (optionally preceded by batch or layer normalisation and followed
+    by dropout) and no activation on the input, latent or output layer.
+
+    The ``loss`` decides what the output layer means (:mod:`scae.likelihoods`): for ``mse`` and
+    ``nonzero_mse`` it is the reconstruction itself; for count losses (``poisson``, ``nb``,
+    ``zinb``) the network is given raw counts, encodes ``log1p(counts / library × 10⁴)``, and
+    the output layer gives per-gene logits whose softmax ρ times the cell's library is the
+    expected count; ``nb`` adds a learned per-gene inverse dispersion and ``zinb`` a dropout
+    head beside the output layer. ``variational=True`` makes the latent Gaussian: a second
+    head gives log-variances, training samples ``z`` by the reparameterisation trick, and the
+    KL divergence from N(0, I) comes with the output; in evaluation mode ``z`` is the
+    posterior mean. Extra parts are created after the default ones, so a default network
+    draws the same initial weights as ever.
     """
 
     def __init__(
-        self, n_genes: int, latent_dim: int, hidden: tuple[int, ...] = (100,), activation: str = "relu"
+        self,
+        n_genes: int,
+        latent_dim: int,
+        hidden: tuple[int, ...] = (100,),
+        activation: str = "relu",
+        *,
+        loss: str = "mse",
+        variational: bool = False,
+        norm: str = "none",
+        dropout: float = 0.0,
+        scale_input: bool = False,
+        input_noise: float = 0.0,
     ) -> None:
         super().__init__()
-        act = ACTIVATIONS[activation]
+        likelihood = get_likelihood(loss)
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm '{norm}'; expected one of: {', '.join(NORMS)}")
         widths = [n_genes, *hidden]
         enc: list[nn.Module] = []
         for a, b in pairwise(widths):
-            enc += [nn.Linear(a, b), act()]
+            enc += _hidden_block(a, b, activation, norm, dropout)
         enc.append(nn.Linear(widths[-1], latent_dim))
         dec: list[nn.Module] = []
         back = [latent_dim, *reversed(hidden)]
         for a, b in pairwise(back):
-            dec += [nn.Linear(a, b), act()]
+            dec += _hidden_block(a, b, activation, norm, dropout)
         dec.append(nn.Linear(back[-1], n_genes))
         self.encoder = nn.Sequential(*enc)
         self.decoder = nn.Sequential(*dec)
+        self.counts = likelihood.counts
+        self.variational = variational
+        self.z_log_var = nn.Linear(widths[-1], latent_dim) if variational else None
+        self.log_theta = nn.Parameter(torch.zeros(n_genes)) if "theta" in likelihood.parameters else None
+        self.dropout_head = nn.Linear(back[-1], n_genes) if "dropout" in likelihood.parameters else None
+        self.input_noise = input_noise
+        if scale_input:  # set from the training cells by Autoencoder.fit (set_input_scaling)
+            self.register_buffer("input_mean", torch.zeros(n_genes))
+            self.register_buffer("input_scale", torch.ones(n_genes))
+        else:
+            self.input_mean = self.input_scale = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(latent, reconstruction)``."""
-        z = self.encoder(x)
-        return z, self.decoder(z)
+    def set_input_scaling(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise the encoder's input by these per-gene means and standard deviations
+        (genes that do not vary keep a scale of 1)."""
+        self.input_mean.copy_(mean)
+        self.input_scale.copy_(torch.where(std > 0, 1.0 / std.clamp(min=1e-12), torch.ones_like(std)))
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder reads: ``x`` itself, or ``log1p(x / library × 10⁴)`` for a count network."""
+        return normalize_counts_tensor(x) if self.counts else x
+
+    def _encoder_input(self, target: torch.Tensor) -> torch.Tensor:
+        """The model input, standardised per gene (``scale_input``), with Gaussian noise while
+        training (``input_noise``, a denoising autoencoder)."""
+        if self.input_mean is not None:
+            target = (target - self.input_mean) * self.input_scale
+        if self.training and self.input_noise > 0:
+            target = target + self.input_noise * torch.randn_like(target)
+        return target
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent codes (a variational network's posterior means), without running the decoder."""
+        return self.encoder(self._encoder_input(self.model_input(x)))
+
+    def forward(self, x: torch.Tensor) -> Output:
+        """The latent, the reconstruction and the likelihood's parameters of a batch."""
+        target = self.model_input(x)
+        h_in = self._encoder_input(target)
+        kl = None
+        if self.variational:
+            h = _through_all_but_last(self.encoder, h_in)
+            z_mean = self.encoder[-1](h)
+            var = self.z_log_var(h).exp() + VAR_EPS
+            z = z_mean + var.sqrt() * torch.randn_like(z_mean) if self.training else z_mean
+            kl = 0.5 * (z_mean.square() + var - var.log() - 1.0).sum(dim=1)
+        else:
+            z = self.encoder(h_in)
+        if not self.counts:
+            return Output(z, self.decoder(z), target, kl=kl)
+        h = _through_all_but_last(self.decoder, z)
+        log_rho = torch.log_softmax(self.decoder[-1](h), dim=1)
+        library = x.sum(dim=1, keepdim=True)
+        return Output(
+            latent=z,
+            reconstruction=None if self.training else torch.log1p(log_rho.exp() * TARGET_SUM),
+            target=target,
+            log_mean=log_rho + torch.log(library + LOG_EPS),
+            log_theta=self.log_theta,
+            dropout_logit=None if self.dropout_head is None else self.dropout_head(h),
+            kl=kl,
+        )
 
 
 class Autoencoder(TransformerMixin, BaseEstimator):
@@ -79,7 +190,8 @@ class Autoencoder(TransformerMixin, BaseEstimator):
     As in scikit-learn, ``__init__`` only stores the parameters; :meth:`fit` checks them all
     first and raises :class:`~scae.errors.ScaeInputError` (a ``ValueError``) naming the first
     bad one, its value and what was expected. Methods that need a fitted model raise
-    scikit-learn's ``NotFittedError`` before :meth:`fit`.
+    scikit-learn's ``NotFittedError`` before :meth:`fit`. Named parameter sets:
+    :meth:`from_preset` (:mod:`scae.presets`).
 
     Parameters
     ----------
@@ -92,24 +204,59 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         Activation of the hidden layers: one of ``relu``, ``elu``, ``gelu``, ``tanh``,
         ``sigmoid``, ``leaky_relu``.
     loss
-        ``"mse"`` or ``"nonzero_mse"`` (MSE over the nonzero input entries of each batch).
+        ``"mse"`` or ``"nonzero_mse"`` (MSE over the nonzero input entries of each batch) on the
+        matrix as given (log-normalised); or a count likelihood on *raw counts* — ``"poisson"``,
+        ``"nb"`` (negative binomial, per-gene dispersion) or ``"zinb"`` (zero-inflated) — whose
+        network reads ``log1p(counts / library × 10⁴)`` and outputs per-gene proportions of the
+        cell's library (see :class:`AutoencoderNet`). A count model needs non-negative whole
+        numbers; given a row source that normalises raw counts, it reads them raw.
     epochs, batch_size, learning_rate
         Adam training schedule: epochs in [1, 10⁶], batch size in [1, 10⁷], learning rate a
         finite number in (0, 10] (larger steps only diverge). Training stops with
         :class:`~scae.training.TrainingDivergedError` when the loss becomes NaN or infinite.
     random_state
-        Seeds weight initialisation and batch order: an integer in [0, 2³² − 1].
+        Seeds weight initialisation, batch order, dropout, latent samples and the validation
+        split: an integer in [0, 2³² − 1].
     device
         ``"auto"`` (a CUDA GPU, else Apple MPS, else the CPU), ``"cpu"``, ``"cuda"`` or ``"mps"``.
     progress
         Show a progress bar while fitting.
+    variational
+        Gaussian latent (a VAE): sampled by the reparameterisation trick while training, with a
+        KL term added to the loss; :meth:`transform` gives the posterior means.
+    kl_warmup_epochs
+        The KL term's weight rises linearly from 0 to 1 over this many epochs (0: full from the start).
+    norm
+        ``"none"``, ``"batch"`` or ``"layer"`` normalisation after each hidden linear layer.
+    dropout
+        Dropout probability after each hidden activation, in [0, 1).
+    weight_decay
+        Decoupled weight decay (AdamW) ≥ 0; 0 trains with plain Adam.
+    lr_schedule
+        ``"none"``, ``"plateau"`` (halve the rate when the monitored loss stalls for 4 epochs) or
+        ``"cosine"`` (a half cosine down to 1% over ``epochs``).
+    early_stopping
+        Hold out ``validation_fraction`` of the training cells (seeded), stop after ``patience``
+        epochs without a better validation loss, and keep the best epoch's weights.
+    patience, validation_fraction
+        See ``early_stopping``: an integer ≥ 1, a fraction in (0, 1).
+    scale_input
+        Standardise each gene of the encoder's input (the log-normalised values) by its mean and
+        standard deviation over the training cells (scanpy's ``scale``); the reconstruction
+        stays on the unscaled scale.
+    input_noise
+        Standard deviation (≥ 0) of Gaussian noise added to the encoder's input while training
+        (a denoising autoencoder).
 
     Attributes
     ----------
     net_ : AutoencoderNet
         The trained network.
     history_ : list of dict
-        Per-epoch ``train_loss`` (and ``test_loss``, ``test_mse`` when ``eval_X`` was given).
+        Per-epoch ``train_loss`` (and ``test_loss``, ``test_mse`` when ``eval_X`` was given;
+        ``val_loss`` with early stopping).
+    best_epoch_ : int or None
+        With early stopping, the epoch whose weights were kept.
     n_features_in_ : int
         Number of genes seen in :meth:`fit`.
     fit_seconds_ : float
@@ -132,6 +279,17 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         random_state: int = 0,
         device: str = "auto",
         progress: bool = False,
+        variational: bool = False,
+        kl_warmup_epochs: int = 0,
+        norm: str = "none",
+        dropout: float = 0.0,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "none",
+        early_stopping: bool = False,
+        patience: int = 10,
+        validation_fraction: float = 0.1,
+        scale_input: bool = False,
+        input_noise: float = 0.0,
     ) -> None:
         self.latent_dim = latent_dim
         self.hidden = hidden
@@ -143,6 +301,27 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         self.random_state = random_state
         self.device = device
         self.progress = progress
+        self.variational = variational
+        self.kl_warmup_epochs = kl_warmup_epochs
+        self.norm = norm
+        self.dropout = dropout
+        self.weight_decay = weight_decay
+        self.lr_schedule = lr_schedule
+        self.early_stopping = early_stopping
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.scale_input = scale_input
+        self.input_noise = input_noise
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> Autoencoder:
+        """An autoencoder with the parameters of preset ``name`` (:data:`scae.presets.PRESETS`;
+        ``"recommended"`` is :data:`scae.presets.RECOMMENDED`), some of them overridden."""
+        try:
+            params = preset(name)
+        except ValueError as err:
+            raise ScaeInputError(str(err)) from None
+        return cls(**{**params, **overrides})
 
     def _check_params(self) -> dict:
         """Every parameter checked, as the values training uses (the attributes stay as given)."""
@@ -157,6 +336,17 @@ class Autoencoder(TransformerMixin, BaseEstimator):
             "random_state": rules.check("random_state", self.random_state, rules.SEED),
             "device": rules.check("device", self.device, rules.DEVICE),
             "progress": rules.check("progress", self.progress, rules.BOOLEAN),
+            "variational": rules.check("variational", self.variational, rules.BOOLEAN),
+            "kl_warmup_epochs": rules.check("kl_warmup_epochs", self.kl_warmup_epochs, rules.WARMUP_EPOCHS),
+            "norm": rules.check("norm", self.norm, rules.NORM),
+            "dropout": rules.check("dropout", self.dropout, rules.DROPOUT),
+            "weight_decay": rules.check("weight_decay", self.weight_decay, rules.WEIGHT_DECAY),
+            "lr_schedule": rules.check("lr_schedule", self.lr_schedule, rules.LR_SCHEDULE),
+            "early_stopping": rules.check("early_stopping", self.early_stopping, rules.BOOLEAN),
+            "patience": rules.check("patience", self.patience, rules.EPOCHS),
+            "validation_fraction": rules.check("validation_fraction", self.validation_fraction, rules.FRACTION),
+            "scale_input": rules.check("scale_input", self.scale_input, rules.BOOLEAN),
+            "input_noise": rules.check("input_noise", self.input_noise, rules.INPUT_NOISE),
         }
         return checked
 
@@ -165,7 +355,21 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         rules.check_parameter_count(n_features, latent_dim, hidden)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self.random_state))
-            return AutoencoderNet(n_features, latent_dim, hidden, self.activation)
+            return AutoencoderNet(
+                n_features, latent_dim, hidden, self.activation, loss=self.loss,
+                variational=bool(self.variational), norm=self.norm, dropout=float(self.dropout),
+                scale_input=bool(self.scale_input), input_noise=float(self.input_noise),
+            )
+
+    def _training_source(self, X, what: str) -> RowSource:
+        """``X`` as the rows this model trains or predicts on: raw counts for a count loss."""
+        if not get_likelihood(self.loss).counts:
+            return _as_source(X, what)
+        if isinstance(X, RowSource):
+            return X.raw() if X.counts else X
+        source = _as_source(X, what)
+        _check_counts(source, what, self.loss)
+        return source
 
     def fit(
         self,
@@ -189,17 +393,22 @@ class Autoencoder(TransformerMixin, BaseEstimator):
             every process of the group calls ``fit`` with the same data and parameters.
         """
         checked = self._check_params()
-        train = _as_source(X, "training matrix")
+        train = self._training_source(X, "training matrix")
         test = None
         if eval_X is not None:
-            test = _as_source(eval_X, "evaluation matrix")
+            test = self._training_source(eval_X, "evaluation matrix")
             if test.n_cols != train.n_cols:
                 raise ScaeInputError(
                     f"eval_X has {test.n_cols} genes (columns); the training matrix has {train.n_cols}"
                 )
+        validation = None
+        if checked["early_stopping"]:
+            train, validation = _validation_split(train, checked["validation_fraction"], checked["random_state"])
         device = resolve_device(checked["device"], 0 if distributed is None else distributed.local_rank)
         net = self._build(int(train.n_cols)).to(device)
         started = time.perf_counter()
+        if checked["scale_input"]:
+            net.set_input_scaling(*_input_moments(net, train, device))
         run = train_network(
             net,
             train,
@@ -208,6 +417,11 @@ class Autoencoder(TransformerMixin, BaseEstimator):
             epochs=checked["epochs"],
             batch_size=checked["batch_size"],
             learning_rate=checked["learning_rate"],
+            weight_decay=checked["weight_decay"],
+            lr_schedule=checked["lr_schedule"],
+            kl_warmup_epochs=checked["kl_warmup_epochs"] if checked["variational"] else 0,
+            validation=validation,
+            patience=checked["patience"] if validation is not None else None,
             seed=checked["random_state"],
             device=device,
             distributed=distributed,
@@ -218,6 +432,7 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         self.net_ = net
         self.fit_seconds_ = time.perf_counter() - started
         self.history_ = run.history
+        self.best_epoch_ = run.best_epoch
         self.train_seconds_ = run.train_seconds
         self.train_cells_per_second_ = run.cells_per_second
         return self
@@ -229,7 +444,7 @@ class Autoencoder(TransformerMixin, BaseEstimator):
 
     def _source(self, X) -> RowSource:
         check_is_fitted(self, "net_")
-        source = _as_source(X)
+        source = self._training_source(X, "matrix")
         self._check_n_features(source)
         return source
 
@@ -243,7 +458,8 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         return encode(self.net_, source, self.device_)
 
     def reconstruct(self, X) -> np.ndarray:
-        """Reconstructed (denoised) expression, cells × genes."""
+        """Reconstructed (denoised) expression, cells × genes; for a count loss on the
+        log-normalised scale, ``log1p(ρ × 10⁴)`` with ρ the expected proportions."""
         source = self._source(X)
         return predict(self.net_, source, self.device_)[1]
 
@@ -253,7 +469,8 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         return predict(self.net_, source, self.device_)
 
     def reconstruction_error(self, X) -> dict[str, float]:
-        """MSE over all entries (``mse``) and over the nonzero entries (``nonzero_mse``)."""
+        """MSE over all entries (``mse``) and over the nonzero entries (``nonzero_mse``) of what
+        the network encodes (for a count loss: the log-normalised counts) and its reconstruction."""
         source = self._source(X)
         return evaluate_losses(self.net_, source, device=self.device_)
 
@@ -276,6 +493,7 @@ class Autoencoder(TransformerMixin, BaseEstimator):
             "train_seconds": self.train_seconds_,
             "train_cells_per_second": self.train_cells_per_second_,
             "metadata": dict(metadata or getattr(self, "metadata_", {})),
+            "best_epoch": getattr(self, "best_epoch_", None),
         }
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
@@ -322,7 +540,11 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         model.fit_seconds_ = float(timings["fit_seconds"])
         model.train_seconds_ = float(timings["train_seconds"])
         model.train_cells_per_second_ = float(timings["train_cells_per_second"])
+        best_epoch = state.get("best_epoch")
+        if best_epoch is not None and (isinstance(best_epoch, bool) or not isinstance(best_epoch, int)):
+            raise ScaeInputError(f"{path}: best_epoch must be an integer or None; got {best_epoch!r}")
         model.metadata_ = dict(metadata)
+        model.best_epoch_ = best_epoch
         return model
 
 
@@ -361,7 +583,7 @@ def _read_model_file(path: Path) -> dict:
             f"{path}: written in model format version {int(version)} by a newer scae; this scae reads "
             f"version {MODEL_FORMAT_VERSION}: upgrade scae to load it"
         )
-    if int(version) < MODEL_FORMAT_VERSION:  # no older version exists yet
+    if int(version) < 1:
         raise ScaeInputError(f"{path}: unknown model format version {int(version)}; {expected}")
     missing = [key for key in REQUIRED_MODEL_KEYS if key not in state]
     if missing:
@@ -414,11 +636,54 @@ def _load_weights(path: str | Path, net: AutoencoderNet, weights, params: dict, 
                 f"{path}: the weights do not match the stored architecture ({architecture}): {key} has shape "
                 f"{tuple(given.shape)}, expected {tuple(tensor.shape)}"
             )
-        if not given.is_floating_point():
-            raise ScaeInputError(f"{path}: weight {key} has dtype {given.dtype}; expected floating point")
+        if given.is_floating_point() != tensor.is_floating_point():  # weights are floats, counters integers
+            raise ScaeInputError(f"{path}: weight {key} has dtype {given.dtype}; expected {tensor.dtype}")
         if not bool(torch.isfinite(given).all()):
             raise ScaeInputError(f"{path}: weight {key} holds NaN or infinite values")
     net.load_state_dict(weights)
+
+
+def _check_counts(source: RowSource, what: str, loss: str) -> None:
+    """Refuse a matrix in memory that is not raw counts (non-negative whole numbers)."""
+    X = source.read(slice(None))
+    values = X.data if sp.issparse(X) else (X.numpy() if isinstance(X, torch.Tensor) else np.asarray(X))
+    bad = (values < 0) | (values != np.floor(values))
+    if not bad.any():
+        return
+    first = float(values.ravel()[np.flatnonzero(bad.ravel())[0]])
+    raise ScaeInputError(
+        f"{what}: loss '{loss}' models raw counts, but the matrix holds {'negative' if first < 0 else 'non-integer'} "
+        f"values (e.g. {first:g}); give the raw counts (non-negative whole numbers), or use loss 'mse' for "
+        "log-normalised values"
+    )
+
+
+@torch.inference_mode()
+def _input_moments(net: AutoencoderNet, source: RowSource, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-gene mean and standard deviation of the network's input over ``source`` (one pass,
+    sums in float64)."""
+    total = torch.zeros(source.n_cols, dtype=torch.float64, device=device)
+    squares = torch.zeros_like(total)
+    for x in source.batches():
+        values = net.model_input(x.to(device, non_blocking=True)).double()
+        total += values.sum(dim=0)
+        squares += values.square().sum(dim=0)
+    n = max(source.n_rows, 1)
+    mean = total / n
+    std = (squares / n - mean.square()).clamp(min=0.0).sqrt()
+    return mean.float(), std.float()
+
+
+def _validation_split(train: RowSource, fraction: float, seed: int) -> tuple[RowSource, RowSource]:
+    """A seeded ``fraction`` of the training rows held out for early stopping, and the rest."""
+    n = train.n_rows
+    n_val = min(n - 1, max(1, round(fraction * n)))
+    if n_val < 1:
+        raise ScaeInputError(f"early_stopping needs at least 2 training cells to hold some out; got {n}")
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: the batch order is unchanged
+    held = np.zeros(n, dtype=bool)
+    held[rng.choice(n, n_val, replace=False)] = True
+    return train.subset(np.flatnonzero(~held)), train.subset(np.flatnonzero(held))
 
 
 def _as_source(X, what: str = "matrix") -> RowSource:

@@ -23,10 +23,12 @@ from scae.files import (
 )
 from scae.models import Autoencoder
 from scae.plots import Panel, loss_curves, png_bytes, scatter_panels
+from scae.presets import preset
 from scae.report import build_report, figure_plan
 from scae.results import RunSpec, Stopwatch, StudyConfig, StudyResult
 
-TRAINING_SETTINGS = ("epochs", "seed", "hidden", "activation", "batch_size", "learning_rate", "test_fraction")
+TRAINING_SETTINGS = ("epochs", "seed", "hidden", "activation", "batch_size", "learning_rate", "test_fraction",
+                     "top_genes")
 """The study settings a trained model depends on (the others only change scoring and outputs)."""
 
 
@@ -34,6 +36,8 @@ def study_key(dataset: Dataset, config: StudyConfig, spec: RunSpec) -> str:
     """Fingerprint of the input, the training settings and one run: equal keys, same model."""
     settings = {key: value for key, value in config.to_dict().items() if key in TRAINING_SETTINGS}
     settings["run"] = {"latent_dim": spec.latent_dim, "loss": spec.loss}
+    if spec.preset is not None:
+        settings["run"]["preset"] = {k: list(v) if isinstance(v, tuple) else v for k, v in preset(spec.preset).items()}
     blob = json.dumps({"input": dataset.fingerprint(), "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -21,8 +21,12 @@ from scae.errors import ScaeInputError
 
 ACTIVATIONS = ("relu", "elu", "gelu", "tanh", "sigmoid", "leaky_relu")
 """Hidden-layer activations (the keys of :data:`scae.models.ACTIVATIONS`)."""
-LOSSES = ("mse", "nonzero_mse")
-"""Training losses (:data:`scae.losses.LOSSES`)."""
+LOSSES = ("mse", "nonzero_mse", "poisson", "nb", "zinb")
+"""Training losses (:data:`scae.likelihoods.LIKELIHOODS`)."""
+NORMS = ("none", "batch", "layer")
+"""Normalisation of the hidden layers (:data:`scae.models.NORMS`)."""
+LR_SCHEDULES = ("none", "plateau", "cosine")
+"""Learning-rate schedules (:data:`scae.training.LR_SCHEDULES`)."""
 DEVICES = ("auto", "cpu", "cuda", "mps")
 """Devices (:data:`scae.parallel.DEVICES`)."""
 
@@ -177,6 +181,12 @@ AT_LEAST_ONE = Integer(1)
 KMEANS_SEEDS = Integer(1, MAX_KMEANS_SEEDS)
 ACTIVATION = OneOf(ACTIVATIONS)
 LOSS = OneOf(LOSSES)
+NORM = OneOf(NORMS)
+LR_SCHEDULE = OneOf(LR_SCHEDULES)
+WARMUP_EPOCHS = Integer(0, MAX_EPOCHS)
+DROPOUT = Real(0.0, 1.0, low_open=False, high_open=True)
+WEIGHT_DECAY = Real(0.0, 10.0, low_open=False)
+INPUT_NOISE = Real(0.0, 100.0, low_open=False)
 DEVICE = OneOf(DEVICES)
 BOOLEAN = Boolean()
 

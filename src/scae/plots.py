@@ -93,3 +93,35 @@ def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
+
+
+def benchmark_bars(rows: Sequence[dict], scores: Sequence[tuple[str, str]], title: str) -> Figure:
+    """Grouped bars, one group per dataset and one bar per method, mean ± sd over seeds.
+
+    ``rows`` are :func:`scae.benchmark.summarize` records; ``scores`` the (key, axis label)
+    pairs drawn, one panel each.
+    """
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = label_colors(methods)
+    by_key = {(r["dataset"], r["method"]): r for r in rows}
+    fig = Figure(figsize=(max(6.0, 1.2 * len(datasets) * max(1, len(methods)) / 3 + 2), 3.4 * len(scores)),
+                 layout="constrained")
+    axes = fig.subplots(len(scores), 1, squeeze=False)[:, 0]
+    width = 0.8 / max(1, len(methods))
+    for ax, (key, label) in zip(axes, scores):
+        for j, name in enumerate(methods):
+            xs, ys, sds = [], [], []
+            for i, data_name in enumerate(datasets):
+                row = by_key.get((data_name, name))
+                if row is not None:
+                    xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                    ys.append(row[key])
+                    sds.append(row[f"{key}_sd"])
+            ax.bar(xs, ys, width, yerr=sds, color=colors[name], label=name.replace("$", r"\$"), capsize=2)
+        ax.set_xticks(range(len(datasets)), [d.replace("$", r"\$") for d in datasets], fontsize=8)
+        ax.set_ylabel(label, fontsize=9)
+        ax.tick_params(labelsize=8)
+    axes[0].legend(fontsize=8, frameon=False, ncols=min(len(methods), 6), loc="lower left", bbox_to_anchor=(0, 1.02))
+    fig.suptitle(title, fontsize=11)
+    return fig

@@ -66,10 +66,11 @@ class Section:
 
 # ---------------------------------------------------------------- which runs answer which question
 def _runs_where(result: StudyResult, loss: str, latent=None) -> list[RunResult]:
+    """The assignment's runs (not preset runs) with this loss and a latent size ``latent`` accepts."""
     return [
         r
         for r in result.runs.values()
-        if r.spec.loss == loss and (latent is None or latent(r.spec.latent_dim))
+        if r.spec.preset is None and r.spec.loss == loss and (latent is None or latent(r.spec.latent_dim))
     ]
 
 
@@ -611,7 +612,12 @@ def build_report(result: StudyResult, metrics: dict, images: dict[str, bytes]) -
         "timings": [(k, f"{v:.2f}") for k, v in metrics["timings"].items()],
         "images": {stem: base64.b64encode(data).decode("ascii") for stem, data in images.items()},
     }
-    return _environment().get_template(TEMPLATE).render(context)
+    return render_template(TEMPLATE, context)
+
+
+def render_template(name: str, context: dict) -> str:
+    """Render one of scae's Jinja2 templates (autoescaping on)."""
+    return _environment().get_template(name).render(context)
 
 
 @cache

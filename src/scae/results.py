@@ -22,6 +22,7 @@ from scae.data import Dataset, train_only_labels
 from scae.embeddings import TSNEConfig
 from scae.errors import ScaeInputError
 from scae.models import Autoencoder
+from scae.presets import preset
 from scae.sources import ArraySource
 
 
@@ -38,6 +39,16 @@ class RunSpec:
     loss: str
     tsne_latent: bool = False
     tsne_reconstruction: bool = False
+    preset: str | None = None
+    """A named parameter set (:mod:`scae.presets`) the run trains with, instead of the study's
+    network and schedule (it still stops after at most the study's epochs)."""
+
+    @property
+    def counts(self) -> bool:
+        """Whether the run models raw counts (it is skipped on data without them)."""
+        from scae.likelihoods import get_likelihood
+
+        return get_likelihood(self.loss).counts
 
 
 DEFAULT_RUNS = (
@@ -46,6 +57,13 @@ DEFAULT_RUNS = (
     RunSpec("ae2", 2, "mse"),
     RunSpec("ae10_nonzero", 10, "nonzero_mse", tsne_latent=True, tsne_reconstruction=True),
 )
+"""The assignment's four runs (they answer Q1–Q5)."""
+RECOMMENDED_RUN = RunSpec(
+    "recommended", preset("recommended")["latent_dim"], preset("recommended")["loss"],
+    tsne_latent=True, tsne_reconstruction=True, preset="recommended",
+)
+"""The fifth run, "Beyond the assignment": the model scae recommends (:data:`scae.presets.RECOMMENDED`)."""
+STUDY_RUNS = (*DEFAULT_RUNS, RECOMMENDED_RUN)
 
 
 @dataclass(frozen=True)
@@ -63,7 +81,7 @@ class StudyConfig:
     max_embed_cells: int = 20_000
     """Cluster scores, t-SNE and scatter plots use a seeded sample of at most this many cells."""
     tsne: TSNEConfig = field(default_factory=TSNEConfig)
-    runs: tuple[RunSpec, ...] = DEFAULT_RUNS
+    runs: tuple[RunSpec, ...] = STUDY_RUNS
     max_layer_entries: int = 25_000_000
     """Reconstructions of every cell go to ``results.h5ad`` layers while cells × genes is at most
     this (100 MB of float32 per run); above it, ``reconstructions.h5ad`` holds them for the first
@@ -80,6 +98,11 @@ class StudyConfig:
     resume: bool = False
     """Reuse models in ``out_dir/models`` trained by an interrupted study on the same input
     with the same settings (others are refused)."""
+    top_genes: int | None = None
+    """Restrict the input to its most variable genes on the training cells
+    (:func:`scae.genes.highly_variable_genes`) before anything else; ``None``: every gene."""
+    denoise_cells: int = 2000
+    """Test cells (a seeded sample) on which a hidden 10% of the nonzero entries are imputed."""
 
     def __post_init__(self) -> None:
         """Check every setting (the same rules as :class:`~scae.models.Autoencoder` and the command
@@ -99,6 +122,9 @@ class StudyConfig:
         rules.check("device", self.device, rules.DEVICE)
         rules.check("progress", self.progress, rules.BOOLEAN)
         rules.check("resume", self.resume, rules.BOOLEAN)
+        if self.top_genes is not None:
+            rules.check("top_genes", self.top_genes, rules.AT_LEAST_ONE)
+        rules.check("denoise_cells", self.denoise_cells, rules.AT_LEAST_ONE)
         if not isinstance(self.tsne, TSNEConfig):
             raise ScaeInputError(f"tsne must be a TSNEConfig; got {self.tsne!r}")
         self._check_runs()
@@ -175,6 +201,13 @@ class StudyResult:
     """Cells whose reconstructions go to ``reconstructions.h5ad`` (when not kept for all)."""
     environment: dict = field(default_factory=dict)
     """Device and number of processes the models trained on."""
+    skipped_runs: dict[str, str] = field(default_factory=dict)
+    """Runs that could not train on this input, with the reason (count models without raw counts)."""
+    denoising: dict | None = None
+    """Recovery of hidden entries (see :mod:`scae.denoising`): ``{"n_cells", "n_hidden",
+    "fraction", "scores": {method: {...}}}``, or ``None`` when not measured."""
+    genes: dict | None = None
+    """The gene selection (``--top-genes``): rule and number kept of how many, or ``None``."""
 
     def metrics(self) -> dict:
         """Every number of the study, JSON-ready."""
@@ -183,6 +216,9 @@ class StudyResult:
             runs[name] = {
                 "latent_dim": run.spec.latent_dim,
                 "loss": run.spec.loss,
+                "preset": run.spec.preset,
+                "model_input": "raw counts" if run.spec.counts else "the input matrix",
+                "best_epoch": run.model.best_epoch_,
                 "model_params": _jsonable(run.model.get_params()),
                 "history": run.model.history_,
                 "errors": run.errors,
@@ -212,9 +248,12 @@ class StudyResult:
                 else f"reconstructions.h5ad ({self.sample_rows.size} scored cells)",
             },
             "runs": runs,
+            "skipped_runs": self.skipped_runs,
+            "genes": self.genes,
             "pca_baselines": self.pca_baselines,
             "pca_explained_variance": self.explained_variance,
             "representations": self.representations,
+            "denoising": self.denoising,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
 

@@ -27,6 +27,7 @@ DEFAULT_SEED = 0
 
 CHUNK_SIZE = 2_000  #: cells per chunk; a constant, so output depends only on the arguments
 TARGET_SUM = 1e4  #: counts per cell after library-size normalization
+RAW_ORIGIN = "simulated counts"  #: where the built-in dataset's raw counts come from (for the report)
 
 # Count-model parameters, tuned for ~76 % zeros and populations that overlap in PCA.
 MEAN_SHAPE = 0.6  # baseline gene means ~ Gamma(shape, 1): many low, few high genes
@@ -111,21 +112,25 @@ def _simulate_chunk(
 
 def _simulate(
     n_cells: int, n_genes: int, n_populations: int, seed: int, normalize: bool
-) -> tuple[sp.csr_matrix, np.ndarray]:
-    """Counts (or their log-normalized values), generated and optionally normalized chunk-wise."""
+) -> tuple[sp.csr_matrix, sp.csr_matrix | None, np.ndarray]:
+    """Counts and (with ``normalize``) their log-normalized values, generated chunk-wise."""
     _check_args(n_cells, n_genes, n_populations, seed)
     labels, log_base, log_fc, dispersion = _population_model(n_cells, n_genes, n_populations, seed)
-    chunks = []
+    count_chunks, normalized_chunks = [], []
     for i, start in enumerate(range(0, n_cells, CHUNK_SIZE)):
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, i)))
         chunk_labels = labels[start : start + CHUNK_SIZE]
-        X = _simulate_chunk(rng, chunk_labels, log_base, log_fc, dispersion)
+        counts = _simulate_chunk(rng, chunk_labels, log_base, log_fc, dispersion)
+        count_chunks.append(counts)
         if normalize:
+            X = counts.copy()
             scale = TARGET_SUM / np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
             X.data *= np.repeat(scale.astype(np.float32), np.diff(X.indptr))
             np.log1p(X.data, out=X.data)
-        chunks.append(X)
-    return sp.vstack(chunks, format="csr", dtype=np.float32), labels
+            normalized_chunks.append(X)
+    counts = sp.vstack(count_chunks, format="csr", dtype=np.float32)
+    normalized = sp.vstack(normalized_chunks, format="csr", dtype=np.float32) if normalize else None
+    return counts, normalized, labels
 
 
 def simulate_counts(
@@ -157,7 +162,8 @@ def simulate_counts(
     ScaeInputError
         If an argument is not an integer or out of range.
     """
-    return _simulate(n_cells, n_genes, n_populations, seed, normalize=False)
+    counts, _, labels = _simulate(n_cells, n_genes, n_populations, seed, normalize=False)
+    return counts, labels
 
 
 def simulate_dataset(
@@ -166,7 +172,8 @@ def simulate_dataset(
     n_populations: int = DEFAULT_N_POPULATIONS,
     seed: int = DEFAULT_SEED,
 ) -> Dataset:
-    """The built-in dataset: simulated counts, normalized to 1e4 per cell and ``log1p``-ed.
+    """The built-in dataset: simulated counts, normalized to 1e4 per cell and ``log1p``-ed, with
+    the counts themselves beside them (for count models).
 
     Parameters
     ----------
@@ -176,16 +183,21 @@ def simulate_dataset(
     Returns
     -------
     Dataset
-        Float32 CSR matrix ``log1p(counts / total * 1e4)`` with labels ``'pop0'``, ``'pop1'``, ….
+        Float32 CSR matrix ``log1p(counts / total * 1e4)`` with labels ``'pop0'``, ``'pop1'``, …;
+        :attr:`~scae.data.Dataset.raw` holds the counts (those of :func:`simulate_counts` with
+        the same arguments, generated once), ``raw_origin`` is ``"simulated counts"``.
 
     Raises
     ------
     ScaeInputError
         If an argument is not an integer or out of range.
     """
-    X, labels = _simulate(n_cells, n_genes, n_populations, seed, normalize=True)
+    counts, X, labels = _simulate(n_cells, n_genes, n_populations, seed, normalize=True)
     name = (
         f"built-in simulated dataset ({n_cells} cells × {n_genes} genes, "
         f"{n_populations} populations, seed {seed})"
     )
-    return make_dataset(X, np.char.add("pop", labels.astype(str)), name=name, source="simulated")
+    return make_dataset(
+        X, np.char.add("pop", labels.astype(str)), name=name, source="simulated",
+        raw=counts, raw_origin=RAW_ORIGIN,
+    )

@@ -11,7 +11,10 @@ one small protocol, so the trainer never asks which one it has:
 ``source.subset(rows)`` restricts any of them to some cells (the train/test split, the scored
 sample). When ``counts=True`` the rows are raw counts and every read returns
 ``log1p(counts / library size × 10⁴)``, computed per batch, so a raw-count atlas never needs a
-normalised copy.
+normalised copy; ``source.raw()`` is the same rows with that normalisation off (the counts
+themselves, for count models). :class:`ColumnSubsetSource` keeps some genes of a source (highly
+variable genes): it reads whole rows, so that normalised reads still divide by each cell's
+library over all genes.
 
 :class:`BatchLoader` turns a source into minibatches: seeded shuffles (by blocks of rows inside
 a prefetched window for sources on disk, so reads stay contiguous), this process's shard of
@@ -22,6 +25,7 @@ copied to a GPU without blocking, and normalised on the device).
 
 from __future__ import annotations
 
+import copy
 import math
 import queue
 import threading
@@ -45,18 +49,38 @@ WINDOW_BYTES = 64 * 1024**2
 Chunk = np.ndarray | sp.csr_matrix
 
 
-def normalize_counts(X: Chunk) -> Chunk:
-    """``log1p(X / row sum × 10⁴)`` for a dense or CSR block of raw counts (rows summing to 0 stay 0)."""
+def normalize_counts(X: Chunk, library: np.ndarray | None = None) -> Chunk:
+    """``log1p(X / library × 10⁴)`` for a dense or CSR block of raw counts (cells with library 0 stay 0).
+
+    Parameters
+    ----------
+    X
+        Cells × genes raw counts.
+    library
+        Each cell's total count; by default the row sums of ``X``. Give it when ``X`` holds only
+        some of the genes, so that cells are still scaled by their counts over all genes
+        (scanpy's order: ``normalize_total``, ``log1p``, then the gene selection).
+    """
     if sp.issparse(X):
         X = sp.csr_matrix(X, dtype=np.float32, copy=True)
-        sums = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+        sums = np.asarray(X.sum(axis=1) if library is None else library, dtype=np.float64).ravel()
         scale = np.where(sums > 0, TARGET_SUM / np.maximum(sums, 1e-30), 0.0)
         X.data = np.log1p(X.data * np.repeat(scale, np.diff(X.indptr))).astype(np.float32)
         return X
     X = np.asarray(X, dtype=np.float32)
-    sums = X.sum(axis=1, keepdims=True, dtype=np.float64)
+    if library is None:
+        sums = X.sum(axis=1, keepdims=True, dtype=np.float64)
+    else:
+        sums = np.asarray(library, dtype=np.float64).reshape(-1, 1)
     scale = np.where(sums > 0, TARGET_SUM / np.maximum(sums, 1e-30), 0.0)
     return np.log1p(X * scale).astype(np.float32)
+
+
+def library_sizes(X: Chunk) -> np.ndarray:
+    """Each row's total (float64) of a dense or CSR block: the cells' library sizes for raw counts."""
+    if sp.issparse(X):
+        return np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
+    return np.asarray(X).sum(axis=1, dtype=np.float64)
 
 
 def normalize_counts_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -135,6 +159,18 @@ class RowSource:
         """The source restricted to ``rows`` (sorted, distinct row indices)."""
         return SubsetSource(self, rows)
 
+    def raw(self) -> RowSource:
+        """The same rows with count normalisation off: reads return the stored values (float32).
+
+        A source whose reads are not normalised returns itself. Cheap: the data is shared, not
+        copied (a file source gets its own file handle, opened on first use).
+        """
+        if not self.counts:
+            return self
+        clone = copy.copy(self)  # through __getstate__/__setstate__ where a subclass has them
+        clone.counts = False
+        return clone
+
     def bytes_per_row(self) -> float:
         """Memory of one row as read (dense float32 unless a subclass stores it sparse)."""
         return 4.0 * self.n_cols
@@ -193,11 +229,86 @@ class SubsetSource(RowSource):
     def _read(self, rows: np.ndarray):
         return self._parent._read(self._rows[rows])
 
+    @property
+    def parent(self) -> RowSource:
+        """The source these rows are taken from."""
+        return self._parent
+
     def subset(self, rows: np.ndarray) -> RowSource:
         return SubsetSource(self._parent, self._rows[np.asarray(rows, dtype=np.int64)])
 
+    def raw(self) -> RowSource:
+        parent = self._parent.raw()
+        return self if parent is self._parent else SubsetSource(parent, self._rows)
+
     def bytes_per_row(self) -> float:
         return self._parent.bytes_per_row()
+
+
+class ColumnSubsetSource(RowSource):
+    """Some genes (columns) of another source, cut from whole rows as they are read.
+
+    When the parent holds raw counts (``parent.counts``), every read returns
+    ``log1p(counts / library × 10⁴)`` of the selected genes with each cell's library over *all*
+    the parent's genes (scanpy's order: ``normalize_total``, ``log1p``, then the highly variable
+    genes). Those reads are already the model input, so this source has ``counts=False``, and
+    :meth:`raw` gives the selected genes' raw counts. Reads stay sparse for a sparse parent;
+    at most one batch of whole rows is held at a time.
+
+    Parameters
+    ----------
+    parent
+        The source with every gene.
+    columns
+        Distinct column indices of ``parent``, in the order they are to appear.
+    """
+
+    def __init__(self, parent: RowSource, columns: np.ndarray) -> None:
+        columns = np.asarray(columns)
+        if columns.ndim != 1 or columns.size == 0 or columns.dtype.kind not in "iu":
+            raise ValueError("columns must be a non-empty 1-D array of column indices")
+        columns = columns.astype(np.int64)
+        if columns.min() < 0 or columns.max() >= parent.n_cols:
+            raise ValueError(f"columns must lie in 0…{parent.n_cols - 1}")
+        if np.unique(columns).size != columns.size:
+            raise ValueError("columns must be distinct")
+        self._parent, self.columns = parent, columns
+        self.n_rows, self.n_cols = parent.n_rows, int(columns.size)
+        self.on_disk = parent.on_disk
+        self.library_normalized = bool(parent.counts)
+        """Whether reads are normalised by each cell's library over all the parent's genes."""
+        self.counts = False
+
+    @property
+    def parent(self) -> RowSource:
+        """The source with every gene."""
+        return self._parent
+
+    def _read(self, rows: np.ndarray) -> Chunk:
+        chunk = self._parent._read(rows)  # whole rows, as stored
+        if isinstance(chunk, torch.Tensor):
+            chunk = chunk.numpy()
+        if sp.issparse(chunk):
+            chunk = sp.csr_matrix(chunk, dtype=np.float32)
+            chunk.sum_duplicates()  # a file may repeat an entry; scipy's meaning is their sum
+        selected = chunk[:, self.columns]
+        if self.library_normalized:
+            return normalize_counts(selected, library_sizes(chunk))
+        return selected if sp.issparse(selected) else np.asarray(selected, dtype=np.float32)
+
+    def raw(self) -> RowSource:
+        parent = self._parent.raw()
+        return self if parent is self._parent else ColumnSubsetSource(parent, self.columns)
+
+    def bytes_per_row(self) -> float:
+        return self._parent.bytes_per_row()
+
+
+def stored_source(source: RowSource) -> RowSource:
+    """The source that holds the data (a file or an array) under any row or column subsets."""
+    while isinstance(source, (SubsetSource, ColumnSubsetSource)):
+        source = source.parent
+    return source
 
 
 def _runs(rows: np.ndarray, max_gap: int) -> list[tuple[int, int]]:

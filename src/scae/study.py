@@ -25,6 +25,7 @@ from scae.metrics import (
     cluster_scores,
     convergence_epoch,
     epochs_to_near_best,
+    knn_accuracy,
     linear_separability,
 )
 from scae.models import Autoencoder
@@ -105,14 +106,16 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
     if data_seconds is not None:
         watch.timings["data"] = data_seconds
     labels, seed = dataset.labels, config.seed
-    source = dataset.source()
 
     with watch.stage("split"):
         train_idx, test_idx = stratified_split(labels, config.test_fraction, seed)
         embed_idx = subsample_indices(dataset.n_cells, config.max_embed_cells, seed)
+    dataset, genes = _select_genes(dataset, config, train_idx, watch)
+    source = dataset.source()
+    runs_to_train, skipped = _trainable_runs(dataset, config)
     reusable = _resumable(dataset, config, output, distributed)
     if not main:
-        _train_runs(dataset, source, train_idx, test_idx, config, None, distributed, watch, reusable)
+        _train_runs(dataset, runs_to_train, train_idx, test_idx, config, None, distributed, watch, reusable)
         return None
 
     with watch.stage("pca", "PCA of the input (scored sample) and its streamed projection"):
@@ -135,7 +138,7 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
         size = min(embed_idx.size, max(1, config.sample_layer_entries // dataset.n_genes))
         sample_rows = np.sort(np.random.default_rng(seed).choice(embed_idx, size, replace=False))
 
-    n_tsne = 1 + sum(spec.tsne_latent + spec.tsne_reconstruction for spec in config.runs)
+    n_tsne = 1 + sum(spec.tsne_latent + spec.tsne_reconstruction for spec in runs_to_train)
     # worker processes pay off only when a t-SNE takes longer than starting one (~1.5 s of imports)
     workers = min(config.tsne_workers, n_tsne) if embed_idx.size >= TSNE_WORKERS_FROM_CELLS else 1
     with ExitStack() as stack:
@@ -145,8 +148,9 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
         runs: dict[str, RunResult] = {}
 
         def trained(spec: RunSpec, model: Autoencoder, resumed: bool) -> None:
+            run_source = dataset.count_source() if spec.counts else source
             with watch.stage(f"predict_{spec.name}"):
-                latent, recon, recon_pca, sample, errors = _predict_pass(model, source, is_test, pca, keep_all, sample_rows)
+                latent, recon, recon_pca, sample, errors = _predict_pass(model, run_source, is_test, pca, keep_all, sample_rows)
             runs[spec.name] = run = RunResult(
                 spec=spec,
                 model=model,
@@ -164,8 +168,8 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
 
         busy = workers if workers > 1 else 0
         with _training_threads(config.device, busy):
-            _train_runs(dataset, source, train_idx, test_idx, config, output, distributed, watch, reusable, trained)
-        runs = {spec.name: runs[spec.name] for spec in config.runs}  # the order of the report
+            _train_runs(dataset, runs_to_train, train_idx, test_idx, config, output, distributed, watch, reusable, trained)
+        runs = {spec.name: runs[spec.name] for spec in runs_to_train}  # the order of the report
 
         with watch.stage("pca"):
             for name, run in runs.items():
@@ -175,6 +179,8 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
         # Stage timings stay disjoint: "scores" runs while t-SNE is under way, "tsne_wait" is the rest.
         with threadpool_limits(1):  # single-threaded, so that scoring and t-SNE do not fight over the cores
             representations = _score_representations(dataset, runs, views, train_idx, test_idx, embed_idx, config, watch)
+            with watch.stage("denoising", "imputation of hidden entries"):
+                denoising = _denoising(dataset, runs, train_idx, test_idx, config)
         with watch.stage("tsne_wait", "waiting for t-SNE"):
             views.update(tsne_jobs.results())
     # Each embedding's own time in its worker; these overlap training, "scores" and "tsne_wait".
@@ -197,6 +203,9 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
             "device": resolve_device(config.device).type,
             "processes": 1 if distributed is None else distributed.world_size,
         },
+        skipped_runs=skipped,
+        denoising=denoising,
+        genes=genes,
     )
     if output is not None:
         write_outputs(result, output, watch, models_saved=True)  # models staged as trained or reused
@@ -238,16 +247,17 @@ def _resumable(dataset, config, output, distributed) -> dict:
     return reusable if main else dict.fromkeys(names)
 
 
-def _train_runs(dataset, source, train_idx, test_idx, config, output, distributed, watch, reusable, trained=None) -> None:
-    """Train (or reuse, from ``reusable``) every run's model, t-SNE runs first.
+def _train_runs(dataset, specs, train_idx, test_idx, config, output, distributed, watch, reusable, trained=None) -> None:
+    """Train (or reuse, from ``reusable``) every run's model in ``specs``, t-SNE runs first.
 
-    On the main process each model is staged in ``output.models`` as soon as it is trained or
-    reused, tagged with a key of the input and settings (so an interrupted study can resume
-    from it), and handed to ``trained(spec, model, resumed)``.
+    Count runs train on the raw counts (:meth:`~scae.data.Dataset.count_source`), the others on
+    the input; a run with a preset takes its parameters (at most the study's epochs). On the
+    main process each model is staged in ``output.models`` as soon as it is trained or reused,
+    tagged with a key of the input and settings (so an interrupted study can resume from it),
+    and handed to ``trained(spec, model, resumed)``.
     """
     main = distributed is None or distributed.is_main
-    train, test = source.subset(train_idx), source.subset(test_idx)
-    for spec in _training_order(config.runs):
+    for spec in _training_order(specs):
         if spec.name in reusable:
             if main:
                 model, found_at = reusable[spec.name]
@@ -258,23 +268,60 @@ def _train_runs(dataset, source, train_idx, test_idx, config, output, distribute
                     print(f"scae: reusing {spec.name} from {found_at} (--resume)", file=sys.stderr, flush=True)
                 trained(spec, model, True)
             continue
+        source = dataset.count_source() if spec.counts else dataset.source()
+        train, test = source.subset(train_idx), source.subset(test_idx)
         with watch.stage(f"train_{spec.name}", f"training {spec.name} (latent {spec.latent_dim}, {spec.loss})"):
-            model = Autoencoder(
-                latent_dim=spec.latent_dim,
-                hidden=tuple(config.hidden),
-                activation=config.activation,
-                loss=spec.loss,
-                epochs=config.epochs,
-                batch_size=config.batch_size,
-                learning_rate=config.learning_rate,
-                random_state=config.seed,
-                device=config.device,
-                progress=config.progress and main,
-            ).fit(train, eval_X=test, description=spec.name, distributed=distributed)
+            model = run_model(spec, config, progress=config.progress and main).fit(
+                train, eval_X=test, description=spec.name, distributed=distributed
+            )
         if main:
             if output is not None:
                 save_model(model, dataset, config, spec, output.models)
             trained(spec, model, False)
+
+
+def run_model(spec: RunSpec, config: StudyConfig, progress: bool = False) -> Autoencoder:
+    """The unfitted autoencoder of one run: the study's network and schedule, or the run's preset
+    (stopping after at most the study's epochs)."""
+    common = {"random_state": config.seed, "device": config.device, "progress": progress}
+    if spec.preset is not None:
+        model = Autoencoder.from_preset(spec.preset, **common)
+        return model.set_params(epochs=min(model.epochs, config.epochs))
+    return Autoencoder(
+        latent_dim=spec.latent_dim,
+        hidden=tuple(config.hidden),
+        activation=config.activation,
+        loss=spec.loss,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        **common,
+    )
+
+
+def _trainable_runs(dataset: Dataset, config: StudyConfig) -> tuple[tuple[RunSpec, ...], dict[str, str]]:
+    """The runs that can train on ``dataset``, and the others with the reason they are skipped."""
+    skipped = {
+        spec.name: (f"it models raw counts (loss {spec.loss}) and the input has none: give an .h5ad whose X or "
+                    "--counts-layer holds integer counts, --counts-raw, or --raw-counts beside --counts")
+        for spec in config.runs
+        if spec.counts and not dataset.has_counts
+    }
+    return tuple(spec for spec in config.runs if spec.name not in skipped), skipped
+
+
+def _select_genes(dataset: Dataset, config: StudyConfig, train_idx: np.ndarray, watch) -> tuple[Dataset, dict | None]:
+    """With ``config.top_genes``: the dataset restricted to its most variable genes on the
+    training cells, and a description of the selection for the report."""
+    if config.top_genes is None or config.top_genes >= dataset.n_genes:
+        return dataset, None
+    from scae.genes import highly_variable_genes, hvg_flavor
+
+    with watch.stage("genes", f"selecting the {config.top_genes} most variable genes"):
+        genes = highly_variable_genes(dataset, config.top_genes, train_idx)
+        selected = dataset.select_genes(genes)
+    return selected, {"rule": hvg_flavor(dataset), "n_selected": int(genes.size), "n_genes": dataset.n_genes,
+                      "cells": "training cells"}
 
 
 def _reusable_models(dataset: Dataset, config: StudyConfig, output: OutputDir | None) -> dict:
@@ -375,7 +422,8 @@ def _input_pass(source: RowSource, pca, baseline_pca, dims: list[int], is_test: 
 def _predict_pass(model: Autoencoder, source: RowSource, is_test: np.ndarray, pca, keep_all: bool, sample_rows):
     """One streamed pass of a trained model over every cell.
 
-    Returns the latent codes, the reconstruction (every cell when ``keep_all``, else ``None``),
+    Errors compare the reconstruction with what the network encoded (for a count model: the
+    log-normalised counts, the scale of its reconstruction). Returns the latent codes, the reconstruction (every cell when ``keep_all``, else ``None``),
     the reconstruction on the input's principal axes, the reconstructions of ``sample_rows``
     (when not ``keep_all``), and the exact MSE / nonzero MSE of the training and test cells.
     """
@@ -389,10 +437,9 @@ def _predict_pass(model: Autoencoder, source: RowSource, is_test: np.ndarray, pc
     project, errors = _projector(pca), _SplitErrors(is_test)
     for start in range(0, n, EVAL_BATCH_SIZE):
         stop = min(start + EVAL_BATCH_SIZE, n)
-        x = source.tensor(slice(start, stop))
-        z, x_hat = net(x.to(device, non_blocking=True))
-        x_hat = x_hat.float().cpu()  # needed on the host: outputs and the PCA projection
-        latent[start:stop] = z.float().cpu().numpy()
+        out = net(source.tensor(slice(start, stop)).to(device, non_blocking=True))
+        x, x_hat = out.target.float().cpu(), out.reconstruction.float().cpu()  # on the host: outputs, projection
+        latent[start:stop] = out.latent.float().cpu().numpy()
         recon_pca[start:stop] = project(x_hat).numpy()
         if recon is not None:
             recon[start:stop] = x_hat.numpy()
@@ -447,12 +494,41 @@ def _score_representations(dataset, runs, views, train_idx, test_idx, embed_idx,
                 row.update({k: v for k, v in scores["original"].items() if k not in row and k != "scored_on"})
             else:
                 row.update(cluster_scores(matrix[embed_idx], labels[embed_idx], config.kmeans_seeds, config.seed))
+            row["knn_accuracy"] = knn_accuracy(matrix[embed_idx], labels[embed_idx], seed=config.seed)
             if dims <= 50:
                 row["linear_accuracy"] = linear_separability(
                     matrix[fit_cells], labels[fit_cells], matrix[eval_cells], labels[eval_cells], config.seed
                 )
             scores[key] = row
     return scores
+
+
+DENOISE_FRACTION = 0.1
+"""Share of the nonzero entries of the evaluated test cells hidden for the imputation measure."""
+BASELINE_PCS = 10
+
+
+def _denoising(dataset: Dataset, runs: dict[str, RunResult], train_idx, test_idx, config: StudyConfig) -> dict:
+    """How well each run and two baselines recover a hidden 10% of the nonzero entries of (a
+    seeded sample of) the test cells (:mod:`scae.denoising`; on raw counts when the input has them,
+    so count models and MSE models see the same corrupted cells)."""
+    from scae.denoising import baseline_reconstructions, hide_entries, imputation_scores
+
+    counts = dataset.has_counts
+    source = dataset.count_source() if counts else dataset.source()
+    seed = config.seed
+    cells = test_idx[subsample_indices(test_idx.size, config.denoise_cells, seed)]
+    hidden = hide_entries(source.matrix(cells), DENOISE_FRACTION, seed, counts=counts, max_cells=cells.size)
+    train_cells = train_idx[subsample_indices(train_idx.size, config.max_embed_cells, seed)]
+    train_values = source.matrix(train_cells)
+    scores = {}
+    for name, run in runs.items():
+        given = hidden.counts if run.spec.counts else hidden.values
+        scores[name] = imputation_scores(hidden, run.model.reconstruct(given))
+    baselines = baseline_reconstructions(train_values, hidden, BASELINE_PCS, seed, counts=counts)
+    scores.update({name: imputation_scores(hidden, recon) for name, recon in baselines.items()})
+    return {"fraction": DENOISE_FRACTION, "n_cells": int(cells.size), "n_hidden": hidden.n_hidden,
+            "scale": "log1p(counts / library × 1e4)" if counts else "the input's values", "scores": scores}
 
 
 def _check_config(config: StudyConfig, dataset: Dataset) -> None:

@@ -1,6 +1,8 @@
 """Minibatch training and batched evaluation of a PyTorch autoencoder.
 
-The network passed in must map a batch ``x`` to ``(latent, reconstruction)``. Data comes from a
+The network passed in maps a batch ``x`` to a :class:`~scae.likelihoods.Output` (latent,
+reconstruction, likelihood parameters) and has ``encode(x)``; a
+:class:`~scae.likelihoods.Likelihood` scores it. Data comes from a
 :class:`~scae.sources.RowSource` (in memory, a backed ``.h5ad`` or a memory-mapped ``.npy``);
 the trainer never asks which. It runs on any ``torch.device`` and, given a
 :class:`~scae.parallel.Distributed` context, trains with ``DistributedDataParallel``: every
@@ -11,6 +13,7 @@ result matches one process with the same global batch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -20,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from scae.errors import ScaeInputError
-from scae.losses import LossTotals, get_loss_terms
+from scae.likelihoods import get_likelihood
+from scae.losses import LossTotals
 from scae.parallel import Distributed, accumulator_dtype, all_reduce_sum
 from scae.sources import (
     DISK_BLOCK_ROWS,
@@ -43,11 +47,12 @@ def check_finite_record(row: dict, learning_rate: float) -> None:
 
     In a process group every process holds the same all-reduced values, so all of them stop.
     """
-    bad = [key for key in ("train_loss", "test_loss", "test_mse") if key in row and not math.isfinite(row[key])]
+    which = {"train_loss": "training loss", "test_loss": "loss on the evaluation cells",
+             "test_mse": "MSE on the evaluation cells", "val_loss": "loss on the validation cells"}
+    bad = [key for key in which if key in row and not math.isfinite(row[key])]
     if not bad:
         return
-    which = {"train_loss": "training loss", "test_loss": "loss on the evaluation cells",
-             "test_mse": "MSE on the evaluation cells"}[bad[0]]
+    which = which[bad[0]]
     value = row[bad[0]]
     if row["epoch"] == 0:
         raise TrainingDivergedError(
@@ -90,6 +95,8 @@ class TrainingRun:
     """Wall-clock time of the optimisation steps only (evaluation excluded)."""
     train_cells: int
     """Cells trained on, summed over epochs and processes."""
+    best_epoch: int | None = None
+    """With early stopping: the epoch whose weights were kept (lowest validation loss)."""
 
     @property
     def cells_per_second(self) -> float:
@@ -103,23 +110,39 @@ def _shard_rows(n: int, distributed: Distributed | None) -> np.ndarray:
     return np.arange(bounds[distributed.rank], bounds[distributed.rank + 1])
 
 
+def loss_scorers(loss: str, extra: tuple[str, ...] = ()) -> dict:
+    """``{"objective": …, **{name: …}}``: (sum, count) functions of a batch and a network's output.
+
+    ``objective`` is the training loss ``loss`` including a variational network's KL term at full
+    weight; the ``extra`` names (e.g. ``"mse"``) are plain likelihood terms, without KL.
+    """
+    likelihood = get_likelihood(loss)
+    scorers = {"objective": likelihood.objective}
+    scorers.update({name: get_likelihood(name).terms for name in extra})
+    return scorers
+
+
 @torch.inference_mode()
 def evaluate_losses(
     net: torch.nn.Module,
     source: RowSource,
-    losses: tuple[str, ...] = ("mse", "nonzero_mse"),
+    losses: tuple[str, ...] | dict = ("mse", "nonzero_mse"),
     device: torch.device | str = "cpu",
     distributed: Distributed | None = None,
 ) -> dict[str, float]:
     """Exact losses over a whole source (total error sum / total entry count), in batches.
 
-    Distributed, each process scores its contiguous share of the rows and the sums are added up.
+    ``losses`` names likelihoods (:data:`scae.likelihoods.LIKELIHOODS`; ``mse`` and
+    ``nonzero_mse`` compare the reconstruction with what the network encoded) or maps names to
+    (sum, count) functions of a batch and its output (:func:`loss_scorers`). Distributed, each
+    process scores its contiguous share of the rows and the sums are added up.
     """
     net.eval()
-    totals = LossTotals(losses)
+    scorers = losses if isinstance(losses, dict) else {name: get_likelihood(name).terms for name in losses}
+    totals = LossTotals(terms=scorers)
     for x in source.batches(EVAL_BATCH_SIZE, _shard_rows(source.n_rows, distributed)):
         x = x.to(device, non_blocking=True)
-        totals.add(x, net(x)[1])
+        totals.add(x, net(x))
     if distributed is not None:
         totals.set_sums(all_reduce_sum(totals.sums(), distributed, torch.device(device)))
     return totals.result()
@@ -131,22 +154,83 @@ def predict(net: torch.nn.Module, source: RowSource, device: torch.device | str 
     net.eval()
     latents, recons = [], []
     for x in source.batches():
-        z, x_hat = net(x.to(device, non_blocking=True))
-        latents.append(z.float().cpu().numpy())
-        recons.append(x_hat.float().cpu().numpy())
+        out = net(x.to(device, non_blocking=True))
+        latents.append(out.latent.float().cpu().numpy())
+        recons.append(out.reconstruction.float().cpu().numpy())
     return np.concatenate(latents), np.concatenate(recons)
 
 
 @torch.inference_mode()
 def encode(net: torch.nn.Module, source: RowSource, device: torch.device | str = "cpu") -> np.ndarray:
-    """Latent codes of every row (the decoder is not run)."""
+    """Latent codes of every row (a variational network's posterior means; the decoder is not run)."""
     net.eval()
-    return np.concatenate([net.encoder(x.to(device, non_blocking=True)).float().cpu().numpy() for x in source.batches()])
+    return np.concatenate([net.encode(x.to(device, non_blocking=True)).float().cpu().numpy() for x in source.batches()])
 
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+LR_SCHEDULES = ("none", "plateau", "cosine")
+PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 4
+"""``lr_schedule="plateau"``: the learning rate halves after this many epochs without improvement
+of the monitored loss (the validation loss with early stopping, else the training loss)."""
+COSINE_FLOOR = 0.01
+"""``lr_schedule="cosine"``: the learning rate falls along a half cosine to this fraction of its start."""
+MIN_IMPROVEMENT = 1e-4
+"""Early stopping: a validation loss counts as better when it is this much (relative) below the best."""
+
+
+def kl_weight(epoch: int, warmup_epochs: int) -> float:
+    """Weight of the KL term in training epoch ``epoch`` (1-based): rises linearly from 0 in
+    the first epoch to 1 after ``warmup_epochs`` epochs (1 throughout without warm-up)."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(1.0, (epoch - 1) / warmup_epochs)
+
+
+def _optimizer(net: torch.nn.Module, learning_rate: float, weight_decay: float, device: torch.device):
+    fused = device.type in ("cpu", "cuda")
+    if weight_decay > 0:  # decoupled weight decay (Loshchilov & Hutter), as AdamW defines it
+        return torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=weight_decay, fused=fused)
+    return torch.optim.Adam(net.parameters(), lr=learning_rate, fused=fused)
+
+
+def _scheduler(optimizer, lr_schedule: str, epochs: int):
+    if lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE)
+    if lr_schedule == "cosine":
+        start = optimizer.param_groups[0]["lr"]
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=start * COSINE_FLOOR)
+    if lr_schedule != "none":
+        raise ValueError(f"unknown lr_schedule '{lr_schedule}'; expected one of: {', '.join(LR_SCHEDULES)}")
+    return None
+
+
+def _has_batch_norm(net: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+class _EarlyStopping:
+    """Keeps the weights of the epoch with the lowest validation loss; says when to stop."""
+
+    def __init__(self, net: torch.nn.Module, patience: int) -> None:
+        self.net, self.patience = net, patience
+        self.best, self.best_epoch, self.waited = math.inf, 0, 0
+        self.best_state = copy.deepcopy(net.state_dict())
+
+    def update(self, epoch: int, loss: float) -> bool:
+        """Record an epoch's validation loss; ``True`` when training should stop."""
+        if loss < self.best - MIN_IMPROVEMENT * abs(self.best if math.isfinite(self.best) else loss):
+            self.best, self.best_epoch, self.waited = loss, epoch, 0
+            self.best_state = copy.deepcopy(self.net.state_dict())
+            return False
+        self.waited += 1
+        return self.waited >= self.patience
+
+    def restore(self) -> None:
+        self.net.load_state_dict(self.best_state)
 
 
 def train_network(
@@ -158,6 +242,11 @@ def train_network(
     epochs: int = 50,
     batch_size: int = 128,
     learning_rate: float = 1e-3,
+    weight_decay: float = 0.0,
+    lr_schedule: str = "none",
+    kl_warmup_epochs: int = 0,
+    validation: RowSource | None = None,
+    patience: int | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     distributed: Distributed | None = None,
@@ -170,12 +259,23 @@ def train_network(
     ``train_loss`` (epoch 0: the objective on all training cells; later epochs: the mean of the
     epoch's global minibatch losses, as deep-learning frameworks report it), and, when ``test``
     is given, ``test_loss`` (the objective over all test entries after the epoch) and
-    ``test_mse`` (plain MSE on the test cells). Shuffling is seeded by ``seed``; sources on
-    disk are shuffled by blocks within prefetched windows (:func:`~scae.sources.epoch_order`).
+    ``test_mse`` (plain MSE of the reconstruction on the test cells), and with ``validation``
+    ``val_loss``. The objective of a variational network includes its KL term; evaluation
+    always weighs it fully, training by :func:`kl_weight` (a warm-up over
+    ``kl_warmup_epochs``). Shuffling is seeded by ``seed``, and so are dropout and the latent
+    samples of a variational network; sources on disk are shuffled by blocks within
+    prefetched windows (:func:`~scae.sources.epoch_order`).
+
+    ``weight_decay > 0`` trains with AdamW; ``lr_schedule`` is ``"none"``, ``"plateau"``
+    (halve the rate when the monitored loss stalls) or ``"cosine"``. With ``validation`` and
+    ``patience``, training stops after ``patience`` epochs without a better validation loss and
+    the best epoch's weights are restored (``TrainingRun.best_epoch``).
 
     With ``distributed``, ``batch_size`` is the global batch: each process trains on its shard
     of it, and each step's loss is ``(this shard's error sum) × world size / (global entry
-    count)``, so DDP's gradient average is the gradient of the exact global batch loss.
+    count)``, so DDP's gradient average is the gradient of the exact global batch loss. (A
+    network with batch normalisation normalises by each process's shard on the CPU; minibatches
+    too small for batch statistics — fewer than 2 rows per process — are skipped.)
 
     Training stops with :class:`TrainingDivergedError` at the end of the first epoch whose
     training loss (the epoch's accumulated total, read once per epoch anyway, so no extra
@@ -186,38 +286,47 @@ def train_network(
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     device = torch.device(device)
-    terms = get_loss_terms(loss)
+    likelihood = get_likelihood(loss)
     rng = np.random.default_rng(seed)
     world = 1 if distributed is None else distributed.world_size
     model = net
     if distributed is not None:
         from torch.nn.parallel import DistributedDataParallel
 
+        if device.type == "cuda":
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         model = DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None, process_group=distributed.group
         )
-    fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate, fused=fused)
-    eval_losses = tuple(dict.fromkeys((loss, "mse")))
+    optimizer = _optimizer(net, learning_rate, weight_decay, device)
+    scheduler = _scheduler(optimizer, lr_schedule, epochs)
+    min_rows = 2 * world if _has_batch_norm(net) else 1
+    objective = loss_scorers(loss, ("mse",))
     exact = accumulator_dtype(device)
     block = DISK_BLOCK_ROWS if train.on_disk else None
     window_blocks = max(1, train.window_rows() // DISK_BLOCK_ROWS)
+    stopper = _EarlyStopping(net, patience) if validation is not None and patience is not None else None
 
     def record(epoch: int, train_loss: float) -> dict:
         row = {"epoch": epoch, "train_loss": train_loss}
         if test is not None:
-            scores = evaluate_losses(net, test, eval_losses, device, distributed)
-            row["test_loss"] = scores[loss]
+            scores = evaluate_losses(net, test, objective, device, distributed)
+            row["test_loss"] = scores["objective"]
             row["test_mse"] = scores["mse"]
+        if validation is not None:
+            row["val_loss"] = evaluate_losses(net, validation, {"objective": objective["objective"]}, device, distributed)["objective"]
         return row
 
-    history = [record(0, evaluate_losses(net, train, (loss,), device, distributed)[loss])]
+    history = [record(0, evaluate_losses(net, train, {"objective": objective["objective"]}, device, distributed)["objective"])]
     check_finite_record(history[0], learning_rate)
     show = progress and (distributed is None or distributed.is_main)
     bar = tqdm(total=epochs * train.n_rows, desc=description, unit="cell", unit_scale=True,
                disable=not show, leave=False)
-    train_seconds = 0.0
-    with contextlib.closing(bar):
+    train_seconds, trained_cells = 0.0, 0
+    # dropout and latent samples draw from torch's generator: seeded here, the caller's state restored after
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with contextlib.closing(bar), torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
         for epoch in range(1, epochs + 1):
             order = epoch_order(train.n_rows, rng, block, window_blocks)
             loader = BatchLoader(
@@ -225,14 +334,18 @@ def train_network(
                 rank=0 if distributed is None else distributed.rank, world_size=world, device=device,
                 window_rows=window_blocks * DISK_BLOCK_ROWS if block else None,
             )
+            weight = kl_weight(epoch, kl_warmup_epochs)
             net.train()
             total = torch.zeros((), dtype=exact, device=device)
+            steps = 0
             _synchronize(device)
             started = time.perf_counter()
             with contextlib.closing(iter(loader)) as batches:  # stops the prefetch thread on any exit
                 for x, n_global in batches:
-                    _, x_hat = model(x)
-                    err, count = terms(x, x_hat)
+                    bar.update(n_global)
+                    if n_global < min_rows:  # batch statistics need 2 rows per process
+                        continue
+                    err, count = likelihood.objective(x, model(x), weight)
                     if distributed is not None:
                         sums = torch.stack([err.detach().to(exact), count.to(exact)])
                         torch.distributed.all_reduce(sums, group=distributed.group)
@@ -245,14 +358,25 @@ def train_network(
                     optimizer.zero_grad(set_to_none=True)
                     value.backward()
                     optimizer.step()
-                    bar.update(n_global)
+                    steps += 1
             _synchronize(device)
             train_seconds += time.perf_counter() - started
-            train_loss = float(total) / len(loader)
+            trained_cells += train.n_rows
+            train_loss = float(total) / max(steps, 1)
             check_finite_record({"epoch": epoch, "train_loss": train_loss}, learning_rate)  # before evaluating
             history.append(record(epoch, train_loss))
             check_finite_record(history[-1], learning_rate)
             bar.set_postfix({"epoch": epoch, **{k: f"{v:.4g}" for k, v in history[-1].items() if k in ("train_loss", "test_loss")}})
+            monitored = history[-1].get("val_loss", train_loss)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(monitored)
+            elif scheduler is not None:
+                scheduler.step()
+            if stopper is not None and stopper.update(epoch, monitored):
+                break
     check_not_blown_up(history, learning_rate)
+    if stopper is not None:
+        stopper.restore()
     net.eval()
-    return TrainingRun(history=history, train_seconds=train_seconds, train_cells=train.n_rows * epochs)
+    return TrainingRun(history=history, train_seconds=train_seconds, train_cells=trained_cells,
+                       best_epoch=None if stopper is None else stopper.best_epoch)

@@ -1,0 +1,256 @@
+"""``scae benchmark``: fit embedding methods on labelled datasets and score their latents.
+
+Every method is fitted on all cells of a dataset (no labels are used) and its latent is scored
+against the known labels: k-means ARI and NMI (k = number of labels, 5 k-means seeds), the
+labels' silhouette, and the cross-validated 15-nearest-neighbour label accuracy
+(:func:`scae.metrics.knn_accuracy`). Methods:
+
+- ``pca<k>`` — PCA with k components of the log-normalised matrix;
+- ``ae10``, ``ae50``, ``ae2``, ``ae10_nonzero`` — the study's assignment runs (MSE on the
+  log-normalised matrix, the study's network and schedule);
+- every preset of :mod:`scae.presets` (count models on the raw counts), and ``recommended``;
+- ``scvi`` — scvi-tools' SCVI with its defaults, when scvi-tools is installed (the ``peers``
+  extra).
+
+Datasets with more genes than ``top_genes`` are first restricted to their most variable genes
+(:func:`scae.genes.highly_variable_genes`, on all cells), the same genes for every method.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from scae.data import Dataset
+from scae.embeddings import fit_pca, subsample_indices
+from scae.errors import ScaeInputError
+from scae.metrics import cluster_scores, knn_accuracy
+from scae.presets import PRESETS, RECOMMENDED, preset
+from scae.results import DEFAULT_RUNS, StudyConfig
+
+SCORE_MAX_CELLS = 20_000
+"""Latents of larger datasets are scored on a seeded sample of this many cells."""
+DEFAULT_METHODS = ("pca10", "ae10", "recommended", "scvi")
+ASSIGNMENT_RUNS = {spec.name: spec for spec in DEFAULT_RUNS}
+
+FitFunction = Callable[[Dataset, int], np.ndarray]
+"""``(dataset, seed) -> latent`` (cells × dims)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to embed a dataset."""
+
+    name: str
+    fit: FitFunction
+    needs_counts: bool = False
+    """Whether the method models raw counts (it is skipped on datasets without them)."""
+    peer: bool = False
+    """An external tool (skipped with a note when it is not installed)."""
+
+
+def _pca_method(name: str, k: int) -> Method:
+    def fit(dataset: Dataset, seed: int) -> np.ndarray:
+        X = dataset.source().matrix()
+        return fit_pca(X, k, seed).transform(X).astype(np.float32)
+
+    return Method(name, fit)
+
+
+def _autoencoder_method(name: str, params: dict, counts: bool) -> Method:
+    from scae.models import Autoencoder
+
+    def fit(dataset: Dataset, seed: int) -> np.ndarray:
+        source = dataset.count_source() if counts else dataset.source()
+        model = Autoencoder(**{**params, "random_state": seed}).fit(source)
+        return model.transform(source)
+
+    return Method(name, fit, needs_counts=counts)
+
+
+def _assignment_params(name: str) -> dict:
+    spec, config = ASSIGNMENT_RUNS[name], StudyConfig()
+    return {"latent_dim": spec.latent_dim, "loss": spec.loss, "hidden": config.hidden, "activation": config.activation,
+            "epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate}
+
+
+def _scvi_method() -> Method:
+    def fit(dataset: Dataset, seed: int) -> np.ndarray:
+        from scae.peers import fit_scvi
+
+        return fit_scvi(dataset.count_source().matrix(), seed=seed)[0]
+
+    return Method("scvi", fit, needs_counts=True, peer=True)
+
+
+def method(name: str) -> Method:
+    """The method called ``name`` (see the module docstring), or :class:`ScaeInputError`."""
+    from scae.likelihoods import get_likelihood
+
+    if name.startswith("pca") and name[3:].isdigit() and int(name[3:]) >= 1:
+        return _pca_method(name, int(name[3:]))
+    if name in ASSIGNMENT_RUNS:
+        return _autoencoder_method(name, _assignment_params(name), counts=False)
+    if name == "recommended" or name in PRESETS:
+        params = preset(name)
+        return _autoencoder_method(name, params, counts=get_likelihood(params.get("loss", "mse")).counts)
+    if name == "scvi":
+        return _scvi_method()
+    known = ["pca<k>", *ASSIGNMENT_RUNS, *PRESETS, "recommended", "scvi"]
+    raise ScaeInputError(f"unknown method '{name}'; expected one of: {', '.join(known)}")
+
+
+def method_names() -> list[str]:
+    """Every named method (PCA as ``pca10``)."""
+    return ["pca10", *ASSIGNMENT_RUNS, *PRESETS, "recommended", "scvi"]
+
+
+def score_latent(latent: np.ndarray, labels: np.ndarray, seed: int, max_cells: int = SCORE_MAX_CELLS) -> dict[str, float]:
+    """ARI, NMI, silhouette and 15-NN accuracy of a latent (on a seeded sample of ``max_cells``)."""
+    rows = subsample_indices(latent.shape[0], max_cells, seed)
+    Z, y = latent[rows], labels[rows]
+    scores = cluster_scores(Z, y, seed=seed)
+    return {"ari": scores["ari"], "nmi": scores["nmi"], "silhouette": scores["silhouette"],
+            "knn_accuracy": knn_accuracy(Z, y, k=15, folds=5, seed=seed)}
+
+
+def prepare(dataset: Dataset, top_genes: int | None) -> Dataset:
+    """``dataset`` restricted to its ``top_genes`` most variable genes (on all cells) when it has more."""
+    if top_genes is None or dataset.n_genes <= top_genes:
+        return dataset
+    from scae.genes import highly_variable_genes
+
+    return dataset.select_genes(highly_variable_genes(dataset, top_genes))
+
+
+def run_benchmark(
+    datasets: dict[str, Dataset],
+    methods: list[str | Method],
+    seeds: list[int],
+    top_genes: int | None = 2000,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Fit every method on every dataset with every seed and score each latent.
+
+    Returns ``(results, skipped)``: one record per fit, ``{"dataset", "method", "seed", "ari",
+    "nmi", "silhouette", "knn_accuracy", "fit_seconds"}``, and one ``{"dataset", "method",
+    "reason"}`` per method that could not run on a dataset (count models without raw counts,
+    a peer tool that is not installed).
+    """
+    resolved = [m if isinstance(m, Method) else method(m) for m in methods]
+    results, skipped = [], []
+    for data_name, dataset in datasets.items():
+        dataset = prepare(dataset, top_genes)
+        for m in resolved:
+            reason = _why_not(m, dataset)
+            if reason is not None:
+                skipped.append({"dataset": data_name, "method": m.name, "reason": reason})
+                if log:
+                    log(f"{data_name} {m.name}: skipped ({reason})")
+                continue
+            for seed in seeds:
+                started = time.perf_counter()
+                latent = m.fit(dataset, seed)
+                seconds = time.perf_counter() - started
+                record = {"dataset": data_name, "method": m.name, "seed": int(seed),
+                          **score_latent(np.asarray(latent, dtype=np.float32), dataset.labels, seed),
+                          "fit_seconds": seconds}
+                results.append(record)
+                if log:
+                    log(f"{data_name} {m.name} seed {seed}: ARI {record['ari']:.3f}, 15-NN {record['knn_accuracy']:.3f}, "
+                        f"fit {seconds:.1f} s")
+    return results, skipped
+
+
+def _why_not(m: Method, dataset: Dataset) -> str | None:
+    if m.needs_counts and not dataset.has_counts:
+        return "needs raw counts; the dataset has none"
+    if m.peer:
+        from scae.peers import scvi_available
+
+        if not scvi_available():
+            return "scvi-tools is not installed (pip install 'scae[peers]')"
+    return None
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds per dataset and method, in the order first seen."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in results:
+        groups.setdefault((record["dataset"], record["method"]), []).append(record)
+    rows = []
+    for (data_name, name), records in groups.items():
+        row = {"dataset": data_name, "method": name, "seeds": len(records)}
+        for key in ("ari", "nmi", "silhouette", "knn_accuracy", "fit_seconds"):
+            values = np.array([r[key] for r in records], dtype=float)
+            row[key], row[f"{key}_sd"] = float(values.mean()), float(values.std())
+        rows.append(row)
+    return rows
+
+
+def _table_rows(rows: list[dict]) -> list[tuple[str, list[list[str]]]]:
+    """Per dataset: one row of formatted cells per method."""
+    def pm(row: dict, key: str, digits: int = 3) -> str:
+        return f"{row[key]:.{digits}f} ± {row[key + '_sd']:.{digits}f}"
+
+    tables: dict[str, list[list[str]]] = {}
+    for row in rows:
+        tables.setdefault(row["dataset"], []).append([
+            row["method"], pm(row, "ari"), pm(row, "nmi"), pm(row, "silhouette"), pm(row, "knn_accuracy"),
+            pm(row, "fit_seconds", 1), str(row["seeds"]),
+        ])
+    return list(tables.items())
+
+
+def write_benchmark(out_dir, results: list[dict], skipped: list[dict], settings: dict,
+                    data_notes: dict[str, str] | None = None) -> dict:
+    """Write ``benchmark.json``, ``benchmark.html`` and ``figures/benchmark.png`` into ``out_dir``
+    (each file atomically); returns the JSON content.
+
+    ``benchmark.json`` holds ``"results"`` (one record per fit), ``"summary"`` (mean and sd over
+    seeds), ``"skipped"`` and ``"settings"``.
+    """
+    import json
+    import os
+    import platform
+    from pathlib import Path
+
+    from scae import __version__
+    from scae.files import write_bytes, write_text
+    from scae.plots import benchmark_bars, png_bytes
+    from scae.report import render_template
+
+    out = Path(out_dir)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    rows = summarize(results)
+    content = {"scae_version": __version__, "settings": settings, "results": results, "summary": rows,
+               "skipped": skipped}
+    images = {}
+    if rows:
+        png = png_bytes(benchmark_bars(rows, [("ari", "k-means ARI"), ("knn_accuracy", "15-NN accuracy")],
+                                       "Latent representations against the known labels"))
+        write_bytes(out / "figures" / "benchmark.png", png)
+        images["benchmark"] = __import__("base64").b64encode(png).decode("ascii")
+    html = render_template("benchmark.html.j2", {
+        "version": __version__,
+        "n_datasets": len({r["dataset"] for r in results} | {s["dataset"] for s in skipped}),
+        "methods": list(dict.fromkeys([r["method"] for r in results] + [s["method"] for s in skipped])),
+        "seeds": settings.get("seeds", []),
+        "kmeans_seeds": 5, "knn_k": 15, "knn_folds": 5,
+        "top_genes": settings.get("top_genes"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)",
+        "images": images,
+        "tables": _table_rows(rows),
+        "data_notes": data_notes or {},
+        "skipped": skipped,
+    })
+    write_text(out / "benchmark.json", json.dumps(content, indent=2, allow_nan=False) + "\n")
+    write_text(out / "benchmark.html", html)
+    return content
+
+
+__all__ = ["DEFAULT_METHODS", "Method", "RECOMMENDED", "method", "method_names", "run_benchmark", "score_latent", "summarize",
+           "write_benchmark"]

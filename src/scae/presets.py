@@ -1,0 +1,33 @@
+"""Named parameter sets of :class:`scae.Autoencoder` (presets are parameters, not subclasses).
+
+``Autoencoder.from_preset(name, **overrides)`` builds one; :data:`RECOMMENDED` names the preset
+scae recommends for a new dataset of raw counts, chosen by measurement (see the README's
+"Beyond the assignment" and ``benchmarks/``).
+"""
+
+from __future__ import annotations
+
+PRESETS: dict[str, dict] = {
+    # DCA-like: a count autoencoder with a zero-inflated negative binomial likelihood
+    "zinb_ae": {"latent_dim": 10, "hidden": (128,), "loss": "zinb", "epochs": 100, "batch_size": 128,
+                "learning_rate": 1e-3, "norm": "batch", "early_stopping": True, "patience": 10,
+                "lr_schedule": "plateau"},
+    # a negative-binomial autoencoder
+    "nb_ae": {"latent_dim": 10, "hidden": (128,), "loss": "nb", "epochs": 100, "batch_size": 128,
+              "learning_rate": 1e-3, "norm": "batch", "early_stopping": True, "patience": 10,
+              "lr_schedule": "plateau"},
+    # scVI-like: a variational autoencoder with a negative-binomial likelihood
+    "nb_vae": {"latent_dim": 10, "hidden": (128,), "loss": "nb", "variational": True, "epochs": 100,
+               "batch_size": 128, "learning_rate": 1e-3, "norm": "batch", "dropout": 0.1,
+               "kl_warmup_epochs": 10, "early_stopping": True, "patience": 10, "lr_schedule": "plateau"},
+}
+RECOMMENDED = "nb_vae"
+"""The preset :func:`preset` returns for ``"recommended"``."""
+
+
+def preset(name: str) -> dict:
+    """A copy of the parameters of preset ``name`` (``"recommended"`` is :data:`RECOMMENDED`)."""
+    key = RECOMMENDED if name == "recommended" else name
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset '{name}'; expected one of: recommended, {', '.join(PRESETS)}")
+    return dict(PRESETS[key])

@@ -1,0 +1,198 @@
+"""Count likelihoods against scipy.stats, the likelihood interface, and count/variational networks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from scipy.special import expit, logsumexp
+
+from scae.likelihoods import (
+    COUNT_LOSSES,
+    LIKELIHOODS,
+    Output,
+    get_likelihood,
+    nb_log_prob,
+    poisson_log_prob,
+    zinb_log_prob,
+)
+from scae.models import AutoencoderNet
+from scae.params import LOSSES
+
+
+@pytest.fixture(scope="module")
+def count_values():
+    """Counts from 0 to 10⁵, means from 10⁻³ to 10⁴, inverse dispersions from 10⁻² to 10³."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.zeros(40), rng.integers(1, 5, 40), rng.integers(5, 1000, 40), [1e4, 5e4, 1e5] * 5])
+    mean = 10 ** rng.uniform(-3, 4, x.size)
+    theta = 10 ** rng.uniform(-2, 3, x.size)
+    logit = rng.normal(0, 3, x.size)
+    return x, mean, theta, logit
+
+
+def _t(a):
+    return torch.from_numpy(np.asarray(a, dtype=np.float64))
+
+
+def test_poisson_log_prob_matches_scipy(count_values):
+    x, mean, _, _ = count_values
+    got = poisson_log_prob(_t(x), _t(np.log(mean))).numpy()
+    np.testing.assert_allclose(got, stats.poisson.logpmf(x, mean), rtol=1e-9, atol=1e-9)
+
+
+def test_nb_log_prob_matches_scipy(count_values):
+    x, mean, theta, _ = count_values
+    got = nb_log_prob(_t(x), _t(np.log(mean)), _t(np.log(theta))).numpy()
+    # scipy's nbinom(n, p): n failures, success probability p; mean μ and inverse dispersion θ give n = θ, p = θ/(θ+μ)
+    expected = stats.nbinom.logpmf(x, theta, theta / (theta + mean))
+    np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-8)
+
+
+def test_zinb_log_prob_matches_the_mixture(count_values):
+    x, mean, theta, logit = count_values
+    got = zinb_log_prob(_t(x), _t(np.log(mean)), _t(np.log(theta)), _t(logit)).numpy()
+    pi = expit(logit)
+    nb = stats.nbinom.logpmf(x, theta, theta / (theta + mean))
+    # P(x) = π·[x = 0] + (1 − π)·NB(x)
+    expected = np.where(
+        x == 0,
+        logsumexp(np.stack([np.log(pi), np.log1p(-pi) + nb]), axis=0),
+        np.log1p(-pi) + nb,
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-8)
+
+
+def test_nb_with_huge_inverse_dispersion_approaches_poisson():
+    x, log_mean = _t([0.0, 3.0, 40.0]), _t(np.log([0.5, 3.0, 35.0]))
+    nb = nb_log_prob(x, log_mean, _t(np.full(3, np.log(1e8))))
+    np.testing.assert_allclose(nb.numpy(), poisson_log_prob(x, log_mean).numpy(), rtol=1e-6)
+
+
+def test_count_log_probs_are_finite_in_float32_at_the_extremes():
+    x = torch.tensor([0.0, 0.0, 1e5, 1.0])
+    log_mean = torch.tensor([-40.0, 20.0, 0.0, 25.0])  # μ from e⁻⁴⁰ to e²⁵
+    log_theta = torch.tensor([-8.0, 12.0, 0.0, 10.0])
+    for values in (nb_log_prob(x, log_mean, log_theta), zinb_log_prob(x, log_mean, log_theta, torch.tensor([30.0, -30.0, 0.0, 5.0]))):
+        assert torch.isfinite(values).all()
+
+
+def _output(x, **parts) -> Output:
+    return Output(latent=torch.zeros(x.shape[0], 2), reconstruction=parts.pop("reconstruction", x), target=x, **parts)
+
+
+def test_likelihood_terms_are_sums_and_entry_counts():
+    x = torch.tensor([[0.0, 2.0, 5.0], [1.0, 0.0, 3.0]], dtype=torch.float64)
+    log_mean = torch.log(torch.tensor([[0.5, 2.0, 4.0], [1.0, 0.2, 2.5]], dtype=torch.float64))
+    log_theta = torch.log(torch.tensor([2.0, 0.5, 9.0], dtype=torch.float64))  # one per gene
+    logit = torch.tensor([[1.0, -2.0, 0.0], [0.5, 3.0, -1.0]], dtype=torch.float64)
+    out = _output(x, log_mean=log_mean, log_theta=log_theta, dropout_logit=logit)
+    for name, expected in (
+        ("poisson", -stats.poisson.logpmf(x.numpy(), log_mean.exp().numpy()).sum()),
+        ("nb", -stats.nbinom.logpmf(x.numpy(), log_theta.exp().numpy(),
+                                    (log_theta.exp() / (log_theta.exp() + log_mean.exp())).numpy()).sum()),
+        ("zinb", -zinb_log_prob(x, log_mean, log_theta, logit).sum().item()),
+    ):
+        total, count = get_likelihood(name).terms(x, out)  # NB and ZINB summed sparsely
+        assert float(count) == 6.0
+        assert float(total) == pytest.approx(expected, rel=1e-10)
+    # MSE compares the reconstruction with what the network encoded (the target), not the raw batch
+    recon = x + 1.0
+    total, count = get_likelihood("mse").terms(x * 100, _output(x, reconstruction=recon))
+    assert (float(total), float(count)) == (6.0, 6.0)
+
+
+def test_objective_adds_the_weighted_kl_sum():
+    x = torch.ones(2, 3)
+    out = _output(x, reconstruction=x + 2.0, kl=torch.tensor([0.5, 1.5]))
+    like = get_likelihood("mse")
+    assert float(like.objective(x, out, kl_weight=0.25)[0]) == pytest.approx(24.0 + 0.25 * 2.0)
+    assert float(like.objective(x, out._replace(kl=None), kl_weight=0.25)[0]) == pytest.approx(24.0)
+
+
+def test_loss_names_agree_between_params_and_likelihoods():
+    assert LOSSES == tuple(LIKELIHOODS)
+    assert COUNT_LOSSES == ("poisson", "nb", "zinb")
+    with pytest.raises(ValueError, match="unknown loss 'gauss'"):
+        get_likelihood("gauss")
+
+
+# ---------------------------------------------------------------- networks
+def _counts(n=6, g=5, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).poisson(3.0, (n, g)).astype(np.float32))
+
+
+@pytest.mark.parametrize("loss", COUNT_LOSSES)
+def test_count_network_outputs_proportions_of_the_library(loss):
+    torch.manual_seed(0)
+    net = AutoencoderNet(5, 2, (8,), loss=loss).eval()
+    x = _counts()
+    out = net(x)
+    library = x.sum(dim=1)
+    np.testing.assert_allclose(out.log_mean.exp().sum(dim=1).detach().numpy(), library.numpy(), rtol=1e-5)
+    rho = out.log_mean.exp() / library[:, None]
+    np.testing.assert_allclose(out.reconstruction.detach().numpy(), np.log1p(rho.detach().numpy() * 1e4), rtol=1e-5)
+    expected_input = np.log1p(x.numpy() / library.numpy()[:, None] * 1e4)
+    np.testing.assert_allclose(out.target.numpy(), expected_input, rtol=1e-6)
+    np.testing.assert_array_equal(net.encode(x).detach().numpy(), out.latent.detach().numpy())
+    assert (out.log_theta is not None) == (loss in ("nb", "zinb"))
+    assert (out.dropout_logit is not None) == (loss == "zinb")
+    assert out.kl is None
+
+
+def test_variational_network_samples_in_training_and_uses_the_mean_in_evaluation():
+    torch.manual_seed(0)
+    net = AutoencoderNet(5, 3, (8,), loss="nb", variational=True)
+    x = _counts()
+    net.eval()
+    first, second = net(x), net(x)
+    torch.testing.assert_close(first.latent, second.latent)
+    torch.testing.assert_close(first.latent, net.encode(x))
+    h = net.encoder[1](net.encoder[0](net.model_input(x)))
+    mean, var = net.encoder[2](h), net.z_log_var(h).exp() + 1e-4
+    expected_kl = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, var.sqrt()), torch.distributions.Normal(0.0, 1.0)
+    ).sum(dim=1)
+    torch.testing.assert_close(first.kl, expected_kl, rtol=1e-5, atol=1e-6)
+    net.train()
+    assert not torch.allclose(net(x).latent, net(x).latent)
+
+
+def test_default_network_layout_is_unchanged():
+    """Model files from before the count models keep loading: same parameter names for the defaults."""
+    net = AutoencoderNet(7, 3)
+    assert list(net.state_dict()) == [
+        "encoder.0.weight", "encoder.0.bias", "encoder.2.weight", "encoder.2.bias",
+        "decoder.0.weight", "decoder.0.bias", "decoder.2.weight", "decoder.2.bias",
+    ]
+
+
+def test_norm_and_dropout_layers():
+    net = AutoencoderNet(7, 3, (6, 4), norm="batch", dropout=0.2)
+    kinds = [type(m).__name__ for m in net.encoder]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear"]
+    assert [type(m).__name__ for m in AutoencoderNet(7, 3, (6,), norm="layer").decoder] == ["Linear", "LayerNorm", "ReLU", "Linear"]
+
+
+@pytest.mark.parametrize("loss", ["nb", "zinb"])
+def test_sparse_sums_and_their_gradients_equal_the_dense_formula(loss):
+    """The summed NB/ZINB terms skip lgamma on zero entries; value and gradients are the dense sum's."""
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.poisson(0.7, (7, 5)).astype(np.float64))
+    x[2] = 0.0  # a cell without counts
+    leaves = [torch.from_numpy(a).requires_grad_() for a in
+              (rng.normal(0, 2, (7, 5)), rng.normal(0, 1, 5), rng.normal(0, 2, (7, 5)))]
+    log_mean, log_theta, logit = leaves
+    out = _output(x, log_mean=log_mean, log_theta=log_theta, dropout_logit=logit)
+    sparse = get_likelihood(loss).terms(x, out)[0]
+    grads = torch.autograd.grad(sparse, leaves, allow_unused=True)
+    dense_fn = nb_log_prob(x, log_mean, log_theta) if loss == "nb" else zinb_log_prob(x, log_mean, log_theta, logit)
+    dense = -dense_fn.sum()
+    dense_grads = torch.autograd.grad(dense, leaves, allow_unused=True)
+    assert sparse.item() == pytest.approx(dense.item(), rel=1e-12)
+    for got, expected in zip(grads, dense_grads):
+        if expected is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
