@@ -60,12 +60,12 @@ def _pca_method(name: str, k: int) -> Method:
     return Method(name, fit)
 
 
-def _autoencoder_method(name: str, params: dict, counts: bool) -> Method:
+def _autoencoder_method(name: str, params: dict, counts: bool, device: str = "auto") -> Method:
     from scae.models import Autoencoder
 
     def fit(dataset: Dataset, seed: int) -> np.ndarray:
         source = dataset.count_source() if counts else dataset.source()
-        model = Autoencoder(**{**params, "random_state": seed}).fit(source)
+        model = Autoencoder(**{**params, "random_state": seed, "device": device}).fit(source)
         return model.transform(source)
 
     return Method(name, fit, needs_counts=counts)
@@ -86,17 +86,18 @@ def _scvi_method() -> Method:
     return Method("scvi", fit, needs_counts=True, peer=True)
 
 
-def method(name: str) -> Method:
-    """The method called ``name`` (see the module docstring), or :class:`ScaeInputError`."""
+def method(name: str, device: str = "auto") -> Method:
+    """The method called ``name`` (see the module docstring), or :class:`ScaeInputError`;
+    autoencoders train on ``device``."""
     from scae.likelihoods import get_likelihood
 
     if name.startswith("pca") and name[3:].isdigit() and int(name[3:]) >= 1:
         return _pca_method(name, int(name[3:]))
     if name in ASSIGNMENT_RUNS:
-        return _autoencoder_method(name, _assignment_params(name), counts=False)
+        return _autoencoder_method(name, _assignment_params(name), counts=False, device=device)
     if name == "recommended" or name in PRESETS:
         params = preset(name)
-        return _autoencoder_method(name, params, counts=get_likelihood(params.get("loss", "mse")).counts)
+        return _autoencoder_method(name, params, counts=get_likelihood(params.get("loss", "mse")).counts, device=device)
     if name == "scvi":
         return _scvi_method()
     known = ["pca<k>", *ASSIGNMENT_RUNS, *PRESETS, "recommended", "scvi"]

@@ -22,6 +22,7 @@ from scae import __version__
 from scae import params as rules
 from scae.errors import ScaeInputError
 from scae.interrupts import Interrupted, kill_child_processes, signals_raise_interrupted
+from scae.presets import PRESETS, RECOMMENDED
 
 EXIT_USAGE = 2
 
@@ -41,7 +42,7 @@ class OneLineParser(argparse.ArgumentParser):
         parsed = super().parse_args(args, namespace)
         hidden = getattr(parsed, "hidden", None)
         if hidden is not None:  # the part of the network's size that does not depend on the genes
-            problem = rules.network_too_large(getattr(parsed, "latent", STUDY_MAX_LATENT), tuple(hidden))
+            problem = rules.network_too_large(getattr(parsed, "latent", STUDY_MAX_LATENT) or 10, tuple(hidden))
             if problem is not None:
                 self.error(f"argument --hidden: {problem}", prog=f"{self.prog} {parsed.command}")
         if parsed.command == "simulate" and parsed.cells * parsed.genes > SIMULATE_MAX_ENTRIES:
@@ -89,11 +90,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_input_arguments(fit)
     fit.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
-    fit.add_argument("--latent", type=_option(rules.WIDTH), default=10,
+    fit.add_argument("--preset", choices=PRESET_CHOICES,
+                     help="start from a named parameter set (options given beside it override it); "
+                          f"recommended = {RECOMMENDED}")
+    fit.add_argument("--latent", type=_option(rules.WIDTH), default=None,
                      help=f"latent size, 1 to {rules.MAX_WIDTH} (default 10)")
-    fit.add_argument("--loss", choices=rules.LOSSES, default="mse", help="training loss (default mse)")
-    _add_training_arguments(fit)
+    fit.add_argument("--loss", choices=rules.LOSSES, default=None,
+                     help="training loss (default mse); poisson, nb and zinb model the raw counts")
+    _add_training_arguments(fit, from_preset=True)
+    _add_model_arguments(fit)
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    embed = sub.add_parser(
+        "embed",
+        help="fit the recommended model on an .h5ad and write its latent and denoised matrix (scanpy-ready)",
+        description="Fit a model (the recommended preset by default) on every cell of INPUT and write INPUT's "
+        "AnnData with the latent in obsm (default X_scae) and the denoised expression in layers (default "
+        "scae_denoised) to OUT, so that sc.pp.neighbors(adata, use_rep='X_scae') works.",
+    )
+    embed.add_argument("input", type=Path, metavar="INPUT", help="AnnData .h5ad file (read, never modified)")
+    embed.add_argument("--out", type=Path, required=True, help=".h5ad file to write (not INPUT)")
+    embed.add_argument("--preset", choices=PRESET_CHOICES, default="recommended",
+                       help=f"the model (default recommended = {RECOMMENDED})")
+    embed.add_argument("--counts-layer", metavar="NAME", help="raw counts from this layer")
+    embed.add_argument("--counts-raw", action="store_true", help="raw counts from adata.raw.X")
+    embed.add_argument("--top-genes", type=_option(rules.AT_LEAST_ONE), metavar="N",
+                       help="fit on the N most variable genes (seurat_v3 on the raw counts of all cells); "
+                            "OUT then holds those genes only")
+    embed.add_argument("--latent-key", default="X_scae", help="obsm key of the latent (default X_scae)")
+    embed.add_argument("--denoised-layer", default="scae_denoised",
+                       help="layers key of the denoised expression (default scae_denoised)")
+    embed.add_argument("--epochs", type=_option(rules.EPOCHS), default=None,
+                       help="most epochs (default: the preset's; it stops early on its validation cells)")
+    seed = rules.study_seed()
+    embed.add_argument("--seed", type=_option(seed), default=0, help="seed of every random choice (default 0)")
+    embed.add_argument("--device", choices=rules.DEVICES, default="auto", help="where the model trains")
+    embed.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    bench = sub.add_parser(
+        "benchmark",
+        help="fit embedding methods on labelled datasets and compare their latents (ARI, NMI, 15-NN accuracy)",
+        description="Fit each method on every cell of each dataset (labels unused) and score its latent against "
+        "the labels; writes OUT/benchmark.json and OUT/benchmark.html. Methods: pca<k>, the study runs "
+        f"(ae10, ae50, ae2, ae10_nonzero), the presets ({', '.join(PRESET_CHOICES)}) and scvi (scvi-tools' "
+        "SCVI, when installed: pip install 'scae[peers]').",
+    )
+    bench.add_argument("--h5ad", type=Path, action="append", default=[], help="AnnData file (repeatable)")
+    bench.add_argument("--label-key", help="obs column with the labels (for every --h5ad)")
+    bench.add_argument("--counts-layer", metavar="NAME", help="raw counts from this layer (every --h5ad)")
+    bench.add_argument("--counts-raw", action="store_true", help="raw counts from adata.raw.X (every --h5ad)")
+    bench.add_argument("--counts", type=Path, action="append", default=[],
+                       help="a cells × genes .npy (repeatable, each with a --labels)")
+    bench.add_argument("--labels", type=Path, action="append", default=[], help="labels.txt of the --counts before it")
+    bench.add_argument("--out", type=Path, required=True, help="output directory")
+    bench.add_argument("--methods", nargs="+", default=list(DEFAULT_BENCHMARK_METHODS), metavar="METHOD",
+                       help=f"methods to compare (default: {' '.join(DEFAULT_BENCHMARK_METHODS)})")
+    bench.add_argument("--seeds", type=_option(BENCHMARK_SEEDS), default=3,
+                       help="fits per method and dataset, with seeds 0 … N-1 (default 3)")
+    bench.add_argument("--top-genes", type=_option(rules.AT_LEAST_ONE), default=2000, metavar="N",
+                       help="datasets with more genes keep their N most variable (default 2000)")
+    bench.add_argument("--device", choices=rules.DEVICES, default="auto", help="where models train")
+    bench.add_argument("--quiet", action="store_true", help="no progress lines")
 
     simulate = sub.add_parser("simulate", help="write the built-in dataset as counts.npy (log-normalized) + "
                               "raw_counts.npy + labels.txt")
@@ -131,22 +188,79 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
                              ".npy); default: stream when its dense float32 form exceeds 1 GiB")
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=_option(rules.EPOCHS), default=50,
+def _add_training_arguments(parser: argparse.ArgumentParser, from_preset: bool = False) -> None:
+    """The network and schedule options; with ``from_preset`` their defaults are ``None`` (filled
+    from ``--preset`` or :data:`FIT_DEFAULTS` by :func:`model_params`), so a preset's values stand
+    unless an option is given."""
+
+    def default(value):
+        return None if from_preset else value
+
+    parser.add_argument("--epochs", type=_option(rules.EPOCHS), default=default(50),
                         help=f"training epochs, 1 to {rules.MAX_EPOCHS} (default 50)")
     seed = rules.study_seed()
     parser.add_argument("--seed", type=_option(seed), default=0,
                         help=f"seed of every random choice, {seed.low} to {seed.high} (default 0)")
-    parser.add_argument("--hidden", type=_option(rules.WIDTH), nargs="+", default=[100], metavar="WIDTH",
+    parser.add_argument("--hidden", type=_option(rules.WIDTH), nargs="+", default=default([100]), metavar="WIDTH",
                         help=f"hidden layer widths, input side first, each 1 to {rules.MAX_WIDTH} (default 100)")
-    parser.add_argument("--activation", default="relu", choices=rules.ACTIVATIONS,
+    parser.add_argument("--activation", default=default("relu"), choices=rules.ACTIVATIONS,
                         help="activation of the hidden layers (default relu)")
-    parser.add_argument("--batch-size", type=_option(rules.BATCH_SIZE), default=128,
+    parser.add_argument("--batch-size", type=_option(rules.BATCH_SIZE), default=default(128),
                         help=f"minibatch size, over all processes together, 1 to {rules.MAX_BATCH_SIZE} (default 128)")
-    parser.add_argument("--learning-rate", type=_option(rules.LEARNING_RATE), default=1e-3,
+    parser.add_argument("--learning-rate", type=_option(rules.LEARNING_RATE), default=default(1e-3),
                         help=f"Adam learning rate, > 0 and <= {rules.MAX_LEARNING_RATE:g} (default 1e-3)")
     parser.add_argument("--device", choices=rules.DEVICES, default="auto",
                         help="where models train and predict (default auto: a GPU when there is one)")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the count, variational and regularised models (defaults: the preset's, else off)."""
+    group = parser.add_argument_group("model (defaults: the --preset's values, else the plain autoencoder)")
+    group.add_argument("--variational", action=argparse.BooleanOptionalAction, default=None,
+                       help="Gaussian latent with a KL term (a VAE); transform gives the posterior mean")
+    group.add_argument("--kl-warmup-epochs", type=_option(rules.WARMUP_EPOCHS), default=None, metavar="N",
+                       help="the KL weight rises from 0 to 1 over N epochs (default 0)")
+    group.add_argument("--norm", choices=rules.NORMS, default=None, help="normalisation of the hidden layers (default none)")
+    group.add_argument("--dropout", type=_option(rules.DROPOUT), default=None, help="dropout after hidden layers (default 0)")
+    group.add_argument("--weight-decay", type=_option(rules.WEIGHT_DECAY), default=None,
+                       help="decoupled weight decay, AdamW (default 0: Adam)")
+    group.add_argument("--lr-schedule", choices=rules.LR_SCHEDULES, default=None, help="learning-rate schedule (default none)")
+    group.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=None,
+                       help="stop when a held-out 10%% of the training cells stops improving; keep the best epoch")
+    group.add_argument("--patience", type=_option(rules.EPOCHS), default=None,
+                       help="epochs without improvement before early stopping (default 10)")
+    group.add_argument("--scale-input", action=argparse.BooleanOptionalAction, default=None,
+                       help="standardise each gene of the encoder's input")
+    group.add_argument("--input-noise", type=_option(rules.INPUT_NOISE), default=None,
+                       help="sd of Gaussian noise on the encoder's input while training (default 0)")
+
+
+FIT_OPTIONS = {  # Autoencoder parameter: (argparse destination, default without a preset)
+    "latent_dim": ("latent", 10), "loss": ("loss", "mse"), "epochs": ("epochs", 50), "hidden": ("hidden", (100,)),
+    "activation": ("activation", "relu"), "batch_size": ("batch_size", 128), "learning_rate": ("learning_rate", 1e-3),
+    "variational": ("variational", False), "kl_warmup_epochs": ("kl_warmup_epochs", 0), "norm": ("norm", "none"),
+    "dropout": ("dropout", 0.0), "weight_decay": ("weight_decay", 0.0), "lr_schedule": ("lr_schedule", "none"),
+    "early_stopping": ("early_stopping", False), "patience": ("patience", 10), "scale_input": ("scale_input", False),
+    "input_noise": ("input_noise", 0.0),
+}
+
+
+def model_params(args: argparse.Namespace) -> dict:
+    """``scae fit``'s Autoencoder parameters: each option as given, else the preset's value, else its default."""
+    from scae.presets import preset
+
+    base = preset(args.preset) if args.preset else {}
+    params = {}
+    for name, (dest, fallback) in FIT_OPTIONS.items():
+        given = getattr(args, dest)
+        params[name] = given if given is not None else base.get(name, fallback)
+    params["hidden"] = tuple(params["hidden"])
+    return params
+
+
+PRESET_CHOICES = ("recommended", *PRESETS)
+DEFAULT_BENCHMARK_METHODS = ("pca10", "ae10", "recommended", "scvi")
+BENCHMARK_SEEDS = rules.Integer(1, 100)
 
 
 SIMULATE_CELLS = rules.Integer(1, 10_000_000)
@@ -260,6 +374,7 @@ def run_study_command(args: argparse.Namespace) -> int:
             tsne_workers=available_cores(),
             device=args.device,
             resume=args.resume,
+            top_genes=args.top_genes,
         )
         run_study(dataset, args.out, config, data_seconds=load_seconds, distributed=distributed)
         if main:
@@ -282,6 +397,7 @@ def _join_process_group(device_name: str):
 def run_fit_command(args: argparse.Namespace) -> int:
     from scae.data import stratified_split
     from scae.files import check_writable
+    from scae.likelihoods import get_likelihood
     from scae.models import Autoencoder
     from scae.parallel import init_distributed, resolve_device, shutdown_distributed
 
@@ -300,24 +416,139 @@ def run_fit_command(args: argparse.Namespace) -> int:
         for given in (args.h5ad, args.counts, args.labels, args.raw_counts):
             if given is not None and given.resolve() == out.resolve():
                 raise ScaeInputError(f"{given}: is the input, and fit would overwrite it with the model; choose another --out")
+        params = model_params(args)
         dataset = load_input(args)
         train_idx, test_idx = stratified_split(dataset.labels, 0.2, args.seed)
-        source = dataset.source()
-        model = Autoencoder(
-            latent_dim=args.latent, hidden=tuple(args.hidden), activation=args.activation, loss=args.loss,
-            epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-            random_state=args.seed, device=args.device, progress=not args.quiet and main,
-        ).fit(source.subset(train_idx), eval_X=source.subset(test_idx), description=f"ae{args.latent}",
-              distributed=distributed)
+        if args.top_genes is not None:
+            from scae.genes import highly_variable_genes
+
+            dataset = dataset.select_genes(highly_variable_genes(dataset, args.top_genes, train_idx))
+        model = Autoencoder(**params, random_state=args.seed, device=args.device, progress=not args.quiet and main)
+        model._check_params()
+        if get_likelihood(model.loss).counts:
+            source = dataset.count_source()
+            if source is None:
+                raise ScaeInputError(
+                    f"--loss {model.loss} models raw counts and {dataset.name} has none; give an .h5ad whose X or "
+                    "--counts-layer holds integer counts, --counts-raw, or --raw-counts beside --counts"
+                )
+        else:
+            source = dataset.source()
+        model.fit(source.subset(train_idx), eval_X=source.subset(test_idx),
+                  description=args.preset or f"ae{model.latent_dim}", distributed=distributed)
         if main:
             model.save(out)
             last = model.history_[-1]
-            print(f"scae: trained {dataset.n_cells} cells × {dataset.n_genes} genes for {args.epochs} epoch(s) "
+            stopped = f" (best epoch {model.best_epoch_})" if model.best_epoch_ is not None else ""
+            print(f"scae: trained {dataset.n_cells} cells × {dataset.n_genes} genes for {last['epoch']} epoch(s){stopped} "
                   f"at {model.train_cells_per_second_:.0f} cells/s; test loss {last['test_loss']:.5g}; model: {out}")
     finally:
         if sys.exc_info()[0] is None:  # after a failure the group may be broken: leave it unjoined
             shutdown_distributed()
     return 0
+
+
+def run_embed_command(args: argparse.Namespace) -> int:
+    """``scae embed INPUT --out OUT.h5ad``: fit a preset on every cell, write the AnnData with its
+    latent and denoised matrix."""
+    from scae.data import read_anndata
+
+    if args.counts_layer is not None and args.counts_raw:
+        raise ScaeInputError("give either --counts-layer or --counts-raw (where the raw counts are), not both")
+    if args.out.resolve() == args.input.resolve():
+        raise ScaeInputError(f"{args.out}: is INPUT; scae never modifies its input: choose another --out")
+    if args.out.is_dir():
+        raise ScaeInputError(f"{args.out}: is a directory; expected the path of the .h5ad file to write")
+    check_parent_writable(args.out)
+    adata = read_anndata(args.input)
+    from scae.embed import embed
+    from scae.files import atomic_path
+
+    if args.top_genes is not None and args.top_genes < adata.n_vars:
+        adata = _top_genes_of(adata, args)
+    started = time.perf_counter()
+    overrides = {} if args.epochs is None else {"epochs": args.epochs}
+    model = embed(adata, args.preset, counts_layer=args.counts_layer, counts_raw=args.counts_raw,
+                  latent_key=args.latent_key, denoised_layer=args.denoised_layer, random_state=args.seed,
+                  device=args.device, progress=not args.quiet, **overrides)
+    try:
+        with atomic_path(args.out) as tmp:
+            adata.write_h5ad(tmp)
+    except OSError as err:
+        raise ScaeInputError(f"{args.out}: cannot write ({err.strerror or err})") from None
+    print(f"scae: {args.preset} fitted on {adata.n_obs} cells × {adata.n_vars} genes in "
+          f"{time.perf_counter() - started:.1f} s ({model.history_[-1]['epoch']} epochs); wrote {args.out} with "
+          f"obsm['{args.latent_key}'] and layers['{args.denoised_layer}']")
+    return 0
+
+
+def _top_genes_of(adata, args: argparse.Namespace):
+    """``adata`` restricted to its ``--top-genes`` most variable genes (seurat_v3 on the raw counts)."""
+    from scae.data import anndata_counts
+    from scae.genes import top_count_genes
+
+    counts = anndata_counts(adata, args.counts_layer, args.counts_raw, str(args.input))
+    if counts is None:
+        raise ScaeInputError(f"{args.input}: --top-genes ranks genes by their raw counts, and X holds none; "
+                             "name them with --counts-layer or --counts-raw")
+    genes = top_count_genes(counts, args.top_genes)
+    subset = adata[:, genes].copy()
+    if args.counts_raw:  # adata.raw keeps every gene: the counts move to a layer of the subset
+        subset.layers["counts"] = counts[:, genes]
+        args.counts_layer, args.counts_raw = "counts", False
+    return subset
+
+
+def check_parent_writable(path: Path) -> None:
+    """Refuse an output file whose folder cannot be written, before any work."""
+    from scae.files import check_writable
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(path.parent)
+    except OSError as err:
+        raise ScaeInputError(f"{path.parent}: cannot write there ({err.strerror or err})") from None
+
+
+def run_benchmark_command(args: argparse.Namespace) -> int:
+    """``scae benchmark``: every method on every dataset and seed; JSON and HTML in ``--out``."""
+    from scae.data import read_counts_labels, read_h5ad
+    from scae.files import check_output_dir
+
+    if len(args.counts) != len(args.labels):
+        raise ScaeInputError("--counts and --labels go in pairs: one labels file after each counts file")
+    if not args.h5ad and not args.counts:
+        raise ScaeInputError("give at least one dataset: --h5ad FILE --label-key KEY, or --counts FILE --labels FILE")
+    if args.h5ad and not args.label_key:
+        raise ScaeInputError("--label-key is required with --h5ad (the obs column of cell labels)")
+    from scae.benchmark import method
+
+    methods = [method(name, args.device) for name in dict.fromkeys(args.methods)]  # unknown names refused first
+    check_output_dir(args.out)
+    datasets = {}
+    for path in args.h5ad:
+        datasets[_unique_name(path.stem, datasets)] = read_h5ad(
+            path, args.label_key, counts_layer=args.counts_layer, counts_raw=args.counts_raw)
+    for counts, labels in zip(args.counts, args.labels):
+        datasets[_unique_name(counts.stem, datasets)] = read_counts_labels(counts, labels)
+    from scae.benchmark import run_benchmark, write_benchmark
+
+    log = None if args.quiet else (lambda line: print(f"scae: {line}", file=sys.stderr, flush=True))
+    seeds = list(range(args.seeds))
+    results, skipped = run_benchmark(datasets, methods, seeds, top_genes=args.top_genes, log=log)
+    write_benchmark(args.out, results, skipped, {"seeds": seeds, "top_genes": args.top_genes,
+                                                 "methods": [m.name for m in methods], "device": args.device,
+                                                 "datasets": {name: d.name for name, d in datasets.items()}})
+    print(f"scae: benchmark of {len(methods)} method(s) on {len(datasets)} dataset(s), {len(seeds)} seed(s); "
+          f"wrote {args.out / 'benchmark.json'} and {args.out / 'benchmark.html'}")
+    return 0
+
+
+def _unique_name(stem: str, taken: dict) -> str:
+    name, i = stem, 2
+    while name in taken:
+        name, i = f"{stem}_{i}", i + 1
+    return name
 
 
 def run_simulate_command(args: argparse.Namespace) -> int:
@@ -366,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
 _NOT_WRITTEN_WHEN_INTERRUPTED = {
     "study": "; no report.html or metrics.json was written for this run",
     "fit": "; no model file was written",
+    "embed": "; no output file was written",
+    "benchmark": "; benchmark.json and benchmark.html were not written",
 }
 
 
@@ -376,6 +609,10 @@ def _run_command(args: argparse.Namespace) -> int:
             return run_study_command(args)
         if args.command == "fit":
             return run_fit_command(args)
+        if args.command == "embed":
+            return run_embed_command(args)
+        if args.command == "benchmark":
+            return run_benchmark_command(args)
         return run_simulate_command(args)
     except ScaeInputError as err:
         print(f"scae: error: {err}", file=sys.stderr)

@@ -1273,6 +1273,51 @@ def _h5ad_counts_in_memory(adata, counts: _H5Counts, shape: tuple[int, int]) -> 
     return _as_counts(matrix, counts.where, shape, columns=columns)
 
 
+def read_anndata(path: str | Path):
+    """A whole ``.h5ad`` file as an :class:`anndata.AnnData`, or one line saying why it cannot be read
+    (its HDF5 structure is walked in a child process first, as :func:`read_h5ad` does)."""
+    import anndata as ad
+
+    path = Path(path)
+    _check_readable(path, "AnnData file")
+    _probe_h5ad(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", getattr(ad, "OldFormatWarning", UserWarning))
+            return ad.read_h5ad(path)
+    except Exception as err:  # anndata raises many types for a corrupt or foreign file
+        raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file ({_one_line(err)})") from None
+
+
+def anndata_counts(adata, counts_layer: str | None = None, counts_raw: bool = False, where: str = "adata"):
+    """The raw counts of an in-memory AnnData, checked, or ``None`` when it has none.
+
+    From ``layers[counts_layer]``, from ``adata.raw.X`` (``counts_raw``; its genes matched to
+    ``X``'s by name), or, when neither is asked for, from ``X`` itself when it holds
+    non-negative whole numbers. Returns a float32 dense array or CSR matrix.
+    """
+    shape = tuple(adata.shape)
+    if counts_layer is not None and counts_raw:
+        raise ScaeInputError("give either counts_layer or counts_raw (where the raw counts are), not both")
+    if counts_layer is not None:
+        if counts_layer not in adata.layers:
+            available = ", ".join(adata.layers.keys()) or "none"
+            raise ScaeInputError(f"{where}: no layer '{counts_layer}' for the raw counts; available layers: {available}")
+        place = _H5Counts(f"layers/{counts_layer}", f"{where} layer '{counts_layer}'", f"layer '{counts_layer}'", "")
+        return _h5ad_counts_in_memory(adata, place, shape)
+    if counts_raw:
+        if adata.raw is None:
+            raise ScaeInputError(f"{where}: has no adata.raw for the raw counts; expected adata.raw.X to hold raw "
+                                 "counts, or a layer of counts (counts_layer)")
+        return _h5ad_counts_in_memory(adata, _H5Counts("raw/X", f"{where} raw.X", "adata.raw", "", "raw/var"), shape)
+    if adata.X is None:
+        return None
+    _check_matrix_type(adata.X, f"{where} X")
+    X = as_matrix(adata.X, f"{where} X")
+    non_negative, integer = value_profile(X.data if sp.issparse(X) else X)
+    return X if integer else None
+
+
 def _h5ad_name(path: Path, label_key: str, layer: str | None) -> str:
     return f"{path.name} (labels: obs['{label_key}']" + (f", layer '{layer}')" if layer else ")")
 

@@ -96,6 +96,18 @@ def highly_variable_genes(dataset: Dataset, n_top: int, cells: np.ndarray | None
     return np.sort(order[:n_top]).astype(np.int64)
 
 
+def top_count_genes(counts, n_top: int) -> np.ndarray:
+    """Sorted indices of the ``n_top`` most variable genes of a raw-count matrix in memory (all
+    its cells), by the ``seurat_v3`` rule of :func:`highly_variable_genes`."""
+    from scae.sources import ArraySource
+
+    if n_top >= counts.shape[1]:
+        return np.arange(counts.shape[1], dtype=np.int64)
+    variances = seurat_v3_variances(ArraySource(counts), np.arange(counts.shape[0]))
+    order = np.argsort(-variances.reshape(1, -1), axis=1).ravel()
+    return np.sort(order[:n_top]).astype(np.int64)
+
+
 def seurat_v3_variances(source, rows: np.ndarray) -> np.ndarray:
     """Per gene, the variance of the counts standardised by the loess-fitted expected standard
     deviation and clipped at √n (``variances_norm`` of scanpy's ``seurat_v3``).
