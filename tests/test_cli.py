@@ -661,3 +661,100 @@ def test_reading_with_top_genes_imports_no_heavy_module(small_files):
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=scae_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- scae fit: presets and model options
+@pytest.fixture(scope="module")
+def count_h5ad(tmp_path_factory) -> SimpleNamespace:
+    """An .h5ad whose X holds raw counts (200 cells × 40 genes, 3 populations, obs 'ct'), and a
+    counts.npy + labels.txt pair of its log-normalised matrix (no raw counts beside)."""
+    d = tmp_path_factory.mktemp("fit_counts")
+    counts, populations = scae.simulate_counts(200, 40, 3, seed=2)
+    labels = np.array([f"type{p}" for p in populations])
+    obs = pd.DataFrame({"ct": pd.Categorical(labels)}, index=[f"c{i}" for i in range(200)])
+    ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(40)])).write_h5ad(d / "counts.h5ad")
+    dense = counts.toarray()
+    lognorm = np.log1p(dense / dense.sum(axis=1, keepdims=True) * 1e4).astype(np.float32)
+    np.save(d / "lognorm.npy", lognorm)
+    (d / "labels.txt").write_text("\n".join(labels) + "\n")
+    return SimpleNamespace(dir=d, h5ad=d / "counts.h5ad", counts=dense, labels=labels, lognorm=d / "lognorm.npy",
+                           labels_file=d / "labels.txt")
+
+
+def _fit(count_h5ad, out: Path, *extra: str) -> int:
+    return main(["fit", "--h5ad", str(count_h5ad.h5ad), "--label-key", "ct", "--out", str(out), "--device", "cpu",
+                 "--quiet", *extra])
+
+
+def test_fit_preset_recommended_saves_the_presets_parameters(count_h5ad, tmp_path, capsys):
+    from scae.presets import RECOMMENDED, preset
+
+    out = tmp_path / "rec.pt"
+    assert _fit(count_h5ad, out, "--preset", "recommended", "--epochs", "2") == 0
+    assert f"model: {out}" in capsys.readouterr().out
+    params = scae.Autoencoder.load(out).get_params()
+    expected = {**scae.Autoencoder().get_params(), **preset(RECOMMENDED), "epochs": 2, "random_state": 0,
+                "device": "cpu", "progress": False}
+    assert {k: tuple(v) if k == "hidden" else v for k, v in params.items()} == expected
+    assert params["loss"] == "nb" and params["variational"] is True and params["norm"] == "batch"
+    assert params["epochs"] == 2  # the option beats the preset's 100
+
+
+def test_fit_option_given_beats_the_preset(count_h5ad, tmp_path):
+    from scae.presets import preset
+
+    out = tmp_path / "layer.pt"
+    assert _fit(count_h5ad, out, "--preset", "zinb_ae", "--epochs", "1", "--norm", "layer", "--dropout", "0.2",
+                "--no-early-stopping") == 0
+    params = scae.Autoencoder.load(out).get_params()
+    assert preset("zinb_ae")["norm"] == "batch" and preset("zinb_ae")["early_stopping"] is True
+    assert params["norm"] == "layer" and params["dropout"] == 0.2 and params["early_stopping"] is False
+    assert params["loss"] == "zinb" and params["lr_schedule"] == "plateau" and tuple(params["hidden"]) == (128,)
+
+
+def test_model_params_order_option_preset_default():
+    from scae.cli import build_parser, model_params
+
+    def params(*argv):
+        return model_params(build_parser().parse_args(["fit", "--out", "m.pt", *argv]))
+
+    plain = params()
+    assert plain == {**{k: v for k, v in scae.Autoencoder().get_params().items()
+                        if k not in ("random_state", "device", "progress", "validation_fraction")}}
+    assert params("--preset", "nb_ae")["lr_schedule"] == "plateau"
+    assert params("--preset", "nb_ae", "--lr-schedule", "cosine", "--hidden", "32", "16")["lr_schedule"] == "cosine"
+    assert params("--preset", "nb_ae", "--hidden", "32", "16")["hidden"] == (32, 16)
+    assert params("--preset", "nb_vae", "--no-variational")["variational"] is False
+    assert params("--variational")["variational"] is True and params("--variational")["loss"] == "mse"
+
+
+@pytest.mark.parametrize("extra", [["--loss", "nb"], ["--preset", "recommended"], ["--loss", "poisson"]])
+def test_fit_count_loss_without_counts_is_one_line(count_h5ad, tmp_path, capsys, extra):
+    out = tmp_path / "m.pt"
+    rc = main(["fit", "--counts", str(count_h5ad.lognorm), "--labels", str(count_h5ad.labels_file),
+               "--out", str(out), "--epochs", "1", "--quiet", *extra])
+    assert rc == 2
+    err = assert_one_line_error(capsys, "models raw counts and lognorm.npy + labels.txt has none")
+    assert "--counts-layer" in err and "--raw-counts" in err
+    assert not out.exists()
+
+
+def test_fit_nb_on_integer_h5ad_trains_on_the_raw_counts(count_h5ad, tmp_path):
+    from scae.data import stratified_split
+
+    out = tmp_path / "nb.pt"
+    assert _fit(count_h5ad, out, "--loss", "nb", "--epochs", "2", "--latent", "4", "--hidden", "16", "--seed", "3") == 0
+    saved = scae.Autoencoder.load(out)
+    train_idx, test_idx = stratified_split(count_h5ad.labels, 0.2, 3)
+    by_hand = scae.Autoencoder(latent_dim=4, hidden=(16,), loss="nb", epochs=2, random_state=3, device="cpu")
+    by_hand.fit(count_h5ad.counts[train_idx], eval_X=count_h5ad.counts[test_idx])
+    assert [row["epoch"] for row in saved.history_] == [0, 1, 2]
+    for saved_row, hand_row in zip(saved.history_, by_hand.history_, strict=True):
+        assert saved_row == pytest.approx(hand_row, rel=1e-6)
+    np.testing.assert_allclose(saved.transform(count_h5ad.counts), by_hand.transform(count_h5ad.counts), rtol=1e-5,
+                               atol=1e-6)
+    # the log-normalised matrix gives another history: the counts, not their normalisation, were used
+    lognorm = np.load(count_h5ad.lognorm)
+    mse = scae.Autoencoder(latent_dim=4, hidden=(16,), loss="mse", epochs=2, random_state=3, device="cpu")
+    mse.fit(lognorm[train_idx], eval_X=lognorm[test_idx])
+    assert mse.history_[0]["train_loss"] != pytest.approx(saved.history_[0]["train_loss"], rel=1e-3)

@@ -267,3 +267,16 @@ def test_baselines_recover_far_more_than_zeros_on_simulated_data(small_dataset):
         scores = imputation_scores(hidden, reconstruction)
         assert scores["median_abs_error"] < zeros / 2
         assert scores["pearson"] > 0.5
+
+
+def test_a_given_library_scales_truth_and_corrupted_values():
+    """With a gene selection, cells are scaled by their library over all genes, minus what was hidden."""
+    counts = np.array([[4.0, 0.0, 6.0, 2.0], [1.0, 3.0, 0.0, 5.0]], dtype=np.float32)
+    library = np.array([100.0, 50.0])  # the cells hold more counts in genes not given here
+    hidden = hide_entries(counts, 0.5, seed=3, counts=True, library=library)
+    lost = np.zeros(2)
+    np.add.at(lost, hidden.rows, counts[hidden.rows, hidden.cols])
+    np.testing.assert_allclose(hidden.truth, np.log1p(counts[hidden.rows, hidden.cols] / library[hidden.rows] * 1e4), rtol=1e-6)
+    expected = np.log1p(hidden.counts / (library - lost)[:, None] * 1e4)
+    np.testing.assert_allclose(hidden.values, expected, rtol=1e-6)
+    assert lost.sum() > 0

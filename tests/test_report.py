@@ -1,8 +1,11 @@
-"""The HTML report: escaping of user text, the summary, train-only labels, skipped questions."""
+"""The HTML report: escaping of user text, the summary, train-only labels, skipped questions, the
+"Beyond the assignment" section (recommended model, denoising) and 15-NN accuracy."""
 
 from __future__ import annotations
 
+import html
 import re
+from dataclasses import replace
 from html.parser import HTMLParser
 from types import SimpleNamespace
 
@@ -12,8 +15,18 @@ import pytest
 import scae
 from scae.embeddings import TSNEConfig
 from scae.plots import loss_curves
-from scae.report import _q1_summary, _Race, build_report, figure_plan, summary_lines
-from scae.results import DEFAULT_RUNS, StudyConfig
+from scae.report import (
+    _model_description,
+    _q1_summary,
+    _q3_knn_disagreement,
+    _q5_knn_disagreements,
+    _Race,
+    _section_beyond,
+    build_report,
+    figure_plan,
+    summary_lines,
+)
+from scae.results import DEFAULT_RUNS, STUDY_RUNS, StudyConfig
 
 SCRIPT = "<script>alert(1)</script>"
 QUOTED = 'a & b "c"'
@@ -30,11 +43,13 @@ PAGE_TAGS = {
 FAST_TSNE = TSNEConfig(early_exaggeration_iter=30, n_iter=30)
 
 
-def study(runs=DEFAULT_RUNS):
-    """A 1-epoch study of 300 cells × 40 genes whose labels and name are hostile HTML."""
+def study(runs=STUDY_RUNS, counts=True):
+    """A 1-epoch study of 300 cells × 40 genes whose labels and name are hostile HTML; with
+    ``counts`` the simulated raw counts go along, so the recommended (count) model trains."""
     ds = scae.simulate_dataset(300, 40, 3, 0)
     hostile = {"pop0": SCRIPT, "pop1": QUOTED, "pop2": BOLD}
-    data = scae.make_dataset(ds.X, [hostile[label] for label in ds.labels], name=NAME)
+    data = scae.make_dataset(ds.X, [hostile[label] for label in ds.labels], name=NAME,
+                             raw=ds.raw if counts else None)
     config = StudyConfig(epochs=1, progress=False, max_embed_cells=300, kmeans_seeds=1, tsne=FAST_TSNE,
                          hidden=(16,), runs=runs)
     return scae.run_study(data, None, config)
@@ -62,9 +77,14 @@ def page(result, metrics, images) -> str:
 
 
 @pytest.fixture(scope="module")
-def page_without_ae2() -> str:
-    result = study(tuple(spec for spec in DEFAULT_RUNS if spec.name != "ae2"))
-    return build_report(result, result.metrics(), {})
+def result_without_ae2():
+    """No ae2, and no raw counts: the recommended model is skipped."""
+    return study(tuple(spec for spec in STUDY_RUNS if spec.name != "ae2"), counts=False)
+
+
+@pytest.fixture(scope="module")
+def page_without_ae2(result_without_ae2) -> str:
+    return build_report(result_without_ae2, result_without_ae2.metrics(), {})
 
 
 class TagCollector(HTMLParser):
@@ -120,8 +140,8 @@ def test_page_opens_with_the_summary(page):
 # ---------------------------------------------------------------- summary
 def test_summary_has_one_line_per_question_with_its_numbers(page, metrics):
     items = summary_items(page)
-    assert [item.split(" — ")[0] for item in items] == ["Q1", "Q2", "Q3", "Q4", "Q5"]
-    q1, q2, q3, q4, q5 = items
+    assert [item.split(" — ")[0] for item in items] == ["Q1", "Q2", "Q3", "Q4", "Q5", "Beyond"]
+    q1, q2, q3, q4, q5, _ = items
     runs, reps = metrics["runs"], metrics["representations"]
 
     assert "ae10" in q1 and "ae50" in q1
@@ -163,7 +183,7 @@ def test_summary_repeats_the_sections_answers(page, result):
 
 def test_question_without_its_run_is_skipped(page_without_ae2):
     items = summary_items(page_without_ae2)
-    assert [item.split(" — ")[0] for item in items] == ["Q1", "Q2", "Q3", "Q5"]
+    assert [item.split(" — ")[0] for item in items] == ["Q1", "Q2", "Q3", "Q5", "Beyond"]
     assert "<h2>Q4 " not in page_without_ae2 and "2-D latent" not in page_without_ae2
     for q in ("Q1", "Q2", "Q3", "Q5"):
         assert f"<h2>{q} " in page_without_ae2
@@ -224,3 +244,281 @@ def test_one_epoch_loss_figures_have_integer_epoch_ticks(result):
             labels = ax.xaxis.get_major_formatter().format_ticks(ticks)
             assert labels == ["0", "1"]
             assert np.all(np.mod(ax.get_xticks(), 1) == 0)
+
+
+# ---------------------------------------------------------------- helpers for the new parts
+def section_html(page: str, heading: str) -> str:
+    """The HTML of the section whose <h2> starts with ``heading``."""
+    start = page.index(f"<h2>{heading}")
+    return page[start:page.index("</section>", start)]
+
+
+def table_rows(fragment: str, which: int = 0) -> list[list[str]]:
+    """Cells (tags removed, entities decoded) of the body rows of the ``which``-th table of ``fragment``."""
+    body = re.findall(r"<tbody>(.*?)</tbody>", fragment, re.DOTALL)[which]
+    return [[html.unescape(cell) for cell in re.findall(r"<td>(.*?)</td>", row, re.DOTALL)]
+            for row in re.findall(r"<tr>(.*?)</tr>", body, re.DOTALL)]
+
+
+def text(finding) -> str:
+    """A finding (a string, or plain and Strong parts) as plain text."""
+    return finding if isinstance(finding, str) else "".join(p if isinstance(p, str) else p.text for p in finding)
+
+
+def findings_of(result) -> list[str]:
+    return [text(item) for item in _section_beyond(result).findings]
+
+
+def with_scores(result, changes: dict[str, dict]):
+    """A copy of ``result`` whose representations differ only by ``changes`` (key → scores)."""
+    reps = {key: {**row, **changes.get(key, {})} for key, row in result.representations.items()}
+    return replace(result, representations=reps)
+
+
+def with_denoising(result, changes: dict[str, dict]):
+    """A copy of ``result`` whose denoising scores differ only by ``changes`` (method → scores)."""
+    scores = {name: {**row, **changes.get(name, {})} for name, row in result.denoising["scores"].items()}
+    return replace(result, denoising={**result.denoising, "scores": scores})
+
+
+def renamed(result, old: str, new: str):
+    """A copy of ``result`` with run ``old`` called ``new`` everywhere the report reads it."""
+    runs = {(new if name == old else name): (replace(run, spec=replace(run.spec, name=new)) if name == old else run)
+            for name, run in result.runs.items()}
+
+    def key(k: str, prefix: str) -> str:
+        return prefix + new + k[len(prefix + old):] if k.startswith(prefix + old) else k
+
+    reps = {}
+    for k, row in result.representations.items():
+        row = {**row, "description": row["description"].replace(old, new)} if k.startswith(f"{old}_") else row
+        reps[key(k, "")] = row
+    views = {key(k, "X_"): v for k, v in result.views.items()}
+    scores = {(new if k == old else k): v for k, v in result.denoising["scores"].items()}
+    return replace(result, runs=runs, representations=reps, views=views,
+                   denoising={**result.denoising, "scores": scores})
+
+
+# ---------------------------------------------------------------- beyond the assignment
+def test_beyond_section_follows_q5_with_its_score_table(page, result):
+    assert page.index("<h2>Q5 ") < page.index("<h2>Beyond the assignment: the recommended model (recommended)</h2>") \
+        < page.index("<h2>All representations")
+    rows = table_rows(section_html(page, "Beyond the assignment"), 0)
+    reps = result.representations
+    keys = ["original", "original_pca10", "ae10_latent", "ae10_nonzero_latent", "recommended_latent",
+            "ae10_reconstruction", "ae10_nonzero_reconstruction", "recommended_reconstruction"]
+    assert [row[0] for row in rows] == [reps[k]["description"] for k in keys]
+    for row, k in zip(rows, keys, strict=True):
+        r = reps[k]
+        assert row[2:6] == [f"{r['ari']:.3f} ± {r['ari_std']:.3f}", f"{r['nmi']:.3f} ± {r['nmi_std']:.3f}",
+                            f"{r['silhouette']:.3f}", f"{r['knn_accuracy']:.3f}"]
+
+
+def test_beyond_summary_line_names_the_latent_verdicts(page, result):
+    line = summary_items(page)[-1]
+    reps = result.representations
+    latent = reps["recommended_latent"]
+    assert line.startswith("Beyond — the recommended latent is ")
+    assert (f"15-NN accuracy {latent['knn_accuracy']:.3f} vs {reps['original_pca10']['knn_accuracy']:.3f} "
+            f"(the top 10 PCs) and {reps['ae10_latent']['knn_accuracy']:.3f} (ae10 latent)") in line
+    median = result.denoising["scores"]["recommended"]["median_abs_error"]
+    assert f"median |error| on hidden entries {median:.3g}" in line
+
+
+def test_model_description_comes_from_the_parameters(page, result):
+    run = result.runs["recommended"]
+    p = run.model.get_params()
+    section = html.unescape(section_html(page, "Beyond the assignment"))
+    widths = " → ".join(map(str, p["hidden"]))
+    assert f"Network: genes → {widths} → {p['latent_dim']} → " in section
+    assert ("A variational autoencoder" in section) == bool(p["variational"])
+    assert "trained on the raw counts" in section
+    if p["early_stopping"]:
+        assert f"kept the weights of epoch {run.model.best_epoch_}." in section
+
+
+def stand_in_run(loss: str, history_epochs: int, best_epoch, **params):
+    """A run with the parameters and training record the description reads (nothing else)."""
+    defaults = {"latent_dim": 8, "hidden": (64, 32), "activation": "elu", "loss": loss, "variational": False,
+                "kl_warmup_epochs": 0, "norm": "none", "dropout": 0.0, "weight_decay": 0.0, "lr_schedule": "none",
+                "early_stopping": False, "patience": 10, "validation_fraction": 0.1, "scale_input": False,
+                "input_noise": 0.0, "learning_rate": 0.002, "batch_size": 64, "epochs": 20}
+    model = SimpleNamespace(get_params=lambda: {**defaults, **params}, history_=[{}] * (history_epochs + 1),
+                            best_epoch_=best_epoch)
+    return SimpleNamespace(spec=SimpleNamespace(loss=loss, preset="nb_ae", counts=loss in ("nb", "zinb", "poisson")),
+                           model=model)
+
+
+def test_model_description_of_two_different_models():
+    vae = _model_description(stand_in_run("nb", 7, 3, variational=True, kl_warmup_epochs=5, norm="batch",
+                                          dropout=0.1, early_stopping=True, lr_schedule="plateau"))
+    assert vae[0] == ("A variational autoencoder (Gaussian latent, KL term weighted up from 0 over 5 epochs) trained on "
+                      "the raw counts with a negative-binomial likelihood (a dispersion per gene) (preset nb_ae).")
+    assert vae[1] == "Network: genes → 64 → 32 → 8 → 32 → 64 → genes, elu with batch normalisation and dropout 0.1 on the hidden layers."
+    assert vae[2].endswith("early stopping on a held-out 10% of the training cells (patience 10 epochs): it trained 7 of "
+                           "at most 20 epochs (stopped early) and kept the weights of epoch 3.")
+    assert "halved" in vae[2]
+    assert vae[3].startswith("Its reconstruction is log1p(expected proportion")
+    plain = _model_description(stand_in_run("mse", 20, None, norm="layer", weight_decay=0.01))
+    assert plain[0].startswith("An autoencoder trained on the input matrix with a squared error (MSE)")
+    assert plain[1] == "Network: genes → 64 → 32 → 8 → 32 → 64 → genes, elu with layer normalisation on the hidden layers."
+    assert plain[2] == "Training: AdamW (weight decay 0.01), learning rate 0.002, batch 64; 20 epochs."
+    assert len(plain) == 3  # no count-scale sentence for a model of the input matrix
+
+
+def test_beyond_figures_are_planned_with_existing_coordinates(result):
+    plan = figure_plan(result)
+    assert [k for _, k, _ in plan["beyond_tsne_latent"]["panels"]] == ["X_tsne", "X_ae10_tsne", "X_recommended_tsne"]
+    assert [k for _, k, _ in plan["beyond_tsne_reconstruction"]["panels"]] == [
+        "X_tsne", "X_ae10_reconstruction_tsne", "X_recommended_reconstruction_tsne"]
+    assert [k for _, k, _ in plan["beyond_pca_latent"]["panels"]] == ["X_pca", "X_ae10_pca", "X_recommended_pca"]
+    for stem in ("beyond_tsne_latent", "beyond_tsne_reconstruction", "beyond_pca_latent"):
+        for _, key, _ in plan[stem]["panels"]:
+            assert key in result.views
+
+
+def test_denoising_table_has_every_run_and_both_baselines(page, result):
+    section = section_html(page, "Beyond the assignment")
+    d = result.denoising
+    assert (f"{d['fraction'] * 100:g}% of the nonzero entries of {d['n_cells']} test cells ({d['n_hidden']} entries"
+            in section)
+    rows = table_rows(section, 1)
+    assert [row[0] for row in rows] == ["ae10", "ae50", "ae2", "ae10_nonzero", "recommended", "gene_mean", "pca10"]
+    for row in rows:
+        s = d["scores"][row[0]]
+        assert row[2:] == [f"{s['median_abs_error']:.4g}", f"{s['mean_abs_error']:.4g}", f"{s['pearson']:.3f}",
+                           f"{s['spearman']:.3f}"]
+
+
+def test_latent_verdict_against_pca_flips_with_the_scores(result):
+    pca = result.representations["original_pca10"]
+    high = {s: pca[s] + 0.2 for s in ("ari", "nmi", "silhouette", "knn_accuracy")}
+    low = {s: pca[s] - 0.2 for s in ("ari", "nmi", "silhouette", "knn_accuracy")}
+    spread = {"ari_std": 0.0, "nmi_std": 0.0}
+    better = with_scores(result, {"recommended_latent": {**high, **spread}})
+    worse = with_scores(result, {"recommended_latent": {**low, **spread}})
+    prefix = "recommended latent vs the top 10 PCs: "
+    [b] = [f for f in findings_of(better) if f.startswith(prefix)]
+    [w] = [f for f in findings_of(worse) if f.startswith(prefix)]
+    assert b.endswith("— better: 4 of 4 scores higher and 0 lower beyond their noise.")
+    assert w.endswith("— worse: 0 of 4 scores higher and 4 lower beyond their noise.")
+    assert f"15-NN accuracy {high['knn_accuracy']:.3f} vs {pca['knn_accuracy']:.3f}" in b
+    assert _section_beyond(better).summary.answer.startswith("the recommended latent is better than the top 10 PCs")
+    assert _section_beyond(worse).summary.answer.startswith("the recommended latent is worse than the top 10 PCs")
+
+
+BEYOND_KEYS = ("original", "original_pca10", "ae10_latent", "ae10_nonzero_latent", "recommended_latent",
+               "ae10_reconstruction", "ae10_nonzero_reconstruction", "recommended_reconstruction")
+
+
+def test_best_representation_and_its_lead_follow_the_numbers(result):
+    low = {key: {"ari": 0.1, "ari_std": 0.0, "knn_accuracy": 0.2} for key in BEYOND_KEYS}
+    first = with_scores(result, {**low, "recommended_latent": {"ari": 0.99, "ari_std": 0.0, "knn_accuracy": 0.995},
+                                 "ae10_latent": {"ari": 0.5, "ari_std": 0.0, "knn_accuracy": 0.99}})
+    items = findings_of(first)
+    assert ("Highest k-means ARI of these representations: recommended latent (0.990), 0.490 above the next, "
+            "ae10 latent (0.500).") in items
+    assert ("Highest 15-nearest-neighbour label accuracy of these representations: recommended latent (0.995), "
+            "but ae10 latent (0.990) is within the noise threshold of it (0.010).") in items
+    second = with_scores(first, {"ae10_latent": {"knn_accuracy": 0.5}, "recommended_latent": {"ari": 0.51, "ari_std": 0.02}})
+    items = findings_of(second)
+    assert ("Highest 15-nearest-neighbour label accuracy of these representations: recommended latent (0.995), "
+            "0.495 above the next, ae10 latent (0.500).") in items
+    assert ("Highest k-means ARI of these representations: recommended latent (0.510), but ae10 latent (0.500) is "
+            "within the k-means seed spread of it (0.020).") in items
+
+
+def test_denoising_findings_flip_with_the_scores(result):
+    baselines = {k: result.denoising["scores"][k]["median_abs_error"] for k in ("gene_mean", "pca10")}
+    best = with_denoising(result, {"recommended": {"median_abs_error": 0.001}})
+    worst = with_denoising(result, {"recommended": {"median_abs_error": 1e6}})
+    [line] = [f for f in findings_of(best) if f.startswith("Lowest median |error|")]
+    assert line.startswith("Lowest median |error| on the hidden entries among the models: recommended (0.001), ")
+    assert line.endswith(f"; it beats both baselines (gene_mean {baselines['gene_mean']:.3g}, pca10 {baselines['pca10']:.3g}).")
+    [line] = [f for f in findings_of(worst) if f.startswith("Lowest median |error|")]
+    assert "recommended" not in line
+    assert "recommended: median |error| 1.000e+06, rank 5 of 5 models." in findings_of(worst)
+    everyone_worse = with_denoising(result, {name: {"median_abs_error": 1e6 + i}
+                                             for i, name in enumerate(["ae10", "ae50", "ae2", "ae10_nonzero", "recommended"])})
+    [line] = [f for f in findings_of(everyone_worse) if f.startswith("Lowest median |error|")]
+    assert line.endswith(f"; it beats neither baseline (gene_mean {baselines['gene_mean']:.3g}, pca10 {baselines['pca10']:.3g}).")
+
+
+def test_skipped_recommended_run_is_one_line(result_without_ae2, page_without_ae2):
+    reason = result_without_ae2.skipped_runs["recommended"]
+    assert "recommended" not in result_without_ae2.runs
+    section = section_html(page_without_ae2, "Beyond the assignment: the recommended model</h2>")
+    assert f"<p>The recommended model (recommended) was not trained: {html.escape(reason, quote=True).replace('&#x27;', '&#39;')}.</p>" in section
+    assert summary_items(page_without_ae2)[-1] == html.escape(f"Beyond — recommended was not trained: {reason}", quote=False)
+    assert f"recommended was not trained: {html.escape(reason, quote=False)}.\n" in page_without_ae2.split("<h2>Q1 ")[0]
+    assert not any(stem.startswith("beyond_") for stem in figure_plan(result_without_ae2))
+    # the denoising table is still there, for the runs that trained
+    assert [row[0] for row in table_rows(section, 0)] == ["ae10", "ae50", "ae10_nonzero", "gene_mean", "pca10"]
+
+
+def test_no_beyond_section_without_the_run_or_denoising(result):
+    runs = {name: run for name, run in result.runs.items() if name != "recommended"}
+    without = replace(result, runs=runs, skipped_runs={}, denoising=None)
+    page = build_report(without, without.metrics(), {})
+    assert "Beyond the assignment" not in page
+    assert [item.split(" — ")[0] for item in summary_items(page)] == ["Q1", "Q2", "Q3", "Q4", "Q5"]
+    only_denoising = replace(without, denoising=result.denoising)
+    page = build_report(only_denoising, only_denoising.metrics(), {})
+    assert "<h2>Beyond the assignment: denoising</h2>" in page
+
+
+def test_hostile_run_name_and_skip_reason_are_escaped(result, result_without_ae2):
+    hostile = renamed(result, "recommended", SCRIPT)
+    page = build_report(hostile, hostile.metrics(), {stem: b"png" for stem in figure_plan(hostile)})
+    assert "<script" not in page.lower() and tags_of(page) <= PAGE_TAGS
+    assert f"<h2>Beyond the assignment: the recommended model ({SCRIPT_ESCAPED})</h2>" in page
+    assert f"Beyond</b> — the {SCRIPT_ESCAPED} latent is " in page
+    skipped = replace(result_without_ae2, skipped_runs={"recommended": BOLD})
+    page = build_report(skipped, skipped.metrics(), {})
+    assert "<b>cells</b>" not in page and tags_of(page) <= PAGE_TAGS
+    assert f"was not trained: {BOLD_ESCAPED}.</p>" in page
+
+
+# ---------------------------------------------------------------- 15-NN accuracy, input facts
+def test_every_score_table_has_the_knn_column(page, result):
+    header = "<th>silhouette (labels)</th><th>15-NN accuracy (5-fold)</th><th>linear accuracy (test cells)</th>"
+    assert page.count(header) == 5  # Q3, Q4, Q5, Beyond, All representations
+    rows = table_rows(section_html(page, "All representations"), 0)
+    reps = result.representations
+    assert [row[0] for row in rows] == [r["description"] for r in reps.values()]
+    for row, r in zip(rows, reps.values(), strict=True):
+        assert row[5] == f"{r['knn_accuracy']:.3f}"
+        assert row[6] == (f"{r['linear_accuracy']:.3f}" if "linear_accuracy" in r else "–")
+
+
+def test_gene_selection_is_stated_in_the_input_facts(result):
+    genes = {"rule": "seurat_v3", "n_selected": 20, "n_genes": 40, "cells": "training cells"}
+    line = ("Genes: the models saw the 20 most variable of 40 genes (scanpy's <code>seurat_v3</code> rule, "
+            "measured on the training cells).")
+    page = build_report(replace(result, genes=genes), result.metrics(), {})
+    assert line in page and page.index(line) < page.index("<h2>Q1 ")
+    assert "most variable" not in build_report(result, result.metrics(), {})
+
+
+@pytest.mark.parametrize(("survives", "knn", "expected"), [
+    (True, (0.90, 0.88), None),
+    (True, (0.90, 0.80), "disagrees: it falls from 0.900 on the original to 0.800 on the reconstruction (more than 0.05)"),
+    (False, (0.90, 0.88), "disagrees: 0.880 on the reconstruction vs 0.900 on the original (at most 0.05 lower)"),
+    (False, (0.90, 0.70), None),
+])
+def test_q3_mentions_knn_only_when_it_gives_the_other_verdict(survives, knn, expected):
+    items = _q3_knn_disagreement({"knn_accuracy": knn[0]}, {"knn_accuracy": knn[1]}, survives)
+    assert (items == []) == (expected is None)
+    if expected is not None:
+        assert expected in items[0]
+
+
+def test_q5_mentions_knn_only_where_it_points_the_other_way():
+    reps = {"nz_latent": {"knn_accuracy": 0.80}, "ae_latent": {"knn_accuracy": 0.70},
+            "nz_reconstruction": {"knn_accuracy": 0.705}, "ae_reconstruction": {"knn_accuracy": 0.70}}
+    verdicts = {"latent": ("worse", 0, 2), "reconstruction": ("no clear difference", 0, 0)}
+    assert _q5_knn_disagreements(reps, "nz", "ae", verdicts) == [
+        "15-nearest-neighbour label accuracy of the latent is higher for nz than for ae (0.800 vs 0.700; differences "
+        "within 0.01 count as the same), unlike the verdict from ARI, NMI and silhouette (worse)."]
+    agreeing = {"latent": ("better", 2, 0), "reconstruction": ("mixed", 1, 1)}
+    assert _q5_knn_disagreements(reps, "nz", "ae", agreeing) == []

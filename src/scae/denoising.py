@@ -22,7 +22,7 @@ import scipy.stats
 
 from scae.data import dense_if_small
 from scae.embeddings import fit_pca, subsample_indices
-from scae.sources import normalize_counts
+from scae.sources import library_sizes, normalize_counts
 
 MAX_BASELINE_TRAIN_CELLS = 20_000
 """The baselines are fitted on a seeded sample of at most this many training cells."""
@@ -70,7 +70,8 @@ class HiddenEntries:
 
 
 def hide_entries(
-    matrix, fraction: float = 0.1, seed: int = 0, *, counts: bool = False, max_cells: int = 2000
+    matrix, fraction: float = 0.1, seed: int = 0, *, counts: bool = False, max_cells: int = 2000,
+    library: np.ndarray | None = None,
 ) -> HiddenEntries:
     """Set a seeded ``fraction`` of the nonzero entries of (a sample of) the cells to 0.
 
@@ -93,6 +94,11 @@ def hide_entries(
     max_cells
         At most this many cells are evaluated (a seeded sample, sorted), so the dense arrays
         stay within ``max_cells × genes`` at any input size; every gene is kept.
+    library
+        With ``counts``: each cell's library over *all* its genes when ``matrix`` holds only some
+        of them (a gene selection; log-normalised models were trained on values scaled by the
+        full library). The corrupted cells' libraries shrink by what was hidden. By default the
+        row sums of ``matrix``.
 
     Returns
     -------
@@ -130,8 +136,9 @@ def hide_entries(
     corrupted = original.copy()
     corrupted[rows, cols] = 0.0
     if counts:
-        truth = normalize_counts(original)[rows, cols]
-        values = normalize_counts(corrupted)
+        full = library_sizes(original) if library is None else np.asarray(library, dtype=np.float64)[cells]
+        truth = normalize_counts(original, full)[rows, cols]
+        values = normalize_counts(corrupted, full - library_sizes(original - corrupted))
     else:
         truth, values = original[rows, cols], corrupted
     return HiddenEntries(

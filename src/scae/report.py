@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 
 SURVIVES_ARI_DROP = 0.05
 """A reconstruction 'keeps' the clusters when its k-means ARI is at most this much below the input's."""
+SURVIVES_KNN_DROP = 0.05
+"""By 15-nearest-neighbour label accuracy, a reconstruction keeps the labels apart when its accuracy is at
+most this much below the input's (Q3 says so when this verdict differs from the ARI one)."""
+KNN_NOISE = 0.01
+"""Smallest difference in 15-NN label accuracy between two representations that counts as real."""
+SCORES = ("ari", "nmi", "silhouette", "knn_accuracy")
+"""The cluster scores compared between representations (k-means ARI and NMI, silhouette, 15-NN)."""
 SEPARABLE_ACCURACY = 0.9
 PARTLY_SEPARABLE_ACCURACY = 0.7
 TEMPLATE = "report.html.j2"
@@ -157,6 +164,7 @@ def figure_plan(result: StudyResult) -> dict[str, dict]:
                 [("original", "X_tsne", ()), (f"{n} latent", f"X_{n}_tsne", ())]
                 + reference("_tsne", "latent", ref is not None and ref.spec.tsne_latent),
             )
+    plan.update(_beyond_figures(result))
     latent_panels = []
     for name, run in result.runs.items():
         if run.spec.latent_dim > 2:
@@ -164,6 +172,39 @@ def figure_plan(result: StudyResult) -> dict[str, dict]:
         else:
             latent_panels.append((f"{name} latent", f"X_{name}", ("z1", "z2")))
     plan["latent_pca_all"] = _scatter("PCA of every latent space", latent_panels)
+    return plan
+
+
+def _beyond_figures(result: StudyResult) -> dict[str, dict]:
+    """t-SNE of the recommended run's latent and reconstruction, and PCA of its latent, next to the
+    input's and the MSE run of the closest latent size (panels whose coordinates exist)."""
+    run = _beyond_run(result)
+    if run is None:
+        return {}
+    n, ref = run.spec.name, _beyond_references(result, run)["mse"]
+    m = ref.spec.name if ref is not None else None
+    pc = ("PC1", "PC2")
+
+    def panels(candidates: list[tuple]) -> list[tuple]:
+        return [(t, k, a) for t, k, a in candidates if k is not None and k in result.views]
+
+    def latent_pca(name: str, dim: int) -> tuple:
+        return ((f"{name} latent (PCA)", f"X_{name}_pca", pc) if dim > 2 else (f"{name} latent", f"X_{name}", ("z1", "z2")))
+
+    plan = {}
+    tsne_latent = panels([("original", "X_tsne", ()), (f"{m} latent", m and f"X_{m}_tsne", ()), (f"{n} latent", f"X_{n}_tsne", ())])
+    if any(k == f"X_{n}_tsne" for _, k, _ in tsne_latent):
+        plan["beyond_tsne_latent"] = _scatter(f"t-SNE: {n} latent vs original" + (f" and {m} latent" if m else ""), tsne_latent)
+    tsne_recon = panels([("original", "X_tsne", ()), (f"{m} reconstruction", m and f"X_{m}_reconstruction_tsne", ()),
+                         (f"{n} reconstruction", f"X_{n}_reconstruction_tsne", ())])
+    if any(k == f"X_{n}_reconstruction_tsne" for _, k, _ in tsne_recon):
+        plan["beyond_tsne_reconstruction"] = _scatter(
+            f"t-SNE: {n} reconstruction vs original" + (f" and {m} reconstruction" if m else ""), tsne_recon)
+    latents = {f"X_{name}" for name in result.runs}
+    pca_panels = [("original PCA", "X_pca", pc)] + ([latent_pca(m, ref.spec.latent_dim)] if ref else [])
+    pca_panels.append(latent_pca(n, run.spec.latent_dim))
+    pca_panels = [(t, k, a) for t, k, a in pca_panels if k in result.views or k in latents]
+    plan["beyond_pca_latent"] = _scatter(f"PCA: {n} latent vs the input's PCs" + (f" and {m} latent" if m else ""), pca_panels)
     return plan
 
 
@@ -201,6 +242,7 @@ def _score_rows(reps: dict, keys: list[str]) -> list[list[str]]:
             f"{r['ari']:.3f} ± {r['ari_std']:.3f}",
             f"{r['nmi']:.3f} ± {r['nmi_std']:.3f}",
             f"{r['silhouette']:.3f}",
+            f"{r['knn_accuracy']:.3f}" if "knn_accuracy" in r else "–",
             f"{r['linear_accuracy']:.3f}" if "linear_accuracy" in r else "–",
         ])
     return rows
@@ -210,6 +252,8 @@ def _noise(ra: dict, rb: dict, score: str) -> float:
     """Smallest difference in ``score`` between two representations that counts as real."""
     if score == "silhouette":
         return 0.01
+    if score == "knn_accuracy":
+        return KNN_NOISE
     return max(0.02, ra[f"{score}_std"] + rb[f"{score}_std"])
 
 
@@ -430,6 +474,7 @@ def _section_q3(result: StudyResult) -> Section | None:
                      f"as well as on the original, within {SURVIVES_ARI_DROP} ARI.")
     else:
         items.append(f"The reconstruction loses cluster structure: its k-means ARI is {drop:.3f} below the original's.")
+    items += _q3_knn_disagreement(reps["original"], reps[f"{n}_reconstruction"], survives)
     pcs = _largest_pca(reps)
     if pcs:
         items.append(_compare_scores(reps, pcs, f"{n}_reconstruction", f"the top {reps[pcs]['dims']} PCs of the input", f"the {n} reconstruction"))
@@ -440,6 +485,24 @@ def _section_q3(result: StudyResult) -> Section | None:
     )
     return Section(summary=summary, findings=items, run=n,
                    tables={"scores": _score_rows(reps, ["original", pcs, f"{n}_reconstruction", f"{n}_latent"])})
+
+
+def _q3_knn_disagreement(original: dict, reconstruction: dict, survives: bool) -> list[Finding]:
+    """A finding when 15-NN label accuracy gives the other verdict than k-means ARI (else none)."""
+    if "knn_accuracy" not in original or "knn_accuracy" not in reconstruction:
+        return []
+    before, after = original["knn_accuracy"], reconstruction["knn_accuracy"]
+    knn_survives = before - after <= SURVIVES_KNN_DROP
+    if knn_survives == survives:
+        return []
+    if survives:
+        return [f"15-nearest-neighbour label accuracy, which does not depend on k-means finding round clusters, "
+                f"disagrees: it falls from {before:.3f} on the original to {after:.3f} on the reconstruction "
+                f"(more than {SURVIVES_KNN_DROP}), so the labels mix more in the reconstruction's neighbourhoods."]
+    return [f"15-nearest-neighbour label accuracy, which does not depend on k-means finding round clusters, "
+            f"disagrees: {after:.3f} on the reconstruction vs {before:.3f} on the original (at most "
+            f"{SURVIVES_KNN_DROP} lower), so the labels stay apart in the reconstruction's neighbourhoods "
+            "even where k-means does not recover them."]
 
 
 # ---------------------------------------------------------------- Q4
@@ -480,9 +543,15 @@ def _section_q4(result: StudyResult) -> Section | None:
 def _structure_verdict(reps: dict, run: str, reference: str, kind: str) -> tuple[str, int, int]:
     """Whether ``run``'s latent or reconstruction keeps the populations better than ``reference``'s:
     ``(word, scores up, scores down)`` over ARI, NMI and silhouette, beyond their noise."""
-    a, b = reps[f"{run}_{kind}"], reps[f"{reference}_{kind}"]
-    up = [s for s in ("ari", "nmi", "silhouette") if a[s] > b[s] + _noise(a, b, s)]
-    down = [s for s in ("ari", "nmi", "silhouette") if a[s] < b[s] - _noise(a, b, s)]
+    return _verdict(reps[f"{run}_{kind}"], reps[f"{reference}_{kind}"], ("ari", "nmi", "silhouette"))
+
+
+def _verdict(a: dict, b: dict, scores: tuple[str, ...]) -> tuple[str, int, int]:
+    """Whether representation ``a`` scores better than ``b``: ``(word, scores up, scores down)``
+    over ``scores`` (those both have), each beyond its noise (:func:`_noise`)."""
+    scores = tuple(s for s in scores if s in a and s in b)
+    up = [s for s in scores if a[s] > b[s] + _noise(a, b, s)]
+    down = [s for s in scores if a[s] < b[s] - _noise(a, b, s)]
     if up and not down:
         return "better", len(up), len(down)
     if down and not up:
@@ -534,9 +603,298 @@ def _section_q5(result: StudyResult) -> Section | None:
             f"k-means ARI {reps[f'{n}_latent']['ari']:.3f} in its latent vs {reps['original']['ari']:.3f} on the original",
         )
     items.append(_compare_scores(reps, "original", f"{n}_latent", "the original data", f"the {n} latent"))
+    if ref is not None:
+        items += _q5_knn_disagreements(reps, n, ref.spec.name, verdicts)
     keys = ["original", f"{n}_latent", f"{ref.spec.name}_latent" if ref else "",
             f"{n}_reconstruction", f"{ref.spec.name}_reconstruction" if ref else ""]
     return Section(summary=summary, findings=items, run=n, tables={"errors": rows, "scores": _score_rows(reps, keys)})
+
+
+def _q5_knn_disagreements(reps: dict, run: str, reference: str, verdicts: dict) -> list[Finding]:
+    """A finding for each of latent and reconstruction where 15-NN label accuracy points the other
+    way than the verdict from ARI, NMI and silhouette (none where it agrees or that is mixed)."""
+    items: list[Finding] = []
+    for kind, (word, _, _) in verdicts.items():
+        a, b = reps[f"{run}_{kind}"], reps[f"{reference}_{kind}"]
+        if word == "mixed" or "knn_accuracy" not in a or "knn_accuracy" not in b:
+            continue
+        knn_word, _, _ = _verdict(a, b, ("knn_accuracy",))
+        if knn_word == word:
+            continue
+        direction = {"better": "higher", "worse": "lower"}.get(knn_word, "about the same")
+        items.append(f"15-nearest-neighbour label accuracy of the {kind} is {direction} for {run} than for {reference} "
+                     f"({a['knn_accuracy']:.3f} vs {b['knn_accuracy']:.3f}; differences within {KNN_NOISE} count as the "
+                     f"same), unlike the verdict from ARI, NMI and silhouette ({word}).")
+    return items
+
+
+# ---------------------------------------------------------------- Beyond the assignment
+LIKELIHOOD_WORDS = {
+    "mse": "squared error (MSE) on the log-normalised input",
+    "nonzero_mse": "squared error over the nonzero entries of the log-normalised input",
+    "poisson": "Poisson likelihood",
+    "nb": "negative-binomial likelihood (a dispersion per gene)",
+    "zinb": "zero-inflated negative-binomial likelihood (a dispersion per gene, a dropout probability per entry)",
+}
+"""How the model description names each loss."""
+LR_SCHEDULE_WORDS = {
+    "plateau": "the learning rate halved whenever the monitored loss stalled for 4 epochs",
+    "cosine": "the learning rate following a half cosine down to 1%",
+}
+
+
+def _beyond_run(result: StudyResult) -> RunResult | None:
+    """The trained run of a named preset (the recommended model), if any."""
+    return next((r for r in result.runs.values() if r.spec.preset is not None), None)
+
+
+def _beyond_skipped(result: StudyResult) -> tuple[str, str] | None:
+    """``(run, reason)`` when the study's preset run could not train on this input."""
+    for spec in result.config.runs:
+        if spec.preset is not None and spec.name in result.skipped_runs:
+            return spec.name, result.skipped_runs[spec.name].rstrip(".")
+    return None
+
+
+def _closest(runs: list[RunResult], latent_dim: int) -> RunResult | None:
+    """The run whose latent size is closest to ``latent_dim`` (the smaller one on a tie)."""
+    return min(runs, key=lambda r: (abs(r.spec.latent_dim - latent_dim), r.spec.latent_dim)) if runs else None
+
+
+def _beyond_references(result: StudyResult, run: RunResult) -> dict:
+    """What the recommended run is compared with: the input's PCs and the assignment's MSE and
+    nonzero-MSE runs, each of the latent size closest to the run's (PCA-10, ae10, ae10_nonzero)."""
+    reps, d = result.representations, run.spec.latent_dim
+    pcs = [k for k in reps if k.startswith("original_pca")]
+    return {
+        "pca": min(pcs, key=lambda k: (abs(reps[k]["dims"] - d), reps[k]["dims"])) if pcs else None,
+        "mse": _closest(_runs_where(result, "mse"), d),
+        "nonzero": _closest(_runs_where(result, "nonzero_mse"), d),
+    }
+
+
+def _model_description(run: RunResult) -> list[str]:
+    """What the model is, in sentences built from its parameters and training record."""
+    from scae.presets import RECOMMENDED  # what "recommended" meant when this report was written
+
+    p = run.model.get_params()
+    spec = run.spec
+    preset = spec.preset if spec.preset != "recommended" else f"recommended, i.e. {RECOMMENDED}"
+    kind = "A variational autoencoder (Gaussian latent, KL term" if p.get("variational") else "An autoencoder"
+    if p.get("variational"):
+        warmup = p.get("kl_warmup_epochs", 0)
+        kind += f" weighted up from 0 over {warmup} epochs)" if warmup else ")"
+    counts = spec.counts
+    lines = [f"{kind} trained on {'the raw counts' if counts else 'the input matrix'} with a "
+             f"{LIKELIHOOD_WORDS.get(spec.loss, f'{spec.loss} loss')} (preset {preset})."]
+    widths = [str(w) for w in p["hidden"]]
+    network = f"Network: genes → {' → '.join([*widths, str(p['latent_dim']), *reversed(widths)])} → genes, {p['activation']}"
+    extras = []
+    if p.get("norm", "none") != "none":
+        extras.append(f"{p['norm']} normalisation")
+    if p.get("dropout", 0):
+        extras.append(f"dropout {p['dropout']:g}")
+    network += (" with " + " and ".join(extras) if extras else "") + " on the hidden layers"
+    if p.get("scale_input"):
+        network += "; the encoder's input is standardised per gene"
+    if p.get("input_noise", 0):
+        network += f"; Gaussian noise of sd {p['input_noise']:g} is added to its input while training"
+    lines.append(network + ".")
+    optimiser = f"AdamW (weight decay {p['weight_decay']:g})" if p.get("weight_decay", 0) else "Adam"
+    training = f"Training: {optimiser}, learning rate {p['learning_rate']:g}, batch {p['batch_size']}"
+    if p.get("lr_schedule", "none") in LR_SCHEDULE_WORDS:
+        training += ", " + LR_SCHEDULE_WORDS[p["lr_schedule"]]
+    trained = len(run.model.history_) - 1
+    if p.get("early_stopping") and run.model.best_epoch_ is not None:
+        stop = "stopped early" if trained < p["epochs"] else "did not stop early"
+        training += (f"; early stopping on a held-out {p['validation_fraction'] * 100:g}% of the training cells "
+                     f"(patience {p['patience']} epochs): it trained {trained} of at most {p['epochs']} epochs "
+                     f"({stop}) and kept the weights of epoch {run.model.best_epoch_}")
+    else:
+        training += f"; {trained} epochs"
+    lines.append(training + ".")
+    if counts:
+        lines.append("Its reconstruction is log1p(expected proportion of the library × 10⁴): the scale of the "
+                     "MSE runs' log-normalised input, so its MSEs and scores compare with theirs.")
+    return lines
+
+
+def _best_of(reps: dict, keys: list[str], score: str, names: dict[str, str]) -> Finding:
+    """Which of ``keys`` scores highest on ``score``, and by how much over the next one."""
+    label = {"ari": "k-means ARI", "knn_accuracy": "15-nearest-neighbour label accuracy"}[score]
+    ranked = sorted((k for k in keys if score in reps[k]), key=lambda k: reps[k][score], reverse=True)
+    if len(ranked) < 2:
+        return ""
+    best, second = reps[ranked[0]], reps[ranked[1]]
+    lead, noise = best[score] - second[score], _noise(best, second, score)
+    head: list[str | Strong] = [f"Highest {label} of these representations: ", Strong(names[ranked[0]]),
+                                f" ({best[score]:.3f}), "]
+    if lead <= noise:
+        spread = "the k-means seed spread" if score == "ari" else "the noise threshold"
+        return (*head, f"but {names[ranked[1]]} ({second[score]:.3f}) is within {spread} of it ({noise:.3f}).")
+    return (*head, f"{lead:.3f} above the next, {names[ranked[1]]} ({second[score]:.3f}).")
+
+
+def _versus(reps: dict, a: str, b: str, name_a: str, name_b: str) -> tuple[Finding, str]:
+    """One finding comparing representations ``a`` and ``b`` on every score, and the verdict word."""
+    ra, rb = reps[a], reps[b]
+    labels = {"ari": "ARI", "nmi": "NMI", "silhouette": "silhouette", "knn_accuracy": "15-NN accuracy"}
+    scores = [s for s in SCORES if s in ra and s in rb]
+    word, up, down = _verdict(ra, rb, tuple(scores))
+    numbers = ", ".join(f"{labels[s]} {ra[s]:.3f} vs {rb[s]:.3f}" for s in scores)
+    return (f"{name_a} vs {name_b}: {numbers} — ", Strong(word),
+            f": {up} of {len(scores)} scores higher and {down} lower beyond their noise."), word
+
+
+def _verdict_phrase(word: str, other: str) -> str:
+    """'better than X' / 'worse than X' / 'mixed against X' / 'no clear difference from X'."""
+    if word in ("better", "worse"):
+        return f"{word} than {other}"
+    return f"mixed against {other}" if word == "mixed" else f"no clear difference from {other}"
+
+
+def _denoising_rows(result: StudyResult) -> list[list[str]]:
+    """Rows of the hidden-entry recovery table: every run, then the baselines."""
+    scores = result.denoising["scores"]
+    rows = []
+    for name, s in scores.items():
+        rows.append([name, _method_description(result, name), _f(s["median_abs_error"]), _f(s["mean_abs_error"]),
+                     f"{s['pearson']:.3f}", f"{s['spearman']:.3f}"])
+    return rows
+
+
+def _method_description(result: StudyResult, name: str) -> str:
+    """What a denoising method is: a run (its loss, preset), or a baseline."""
+    if name in result.runs:
+        spec = result.runs[name].spec
+        kind = "variational autoencoder" if result.runs[name].model.get_params().get("variational") else "autoencoder"
+        return f"{spec.loss} {kind}" + (f" (preset {spec.preset})" if spec.preset else "")
+    if name == "gene_mean":
+        return "baseline: each gene's mean over training cells"
+    if name.startswith("pca") and name[3:].isdigit():
+        return f"baseline: PCA with {name[3:]} components fitted on training cells"
+    return "baseline"
+
+
+def _error_text(x: float) -> str:
+    return _f(x, 3)
+
+
+def _correlation_text(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def _denoising_findings(result: StudyResult, run: RunResult | None) -> list[Finding]:
+    """Which model recovers the hidden entries best, and whether it (and the recommended model)
+    beat both baselines, on median absolute error and on Pearson correlation."""
+    import math
+
+    scores = {k: v for k, v in result.denoising["scores"].items() if math.isfinite(v["median_abs_error"])}
+    models = [k for k in scores if k in result.runs]
+    baselines = [k for k in scores if k not in result.runs]
+    if not models:
+        return []
+    items: list[Finding] = []
+    for metric, label, lower in (("median_abs_error", "median |error|", True), ("pearson", "Pearson correlation", False)):
+        ranked = sorted(models, key=lambda k: scores[k][metric], reverse=not lower)
+        best = ranked[0]
+        value = scores[best][metric]
+        show = _error_text if lower else _correlation_text
+        text: list[str | Strong] = [f"{'Lowest' if lower else 'Highest'} {label} on the hidden entries among the models: ",
+                                    Strong(best), f" ({show(value)})"]
+        if len(ranked) > 1:
+            nxt = scores[ranked[1]][metric]
+            text.append(f", {_pct_change(value, nxt)} than the next, {ranked[1]} ({show(nxt)})"
+                        if lower else f", {value - nxt:.3f} above the next, {ranked[1]} ({show(nxt)})")
+        if baselines:
+            beaten = [b for b in baselines if (value < scores[b][metric] if lower else value > scores[b][metric])]
+            against = ", ".join(f"{b} {show(scores[b][metric])}" for b in baselines)
+            verdict = ("it beats both baselines" if len(beaten) == len(baselines) == 2
+                       else "it beats every baseline" if len(beaten) == len(baselines)
+                       else "it beats neither baseline" if not beaten and len(baselines) == 2
+                       else f"it beats {', '.join(beaten)} only" if beaten else "it beats no baseline")
+            text.append(f"; {verdict} ({against}).")
+        else:
+            text.append(".")
+        items.append(tuple(text))
+        if run is not None and run.spec.name in scores and run.spec.name != best:
+            mine = scores[run.spec.name][metric]
+            items.append(f"{run.spec.name}: {label} {show(mine)}, rank {ranked.index(run.spec.name) + 1} of "
+                         f"{len(ranked)} models.")
+    return items
+
+
+def _beyond_summary(result: StudyResult, run: RunResult, refs: dict, names: dict[str, str]) -> SummaryLine:
+    """The recommended latent against the same-size PCA and MSE run, and its hidden-entry recovery."""
+    reps, n = result.representations, run.spec.name
+    latent = reps[f"{n}_latent"]
+    others = [(key, names[key]) for key in (refs["pca"], refs["mse"] and f"{refs['mse'].spec.name}_latent") if key]
+    answer = f"the {n} latent is " + ", ".join(
+        _verdict_phrase(_verdict(latent, reps[key], SCORES)[0], name) for key, name in others
+    ) if others else f"the {n} model"
+    evidence_parts = []
+    for score, label in (("knn_accuracy", "15-NN accuracy"), ("ari", "k-means ARI")):
+        if score in latent:
+            vs = " and ".join(f"{reps[key][score]:.3f} ({name})" for key, name in others if score in reps[key])
+            evidence_parts.append(f"{label} {latent[score]:.3f}" + (f" vs {vs}" if vs else ""))
+    denoising = result.denoising["scores"] if result.denoising else {}
+    if n in denoising:
+        mine = denoising[n]["median_abs_error"]
+        baselines = [k for k in denoising if k not in result.runs]
+        vs = " and ".join(f"{_f(denoising[b]['median_abs_error'], 3)} ({b})" for b in baselines)
+        evidence_parts.append(f"median |error| on hidden entries {_f(mine, 3)}" + (f" vs {vs}" if vs else ""))
+    return SummaryLine("Beyond", answer, "; ".join(evidence_parts) if evidence_parts else "no scores")
+
+
+def _section_beyond(result: StudyResult) -> Section | None:
+    """The recommended model next to PCA and the assignment's runs, and hidden-entry recovery of
+    every run; a one-line reason when the run could not train; ``None`` when there is nothing to show."""
+    run, skipped = _beyond_run(result), _beyond_skipped(result)
+    if run is None and skipped is None and result.denoising is None:
+        return None
+    facts: dict[str, object] = {"skipped": skipped, "model": [], "denoising": None}
+    tables: dict[str, list[list[str]]] = {}
+    items: list[Finding] = []
+    summary = None
+    if skipped is not None:
+        summary = SummaryLine("Beyond", f"{skipped[0]} was not trained", skipped[1])
+    if run is not None:
+        n, reps = run.spec.name, result.representations
+        refs = _beyond_references(result, run)
+        mse, nonzero, pca = refs["mse"], refs["nonzero"], refs["pca"]
+        names = {"original": "the input", f"{n}_latent": f"{n} latent", f"{n}_reconstruction": f"{n} reconstruction"}
+        if pca:
+            names[pca] = f"the top {reps[pca]['dims']} PCs"
+        for ref in (mse, nonzero):
+            if ref is not None:
+                names.update({f"{ref.spec.name}_{kind}": f"{ref.spec.name} {kind}" for kind in ("latent", "reconstruction")})
+        keys = [k for k in ["original", pca,
+                            *(f"{r.spec.name}_latent" for r in (mse, nonzero) if r), f"{n}_latent",
+                            *(f"{r.spec.name}_reconstruction" for r in (mse, nonzero) if r), f"{n}_reconstruction"]
+                if k and k in reps]
+        facts["model"] = _model_description(run)
+        tables["scores"] = _score_rows(reps, keys)
+        for score in ("ari", "knn_accuracy"):
+            if best := _best_of(reps, keys, score, names):
+                items.append(best)
+        comparisons = [(f"{n}_latent", pca)] + [(f"{n}_{kind}", f"{r.spec.name}_{kind}")
+                                                for kind in ("latent", "reconstruction") for r in (mse, nonzero) if r]
+        for a, b in comparisons:
+            if b and a in reps and b in reps:
+                items.append(_versus(reps, a, b, names[a], names[b])[0])
+        if mse is not None:
+            e, f_ = run.errors["test"], mse.errors["test"]
+            items.append(f"Test MSE on the log-normalised scale: {n} {_f(e['mse'])} vs {mse.spec.name} {_f(f_['mse'])} "
+                         f"({_pct_change(e['mse'], f_['mse'])}); over the nonzero entries {_f(e['nonzero_mse'])} vs "
+                         f"{_f(f_['nonzero_mse'])} ({_pct_change(e['nonzero_mse'], f_['nonzero_mse'])}).")
+        summary = _beyond_summary(result, run, refs, names)
+    if result.denoising is not None:
+        d = result.denoising
+        facts["denoising"] = {"percent": f"{d['fraction'] * 100:g}", "n_cells": d["n_cells"], "n_hidden": d["n_hidden"],
+                              "scale": d["scale"]}
+        tables["denoising"] = _denoising_rows(result)
+        items += _denoising_findings(result, run)
+    return Section(summary=summary, findings=items, tables=tables, run=run.spec.name if run else "", facts=facts)
 
 
 # ---------------------------------------------------------------- the page
@@ -551,6 +909,8 @@ def _input_facts(result: StudyResult, metrics: dict) -> dict:
         "n_sample_rows": None if result.sample_rows is None else int(result.sample_rows.size),
         "device": str(env.get("device")) if env else None,
         "processes": env.get("processes", 1),
+        "genes": result.genes,
+        "skipped_runs": [(name, reason.rstrip(".")) for name, reason in result.skipped_runs.items()],
     }
 
 
@@ -572,6 +932,7 @@ def _sections(result: StudyResult) -> dict[str, Section | None]:
         "q3": _section_q3(result),
         "q4": _section_q4(result),
         "q5": _section_q5(result),
+        "beyond": _section_beyond(result),
     }
 
 

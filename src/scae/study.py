@@ -39,7 +39,7 @@ from scae.results import (  # noqa: F401 (re-exported)
     StudyConfig,
     StudyResult,
 )
-from scae.sources import EVAL_BATCH_SIZE, RowSource
+from scae.sources import EVAL_BATCH_SIZE, RowSource, library_sizes
 
 TSNE_WORKERS_FROM_CELLS = 2000
 """Below this many scored cells the t-SNEs run in the main process (each takes well under a second)."""
@@ -110,6 +110,7 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
     with watch.stage("split"):
         train_idx, test_idx = stratified_split(labels, config.test_fraction, seed)
         embed_idx = subsample_indices(dataset.n_cells, config.max_embed_cells, seed)
+    all_genes = dataset
     dataset, genes = _select_genes(dataset, config, train_idx, watch)
     source = dataset.source()
     runs_to_train, skipped = _trainable_runs(dataset, config)
@@ -180,7 +181,7 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
         with threadpool_limits(1):  # single-threaded, so that scoring and t-SNE do not fight over the cores
             representations = _score_representations(dataset, runs, views, train_idx, test_idx, embed_idx, config, watch)
             with watch.stage("denoising", "imputation of hidden entries"):
-                denoising = _denoising(dataset, runs, train_idx, test_idx, config)
+                denoising = _denoising(dataset, runs, train_idx, test_idx, config, all_genes)
         with watch.stage("tsne_wait", "waiting for t-SNE"):
             views.update(tsne_jobs.results())
     # Each embedding's own time in its worker; these overlap training, "scores" and "tsne_wait".
@@ -508,24 +509,30 @@ DENOISE_FRACTION = 0.1
 BASELINE_PCS = 10
 
 
-def _denoising(dataset: Dataset, runs: dict[str, RunResult], train_idx, test_idx, config: StudyConfig) -> dict:
+def _denoising(dataset: Dataset, runs: dict[str, RunResult], train_idx, test_idx, config: StudyConfig,
+               all_genes: Dataset) -> dict:
     """How well each run and two baselines recover a hidden 10% of the nonzero entries of (a
     seeded sample of) the test cells (:mod:`scae.denoising`; on raw counts when the input has them,
-    so count models and MSE models see the same corrupted cells)."""
+    so count models and MSE models see the same corrupted cells). ``all_genes`` is the dataset
+    before any gene selection: its libraries scale the log-normalised values, as in training."""
     from scae.denoising import baseline_reconstructions, hide_entries, imputation_scores
 
     counts = dataset.has_counts
     source = dataset.count_source() if counts else dataset.source()
     seed = config.seed
     cells = test_idx[subsample_indices(test_idx.size, config.denoise_cells, seed)]
-    hidden = hide_entries(source.matrix(cells), DENOISE_FRACTION, seed, counts=counts, max_cells=cells.size)
+    library = None
+    if counts and all_genes is not dataset:
+        library = library_sizes(all_genes.count_source().matrix(cells))
+    hidden = hide_entries(source.matrix(cells), DENOISE_FRACTION, seed, counts=counts, max_cells=cells.size,
+                          library=library)
     train_cells = train_idx[subsample_indices(train_idx.size, config.max_embed_cells, seed)]
-    train_values = source.matrix(train_cells)
+    train_values = dataset.source().matrix(train_cells)  # log-normalised as the MSE runs saw them
     scores = {}
     for name, run in runs.items():
         given = hidden.counts if run.spec.counts else hidden.values
         scores[name] = imputation_scores(hidden, run.model.reconstruct(given))
-    baselines = baseline_reconstructions(train_values, hidden, BASELINE_PCS, seed, counts=counts)
+    baselines = baseline_reconstructions(train_values, hidden, BASELINE_PCS, seed)
     scores.update({name: imputation_scores(hidden, recon) for name, recon in baselines.items()})
     return {"fraction": DENOISE_FRACTION, "n_cells": int(cells.size), "n_hidden": hidden.n_hidden,
             "scale": "log1p(counts / library × 1e4)" if counts else "the input's values", "scores": scores}
