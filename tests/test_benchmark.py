@@ -21,6 +21,7 @@ from sklearn.neighbors import KNeighborsClassifier
 import scae
 from scae import benchmark
 from scae.cli import main
+from scae.presets import PRESETS
 
 CELLS, GENES = 150, 30
 METHODS = ["pca5", "ae2", "nb_ae", "scvi"]
@@ -172,8 +173,8 @@ def test_benchmark_html_escapes_a_hostile_dataset_name(files, tmp_path, no_scvi)
 
 # ---------------------------------------------------------------- refused input
 @pytest.mark.parametrize("case, needle", [
-    ("unknown_method", "unknown method 'umap'; expected one of: pca<k>, ae10, ae50, ae2, ae10_nonzero, zinb_ae, nb_ae, "
-                       "nb_vae, recommended, scvi"),
+    ("unknown_method", "unknown method 'umap'; expected one of: pca<k>, ae10, ae50, ae2, ae10_nonzero, "
+                       + ", ".join(PRESETS) + ", recommended, scvi"),
     ("pca0", "unknown method 'pca0'"),
     ("no_label_key", "--label-key is required with --h5ad (the obs column of cell labels)"),
     ("unknown_label_key", "no obs column 'celltype'"),

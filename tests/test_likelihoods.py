@@ -196,3 +196,24 @@ def test_sparse_sums_and_their_gradients_equal_the_dense_formula(loss):
             assert got is None
         else:
             torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_log_mse_weight_adds_the_squared_error_of_the_log_normalised_reconstruction():
+    torch.manual_seed(0)
+    net = AutoencoderNet(5, 2, (8,), loss="nb")
+    x = _counts()
+    nb = get_likelihood("nb")
+    net.train()
+    out = net(x)  # training mode: the count network leaves the reconstruction out
+    assert out.reconstruction is None
+    plain, count = nb.objective(x, out)
+    weighted, _ = nb.objective(x, out, log_mse_weight=0.5)
+    net.eval()
+    recon = net(x).reconstruction  # the same weights: evaluation mode computes it
+    library = x.sum(dim=1, keepdim=True)
+    expected = 0.5 * ((torch.log1p(x / library * 1e4) - recon) ** 2).sum()
+    assert (weighted - plain).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert count.item() == x.numel()
+    mse_out = AutoencoderNet(5, 2, (8,)).eval()(x)  # not a count likelihood: no extra term
+    mse = get_likelihood("mse")
+    assert mse.objective(x, mse_out, log_mse_weight=0.5)[0].item() == mse.terms(x, mse_out)[0].item()

@@ -298,6 +298,8 @@ def test_refit_on_other_genes_without_eval(small_dense):
         ({"kl_warmup_epochs": -1}, "kl_warmup_epochs must be an integer in [0, 1000000]; got -1"),
         ({"patience": 0}, "patience must be an integer in [1, 1000000]; got 0"),
         ({"validation_fraction": 1.0}, "validation_fraction must be a finite number > 0 and < 1; got 1.0"),
+        ({"log_mse_weight": 1.0}, "log_mse_weight must be 0 with loss 'mse' (it adds a log-scale squared error to a "
+                                  "count likelihood: poisson, nb or zinb); got 1.0"),
         ({"activation": "swish"}, "activation must be one of: relu, elu, gelu, tanh, sigmoid, leaky_relu; got 'swish'"),
         ({"latent_dim": 0}, "latent_dim must be an integer in [1, 100000]; got 0"),
         ({"hidden": (10, 0)}, "hidden must be a sequence of integers in [1, 100000], e.g. (100,) or (256, 64); got (10, 0)"),
@@ -323,7 +325,7 @@ def test_sklearn_get_params_and_clone(fitted, small_dense):
         "batch_size": 32, "learning_rate": 1e-3, "random_state": 0, "device": "auto", "progress": False,
         "variational": False, "kl_warmup_epochs": 0, "norm": "none", "dropout": 0.0, "weight_decay": 0.0,
         "lr_schedule": "none", "early_stopping": False, "patience": 10, "validation_fraction": 0.1,
-        "scale_input": False, "input_noise": 0.0,
+        "scale_input": False, "input_noise": 0.0, "log_mse_weight": 0.0,
     }
     twin = clone(fitted)
     assert twin is not fitted
@@ -344,8 +346,8 @@ def test_nan_loss_stops_training_in_that_epoch(small_dense, monkeypatch):
     real = mse.objective
     calls = []
 
-    def nan_after_first_epoch(x, out, kl_weight=1.0):
-        err, count = real(x, out, kl_weight)
+    def nan_after_first_epoch(x, out, kl_weight=1.0, log_mse_weight=0.0):
+        err, count = real(x, out, kl_weight, log_mse_weight)
         if torch.is_inference_mode_enabled():  # evaluation: left alone
             return err, count
         calls.append(1)
@@ -488,8 +490,8 @@ MALFORMED = {
     "unknown entry": "unexpected entries 'optimizer' in an scae model file; " + EXPECTED,
     "unknown parameter": "unknown Autoencoder parameter(s) 'momentum'; expected some of: activation, batch_size, "
                          "device, dropout, early_stopping, epochs, hidden, input_noise, kl_warmup_epochs, latent_dim, "
-                         "learning_rate, loss, lr_schedule, norm, patience, progress, random_state, scale_input, "
-                         "validation_fraction, variational, weight_decay",
+                         "learning_rate, log_mse_weight, loss, lr_schedule, norm, patience, progress, random_state, "
+                         "scale_input, validation_fraction, variational, weight_decay",
     "params not a dict": "params must be a dict of Autoencoder parameters; got list",
     "bad parameter value": "stored parameter learning_rate must be a finite number > 0 and <= 10; got nan",
     "other architecture": "the weights do not match the stored architecture (n_features_in=120, latent_dim=7, "

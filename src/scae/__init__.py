@@ -27,7 +27,7 @@ _EXPORTS = {
     "TrainingDivergedError": "scae.training",
     "write_study": "scae.outputs",
     "make_dataset": "scae.data",
-    "embed": "scae.embed",
+    "embed": "scae.anndata_embed",
     "highly_variable_genes": "scae.genes",
     "run_benchmark": "scae.benchmark",
     "read_counts_labels": "scae.data",

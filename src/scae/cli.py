@@ -233,6 +233,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="standardise each gene of the encoder's input")
     group.add_argument("--input-noise", type=_option(rules.INPUT_NOISE), default=None,
                        help="sd of Gaussian noise on the encoder's input while training (default 0)")
+    group.add_argument("--log-mse-weight", type=_option(rules.LOG_MSE_WEIGHT), default=None,
+                       help="count losses: add this weight × the squared error of the log-normalised "
+                            "reconstruction (default 0)")
 
 
 FIT_OPTIONS = {  # Autoencoder parameter: (argparse destination, default without a preset)
@@ -241,7 +244,7 @@ FIT_OPTIONS = {  # Autoencoder parameter: (argparse destination, default without
     "variational": ("variational", False), "kl_warmup_epochs": ("kl_warmup_epochs", 0), "norm": ("norm", "none"),
     "dropout": ("dropout", 0.0), "weight_decay": ("weight_decay", 0.0), "lr_schedule": ("lr_schedule", "none"),
     "early_stopping": ("early_stopping", False), "patience": ("patience", 10), "scale_input": ("scale_input", False),
-    "input_noise": ("input_noise", 0.0),
+    "input_noise": ("input_noise", 0.0), "log_mse_weight": ("log_mse_weight", 0.0),
 }
 
 
@@ -428,8 +431,9 @@ def run_fit_command(args: argparse.Namespace) -> int:
         if get_likelihood(model.loss).counts:
             source = dataset.count_source()
             if source is None:
+                given = f"--loss {model.loss}" if args.loss is not None else f"--preset {args.preset} (loss {model.loss})"
                 raise ScaeInputError(
-                    f"--loss {model.loss} models raw counts and {dataset.name} has none; give an .h5ad whose X or "
+                    f"{given} models raw counts and {dataset.name} has none; give an .h5ad whose X or "
                     "--counts-layer holds integer counts, --counts-raw, or --raw-counts beside --counts"
                 )
         else:
@@ -461,11 +465,21 @@ def run_embed_command(args: argparse.Namespace) -> int:
         raise ScaeInputError(f"{args.out}: is a directory; expected the path of the .h5ad file to write")
     check_parent_writable(args.out)
     adata = read_anndata(args.input)
-    from scae.embed import embed
+    from scae.anndata_embed import embed
     from scae.files import atomic_path
 
+    check_top_genes(args.top_genes, adata.n_vars)
     if args.top_genes is not None and args.top_genes < adata.n_vars:
         adata = _top_genes_of(adata, args)
+    from scae.likelihoods import get_likelihood
+    from scae.presets import preset
+
+    if args.counts_layer is None and not args.counts_raw and get_likelihood(preset(args.preset)["loss"]).counts:
+        from scae.data import anndata_counts  # (counts that are named are read and checked by embed)
+
+        if anndata_counts(adata, where=str(args.input)) is None:  # embed refuses it too, in its parameters' words
+            raise ScaeInputError(f"{args.input}: preset '{args.preset}' models raw counts, and X does not hold them "
+                                 "(non-negative whole numbers); name them with --counts-layer NAME or --counts-raw")
     started = time.perf_counter()
     overrides = {} if args.epochs is None else {"epochs": args.epochs}
     model = embed(adata, args.preset, counts_layer=args.counts_layer, counts_raw=args.counts_raw,
@@ -491,12 +505,9 @@ def _top_genes_of(adata, args: argparse.Namespace):
     if counts is None:
         raise ScaeInputError(f"{args.input}: --top-genes ranks genes by their raw counts, and X holds none; "
                              "name them with --counts-layer or --counts-raw")
-    genes = top_count_genes(counts, args.top_genes)
-    subset = adata[:, genes].copy()
-    if args.counts_raw:  # adata.raw keeps every gene: the counts move to a layer of the subset
-        subset.layers["counts"] = counts[:, genes]
-        args.counts_layer, args.counts_raw = "counts", False
-    return subset
+    # adata.raw keeps every gene; --counts-raw then matches the kept genes to it by name (no layer
+    # is added, so none of the user's layers can be overwritten)
+    return adata[:, top_count_genes(counts, args.top_genes)].copy()
 
 
 def check_parent_writable(path: Path) -> None:
@@ -524,13 +535,13 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     from scae.benchmark import method
 
     methods = [method(name, args.device) for name in dict.fromkeys(args.methods)]  # unknown names refused first
-    check_output_dir(args.out)
     datasets = {}
     for path in args.h5ad:
         datasets[_unique_name(path.stem, datasets)] = read_h5ad(
             path, args.label_key, counts_layer=args.counts_layer, counts_raw=args.counts_raw)
     for counts, labels in zip(args.counts, args.labels):
         datasets[_unique_name(counts.stem, datasets)] = read_counts_labels(counts, labels)
+    check_output_dir(args.out)  # after reading: a refused input leaves no folder behind
     from scae.benchmark import run_benchmark, write_benchmark
 
     log = None if args.quiet else (lambda line: print(f"scae: {line}", file=sys.stderr, flush=True))

@@ -15,7 +15,9 @@ count), so that the loss of a batch is ``sum / count`` and the loss of many batc
   once, so the loss is the mean negative log-likelihood per entry.
 
 A variational network adds its KL term through the same door: :meth:`Likelihood.objective`
-adds ``kl_weight × Σ KL`` to the error sum.
+adds ``kl_weight × Σ KL`` to the error sum; a count model may add the squared error of its
+log-normalised reconstruction (``log_mse_weight``), which keeps its latent faithful to the
+log-scale geometry that neighbours and clusters are measured in.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from scae.losses import mse_terms, nonzero_mse_terms
+from scae.sources import TARGET_SUM
 
 LOG_EPS = 1e-8
 """Added to a cell's library size before its log (a cell without counts has a finite loss)."""
@@ -111,6 +114,15 @@ def _nb_sums(x: torch.Tensor, log_mean: torch.Tensor, log_theta: torch.Tensor):
     return zero_terms, rest_sum, nonzero
 
 
+def count_reconstruction(x: torch.Tensor, out: Output) -> torch.Tensor:
+    """A count network's reconstruction ``log1p(ρ × 10⁴)`` (computed from ``log_mean`` and the
+    batch's libraries when the network left it out, as it does while training)."""
+    if out.reconstruction is not None:
+        return out.reconstruction
+    log_library = torch.log(x.sum(dim=1, keepdim=True) + LOG_EPS)
+    return torch.log1p((out.log_mean - log_library).exp() * TARGET_SUM)
+
+
 def _entries(x: torch.Tensor) -> torch.Tensor:
     return torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)
 
@@ -139,9 +151,15 @@ class Likelihood:
         """(error sum, entry count) of a batch ``x`` (as given to the network) and its output."""
         raise NotImplementedError
 
-    def objective(self, x: torch.Tensor, out: Output, kl_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`terms`, plus ``kl_weight`` × the batch's summed KL divergence for a variational network."""
+    def objective(
+        self, x: torch.Tensor, out: Output, kl_weight: float = 1.0, log_mse_weight: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`terms`, plus ``kl_weight`` × the batch's summed KL divergence for a variational
+        network, plus, for a count likelihood, ``log_mse_weight`` × the squared error of the
+        log-normalised reconstruction (:func:`count_reconstruction`) summed over the entries."""
         total, count = self.terms(x, out)
+        if log_mse_weight > 0 and self.counts:
+            total = total + log_mse_weight * mse_terms(out.target, count_reconstruction(x, out))[0]
         if out.kl is not None:
             total = total + kl_weight * out.kl.sum()
         return total, count

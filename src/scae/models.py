@@ -247,6 +247,10 @@ class Autoencoder(TransformerMixin, BaseEstimator):
     input_noise
         Standard deviation (≥ 0) of Gaussian noise added to the encoder's input while training
         (a denoising autoencoder).
+    log_mse_weight
+        For a count loss: add this weight (≥ 0) × the squared error between the log-normalised
+        reconstruction ``log1p(ρ × 10⁴)`` and the log-normalised counts, per entry, to the
+        negative log-likelihood (0: the likelihood alone).
 
     Attributes
     ----------
@@ -290,6 +294,7 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         validation_fraction: float = 0.1,
         scale_input: bool = False,
         input_noise: float = 0.0,
+        log_mse_weight: float = 0.0,
     ) -> None:
         self.latent_dim = latent_dim
         self.hidden = hidden
@@ -312,6 +317,7 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         self.validation_fraction = validation_fraction
         self.scale_input = scale_input
         self.input_noise = input_noise
+        self.log_mse_weight = log_mse_weight
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> Autoencoder:
@@ -347,7 +353,13 @@ class Autoencoder(TransformerMixin, BaseEstimator):
             "validation_fraction": rules.check("validation_fraction", self.validation_fraction, rules.FRACTION),
             "scale_input": rules.check("scale_input", self.scale_input, rules.BOOLEAN),
             "input_noise": rules.check("input_noise", self.input_noise, rules.INPUT_NOISE),
+            "log_mse_weight": rules.check("log_mse_weight", self.log_mse_weight, rules.LOG_MSE_WEIGHT),
         }
+        if checked["log_mse_weight"] > 0 and not get_likelihood(checked["loss"]).counts:
+            raise ScaeInputError(
+                f"log_mse_weight must be 0 with loss {checked['loss']!r} (it adds a log-scale squared error to a "
+                f"count likelihood: poisson, nb or zinb); got {self.log_mse_weight!r}"
+            )
         return checked
 
     def _build(self, n_features: int) -> AutoencoderNet:
@@ -420,6 +432,7 @@ class Autoencoder(TransformerMixin, BaseEstimator):
             weight_decay=checked["weight_decay"],
             lr_schedule=checked["lr_schedule"],
             kl_warmup_epochs=checked["kl_warmup_epochs"] if checked["variational"] else 0,
+            log_mse_weight=checked["log_mse_weight"],
             validation=validation,
             patience=checked["patience"] if validation is not None else None,
             seed=checked["random_state"],

@@ -187,6 +187,7 @@ WARMUP_EPOCHS = Integer(0, MAX_EPOCHS)
 DROPOUT = Real(0.0, 1.0, low_open=False, high_open=True)
 WEIGHT_DECAY = Real(0.0, 10.0, low_open=False)
 INPUT_NOISE = Real(0.0, 100.0, low_open=False)
+LOG_MSE_WEIGHT = Real(0.0, 1000.0, low_open=False)
 DEVICE = OneOf(DEVICES)
 BOOLEAN = Boolean()
 

@@ -685,8 +685,12 @@ def _model_description(run: RunResult) -> list[str]:
         warmup = p.get("kl_warmup_epochs", 0)
         kind += f" weighted up from 0 over {warmup} epochs)" if warmup else ")"
     counts = spec.counts
+    objective = LIKELIHOOD_WORDS.get(spec.loss, f"{spec.loss} loss")
+    if counts and p.get("log_mse_weight", 0):
+        objective += (f" plus {p['log_mse_weight']:g} × the squared error of the log-normalised reconstruction "
+                      "(per entry)")
     lines = [f"{kind} trained on {'the raw counts' if counts else 'the input matrix'} with a "
-             f"{LIKELIHOOD_WORDS.get(spec.loss, f'{spec.loss} loss')} (preset {preset})."]
+             f"{objective} (preset {preset})."]
     widths = [str(w) for w in p["hidden"]]
     network = f"Network: genes → {' → '.join([*widths, str(p['latent_dim']), *reversed(widths)])} → genes, {p['activation']}"
     extras = []

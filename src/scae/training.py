@@ -110,14 +110,19 @@ def _shard_rows(n: int, distributed: Distributed | None) -> np.ndarray:
     return np.arange(bounds[distributed.rank], bounds[distributed.rank + 1])
 
 
-def loss_scorers(loss: str, extra: tuple[str, ...] = ()) -> dict:
+def loss_scorers(loss: str, extra: tuple[str, ...] = (), log_mse_weight: float = 0.0) -> dict:
     """``{"objective": …, **{name: …}}``: (sum, count) functions of a batch and a network's output.
 
     ``objective`` is the training loss ``loss`` including a variational network's KL term at full
-    weight; the ``extra`` names (e.g. ``"mse"``) are plain likelihood terms, without KL.
+    weight (and ``log_mse_weight``'s term, see :meth:`~scae.likelihoods.Likelihood.objective`);
+    the ``extra`` names (e.g. ``"mse"``) are plain likelihood terms, without KL.
     """
     likelihood = get_likelihood(loss)
-    scorers = {"objective": likelihood.objective}
+
+    def objective(x, out):
+        return likelihood.objective(x, out, 1.0, log_mse_weight)
+
+    scorers = {"objective": objective}
     scorers.update({name: get_likelihood(name).terms for name in extra})
     return scorers
 
@@ -245,6 +250,7 @@ def train_network(
     weight_decay: float = 0.0,
     lr_schedule: str = "none",
     kl_warmup_epochs: int = 0,
+    log_mse_weight: float = 0.0,
     validation: RowSource | None = None,
     patience: int | None = None,
     seed: int = 0,
@@ -264,7 +270,8 @@ def train_network(
     always weighs it fully, training by :func:`kl_weight` (a warm-up over
     ``kl_warmup_epochs``). Shuffling is seeded by ``seed``, and so are dropout and the latent
     samples of a variational network; sources on disk are shuffled by blocks within
-    prefetched windows (:func:`~scae.sources.epoch_order`).
+    prefetched windows (:func:`~scae.sources.epoch_order`). A count model's objective may add
+    ``log_mse_weight`` × the squared error of its log-normalised reconstruction.
 
     ``weight_decay > 0`` trains with AdamW; ``lr_schedule`` is ``"none"``, ``"plateau"``
     (halve the rate when the monitored loss stalls) or ``"cosine"``. With ``validation`` and
@@ -301,7 +308,7 @@ def train_network(
     optimizer = _optimizer(net, learning_rate, weight_decay, device)
     scheduler = _scheduler(optimizer, lr_schedule, epochs)
     min_rows = 2 * world if _has_batch_norm(net) else 1
-    objective = loss_scorers(loss, ("mse",))
+    objective = loss_scorers(loss, ("mse",), log_mse_weight)
     exact = accumulator_dtype(device)
     block = DISK_BLOCK_ROWS if train.on_disk else None
     window_blocks = max(1, train.window_rows() // DISK_BLOCK_ROWS)
@@ -345,7 +352,7 @@ def train_network(
                     bar.update(n_global)
                     if n_global < min_rows:  # batch statistics need 2 rows per process
                         continue
-                    err, count = likelihood.objective(x, model(x), weight)
+                    err, count = likelihood.objective(x, model(x), weight, log_mse_weight)
                     if distributed is not None:
                         sums = torch.stack([err.detach().to(exact), count.to(exact)])
                         torch.distributed.all_reduce(sums, group=distributed.group)

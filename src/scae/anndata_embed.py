@@ -9,8 +9,6 @@ embed INPUT.h5ad --out OUT.h5ad`` does the same from the command line.
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 from scae.data import anndata_counts, as_matrix, dense_if_small
 from scae.errors import ScaeInputError
@@ -92,20 +90,5 @@ def embed(
     }
     return model
 
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as :func:`embed`.
-
-    The package exports the function :func:`embed` lazily as ``scae.embed``, but importing this
-    module (which that export does) makes Python bind the *module* to the package attribute
-    ``scae.embed``, hiding the function from then on: ``scae.embed(adata)`` would work once and
-    then raise ``TypeError: 'module' object is not callable``. Calling the module calls the function.
-    """
-
-    def __call__(self, *args, **kwargs) -> Autoencoder:
-        return embed(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["DENOISED_LAYER", "LATENT_KEY", "embed"]
