@@ -276,3 +276,18 @@ def test_benchmark_runs_scvi_when_installed(files, tmp_path):
     content = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
     assert content["skipped"] == [] and [(r["method"], r["seed"]) for r in content["results"]] == [("scvi", 0)]
     assert 0 <= content["results"][0]["knn_accuracy"] <= 1
+
+
+def test_benchmark_refuses_an_input_where_it_writes(tmp_path, capsys):
+    counts, labels = scae.simulate_counts(60, 20, 2, seed=1)
+    out = tmp_path / "bench"
+    (out / "figures").mkdir(parents=True)
+    path = out / "benchmark.json"  # an input where the benchmark would write its JSON
+    obs = pd.DataFrame({"ct": pd.Categorical(np.char.add("t", labels.astype(str)))}, index=[f"c{i}" for i in range(60)])
+    ad.AnnData(X=counts, obs=obs).write_h5ad(tmp_path / "data.h5ad")
+    shutil.copy(tmp_path / "data.h5ad", path)
+    before = path.read_bytes()
+    assert main(["benchmark", "--h5ad", str(path), "--label-key", "ct", "--methods", "pca2", "--seeds", "1",
+                 "--out", str(out), "--quiet"]) == 2
+    assert "is an input, and the benchmark would remove or overwrite it" in capsys.readouterr().err
+    assert path.read_bytes() == before and not (out / "benchmark.html").exists()

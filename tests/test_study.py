@@ -9,6 +9,8 @@ import pytest
 
 import scae
 from scae.embeddings import BackgroundTSNE, TSNEConfig, tsne_coordinates
+import scae.genes
+from scae.results import RECOMMENDED_RUN
 from scae.study import RunSpec, StudyConfig
 
 FAST_TSNE = TSNEConfig(early_exaggeration_iter=30, n_iter=30)
@@ -87,3 +89,31 @@ def test_too_small_embed_sample_is_refused_before_training(tmp_path):
     with pytest.raises(scae.ScaeInputError, match="max_embed_cells 20 is too small for 3 labels"):
         scae.run_study(ds, tmp_path / "out", fast_config(max_embed_cells=20))
     assert not (tmp_path / "out").exists()
+
+
+def test_on_full_library_rescales_a_count_reconstruction():
+    from scae.study import _on_full_library
+
+    rho = np.array([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]])
+    recon = np.log1p(rho * 1e4).astype(np.float32)
+    same = _on_full_library(recon, np.array([40.0, 10.0]), np.array([40.0, 10.0]))
+    np.testing.assert_allclose(same, recon, rtol=1e-6)  # no selection: unchanged
+    half = _on_full_library(recon, np.array([40.0, 10.0]), np.array([80.0, 10.0]))
+    np.testing.assert_allclose(half[0], np.log1p(rho[0] * 40 / 80 * 1e4), rtol=1e-6)
+    np.testing.assert_allclose(_on_full_library(recon, np.array([5.0, 1.0]), np.array([0.0, 1.0]))[0], 0.0)
+
+
+def test_count_run_on_selected_genes_is_scored_on_the_mse_runs_scale():
+    """With --top-genes, the recommended run's reconstruction and errors are per 10⁴ of the whole library,
+    like the MSE runs' input, not per 10⁴ of the selected genes."""
+    dataset = scae.simulate_dataset(300, 80, 3, seed=4)
+    result = scae.run_study(dataset, None, fast_config(top_genes=30, runs=(RECOMMENDED_RUN,)))
+    run = result.runs["recommended"]
+    selected = scae.genes.highly_variable_genes(dataset, 30, result.train_idx)
+    counts = dataset.raw.toarray()
+    full = counts.sum(axis=1, keepdims=True)
+    target = np.log1p(counts[:, selected] / full * 1e4)  # the MSE runs' input on these genes
+    expected = np.log1p(np.expm1(run.model.reconstruct(counts[:, selected])) * counts[:, selected].sum(axis=1, keepdims=True) / full)
+    np.testing.assert_allclose(run.reconstruction, expected, rtol=1e-4, atol=1e-5)
+    test = result.test_idx
+    assert run.errors["test"]["mse"] == pytest.approx(float(np.mean((target[test] - expected[test]) ** 2)), rel=1e-4)

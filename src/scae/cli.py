@@ -533,8 +533,11 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     if args.h5ad and not args.label_key:
         raise ScaeInputError("--label-key is required with --h5ad (the obs column of cell labels)")
     from scae.benchmark import method
+    from scae.files import refuse_inputs_inside
 
     methods = [method(name, args.device) for name in dict.fromkeys(args.methods)]  # unknown names refused first
+    refuse_inputs_inside(args.out, [*args.h5ad, *args.counts, *args.labels],
+                         {"benchmark.json", "benchmark.html", "figures"}, "the benchmark")
     datasets = {}
     for path in args.h5ad:
         datasets[_unique_name(path.stem, datasets)] = read_h5ad(

@@ -226,15 +226,17 @@ def check_output_dir(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def refuse_inputs_inside(out_dir: str | Path, inputs: list[str | Path]) -> None:
-    """Refuse any input file that the study would remove or replace in ``out_dir``.
+def refuse_inputs_inside(out_dir: str | Path, inputs: list[str | Path], written: set[str] | None = None,
+                         writer: str = "the study") -> None:
+    """Refuse any input file that ``writer`` would remove or replace in ``out_dir``.
 
-    An input is refused when it lies (after resolving links) at a name the study writes,
-    inside its ``figures``/``models`` folders or its staging folder, or is a hard link of a
-    file there. Inputs elsewhere inside ``out_dir`` are fine.
+    An input is refused when it lies (after resolving links) at a name in ``written`` (by
+    default what a study writes: :data:`MANAGED_NAMES`, the staging folder and the lock),
+    inside a folder of that name, or is a hard link of a file there. Inputs elsewhere inside
+    ``out_dir`` are fine.
     """
     out = Path(out_dir).resolve()
-    written = set(MANAGED_NAMES) | {STAGING_NAME, LOCK_NAME}
+    written = set(MANAGED_NAMES) | {STAGING_NAME, LOCK_NAME} if written is None else written
     existing = [out / name for name in written]
     existing = [p for base in existing for p in ([base, *base.rglob("*")] if base.is_dir() else [base]) if p.is_file()]
     for given in inputs:
@@ -244,6 +246,6 @@ def refuse_inputs_inside(out_dir: str | Path, inputs: list[str | Path]) -> None:
         inside = path.is_relative_to(out) and path != out and path.relative_to(out).parts[0] in written
         if inside or any(os.path.samefile(path, p) for p in existing if path.exists()):
             raise ScaeInputError(
-                f"{given}: is an input, and the study would remove or overwrite it in --out {out_dir}; "
+                f"{given}: is an input, and {writer} would remove or overwrite it in --out {out_dir}; "
                 "move the input or choose another --out directory"
             )

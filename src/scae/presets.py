@@ -1,8 +1,8 @@
 """Named parameter sets of :class:`scae.Autoencoder` (presets are parameters, not subclasses).
 
 ``Autoencoder.from_preset(name, **overrides)`` builds one; :data:`RECOMMENDED` names the preset
-scae recommends for a new dataset of raw counts, chosen by measurement (see the README's
-"Beyond the assignment" and ``benchmarks/``).
+scae recommends for a new dataset of raw counts, chosen by measurement (the README's "Count
+models and the recommended model", and ``benchmarks/models.py``).
 """
 
 from __future__ import annotations

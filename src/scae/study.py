@@ -147,11 +147,14 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
             tsne_jobs = stack.enter_context(BackgroundTSNE(None, seed, config.tsne, workers, config.progress))
             tsne_jobs.submit("X_tsne", X_pca[embed_idx])
         runs: dict[str, RunResult] = {}
+        libraries = _Once(lambda: _full_libraries(all_genes))  # counts over all genes, when genes were selected
 
         def trained(spec: RunSpec, model: Autoencoder, resumed: bool) -> None:
             run_source = dataset.count_source() if spec.counts else source
             with watch.stage(f"predict_{spec.name}"):
-                latent, recon, recon_pca, sample, errors = _predict_pass(model, run_source, is_test, pca, keep_all, sample_rows)
+                full_library = libraries.get() if spec.counts and genes is not None else None
+                latent, recon, recon_pca, sample, errors = _predict_pass(
+                    model, run_source, is_test, pca, keep_all, sample_rows, full_library)
             runs[spec.name] = run = RunResult(
                 spec=spec,
                 model=model,
@@ -211,6 +214,18 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
     if output is not None:
         write_outputs(result, output, watch, models_saved=True)  # models staged as trained or reused
     return result
+
+
+class _Once:
+    """A value computed on first use and kept."""
+
+    def __init__(self, compute) -> None:
+        self._compute, self._value, self._done = compute, None, False
+
+    def get(self):
+        if not self._done:
+            self._value, self._done = self._compute(), True
+        return self._value
 
 
 @contextmanager
@@ -420,13 +435,17 @@ def _input_pass(source: RowSource, pca, baseline_pca, dims: list[int], is_test: 
 
 
 @torch.inference_mode()
-def _predict_pass(model: Autoencoder, source: RowSource, is_test: np.ndarray, pca, keep_all: bool, sample_rows):
+def _predict_pass(model: Autoencoder, source: RowSource, is_test: np.ndarray, pca, keep_all: bool, sample_rows,
+                  full_library: np.ndarray | None = None):
     """One streamed pass of a trained model over every cell.
 
     Errors compare the reconstruction with what the network encoded (for a count model: the
-    log-normalised counts, the scale of its reconstruction). Returns the latent codes, the reconstruction (every cell when ``keep_all``, else ``None``),
-    the reconstruction on the input's principal axes, the reconstructions of ``sample_rows``
-    (when not ``keep_all``), and the exact MSE / nonzero MSE of the training and test cells.
+    log-normalised counts, the scale of its reconstruction). With ``full_library`` (a count
+    model on selected genes: each cell's library over all genes), both are put on the MSE runs'
+    scale, counts per 10⁴ of the whole library (:func:`_on_full_library`). Returns the latent
+    codes, the reconstruction (every cell when ``keep_all``, else ``None``), the reconstruction on
+    the input's principal axes, the reconstructions of ``sample_rows`` (when not ``keep_all``),
+    and the exact MSE / nonzero MSE of the training and test cells.
     """
     net, device = model.net_, model.device_
     net.eval()
@@ -438,8 +457,13 @@ def _predict_pass(model: Autoencoder, source: RowSource, is_test: np.ndarray, pc
     project, errors = _projector(pca), _SplitErrors(is_test)
     for start in range(0, n, EVAL_BATCH_SIZE):
         stop = min(start + EVAL_BATCH_SIZE, n)
-        out = net(source.tensor(slice(start, stop)).to(device, non_blocking=True))
+        batch = source.tensor(slice(start, stop))
+        out = net(batch.to(device, non_blocking=True))
         x, x_hat = out.target.float().cpu(), out.reconstruction.float().cpu()  # on the host: outputs, projection
+        if full_library is not None:
+            subset = batch.sum(dim=1, dtype=torch.float64).numpy()
+            x = torch.log1p(batch * torch.from_numpy(_per_10k(full_library[start:stop]))[:, None])
+            x_hat = torch.from_numpy(_on_full_library(x_hat.numpy(), subset, full_library[start:stop]))
         latent[start:stop] = out.latent.float().cpu().numpy()
         recon_pca[start:stop] = project(x_hat).numpy()
         if recon is not None:
@@ -449,6 +473,27 @@ def _predict_pass(model: Autoencoder, source: RowSource, is_test: np.ndarray, pc
             sample[a:b] = x_hat.numpy()[sample_rows[a:b] - start]
         errors.add(start, x, x_hat)  # last: it overwrites a scratch copy, not x_hat
     return latent, recon, recon_pca, sample, errors.result()
+
+
+def _per_10k(library: np.ndarray) -> np.ndarray:
+    """``10⁴ / library`` as float32 (0 for a cell without counts)."""
+    library = np.asarray(library, dtype=np.float64)
+    return np.where(library > 0, 1e4 / np.maximum(library, 1e-30), 0.0).astype(np.float32)
+
+
+def _on_full_library(reconstruction: np.ndarray, subset_library: np.ndarray, full_library: np.ndarray) -> np.ndarray:
+    """A count model's ``log1p(ρ × 10⁴)`` on selected genes, re-expressed per 10⁴ counts of the whole
+    library: ``log1p(ρ × subset library / full library × 10⁴)`` (its expected counts over the
+    cell's library over all genes, the normalisation of the MSE runs' input)."""
+    scale = np.asarray(subset_library, dtype=np.float64) * _per_10k(full_library) / 1e4
+    return np.log1p(np.expm1(reconstruction) * scale.astype(np.float32)[:, None]).astype(np.float32)
+
+
+def _full_libraries(dataset: Dataset) -> np.ndarray:
+    """Each cell's total count over all genes (one pass over the raw counts)."""
+    source = dataset.count_source()
+    return np.concatenate([library_sizes(source.read(np.arange(a, min(a + EVAL_BATCH_SIZE, source.n_rows))))
+                           for a in range(0, source.n_rows, EVAL_BATCH_SIZE)])
 
 
 def _tsne_inputs(run: RunResult):
@@ -531,7 +576,11 @@ def _denoising(dataset: Dataset, runs: dict[str, RunResult], train_idx, test_idx
     scores = {}
     for name, run in runs.items():
         given = hidden.counts if run.spec.counts else hidden.values
-        scores[name] = imputation_scores(hidden, run.model.reconstruct(given))
+        reconstruction = run.model.reconstruct(given)
+        if run.spec.counts and library is not None:  # on the MSE runs' scale: per 10⁴ of the whole library
+            lost = library_sizes(source.matrix(cells)) - library_sizes(hidden.counts)
+            reconstruction = _on_full_library(reconstruction, library_sizes(hidden.counts), library - lost)
+        scores[name] = imputation_scores(hidden, reconstruction)
     baselines = baseline_reconstructions(train_values, hidden, BASELINE_PCS, seed)
     scores.update({name: imputation_scores(hidden, recon) for name, recon in baselines.items()})
     return {"fraction": DENOISE_FRACTION, "n_cells": int(cells.size), "n_hidden": hidden.n_hidden,
