@@ -28,7 +28,7 @@ def fit_args(h5ad, out, *extra):
 
 def test_two_gloo_processes_match_one_process(raw_h5ad, tmp_path):
     assert main(fit_args(raw_h5ad, tmp_path / "one.pt")) == 0
-    for loss in ("mse", "nonzero_mse"):
+    for loss in ("mse", "nonzero_mse", "nb"):  # nb: a count likelihood, on the raw counts
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
              "-m", "scae.cli", *fit_args(raw_h5ad, tmp_path / f"two_{loss}.pt", "--loss", loss)],
@@ -39,8 +39,8 @@ def test_two_gloo_processes_match_one_process(raw_h5ad, tmp_path):
         if loss == "mse":
             one = scae.Autoencoder.load(tmp_path / "one.pt")
         else:
-            assert main(fit_args(raw_h5ad, tmp_path / "one_nz.pt", "--loss", loss)) == 0
-            one = scae.Autoencoder.load(tmp_path / "one_nz.pt")
+            assert main(fit_args(raw_h5ad, tmp_path / f"one_{loss}.pt", "--loss", loss)) == 0
+            one = scae.Autoencoder.load(tmp_path / f"one_{loss}.pt")
         two = scae.Autoencoder.load(tmp_path / f"two_{loss}.pt")
         assert len(one.history_) == len(two.history_) == 4
         for a, b in zip(one.history_, two.history_):
