@@ -808,7 +808,9 @@ def _denoising_findings(result: StudyResult, run: RunResult | None) -> list[Find
                                     Strong(best), f" ({show(value)})"]
         if len(ranked) > 1:
             nxt = scores[ranked[1]][metric]
-            text.append(f", {_pct_change(value, nxt)} than the next, {ranked[1]} ({show(nxt)})"
+            change = _pct_change(value, nxt)
+            relation = "the same as" if change == "the same" else f"{change} than"
+            text.append(f", {relation} the next, {ranked[1]} ({show(nxt)})"
                         if lower else f", {value - nxt:.3f} above the next, {ranked[1]} ({show(nxt)})")
         if baselines:
             beaten = [b for b in baselines if (value < scores[b][metric] if lower else value > scores[b][metric])]
