@@ -8,6 +8,7 @@ computed without one).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -147,12 +148,12 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
             tsne_jobs = stack.enter_context(BackgroundTSNE(None, seed, config.tsne, workers, config.progress))
             tsne_jobs.submit("X_tsne", X_pca[embed_idx])
         runs: dict[str, RunResult] = {}
-        libraries = _Once(lambda: _full_libraries(all_genes))  # counts over all genes, when genes were selected
+        libraries = functools.cache(lambda: _full_libraries(all_genes))  # counts over all genes, once, when needed
 
         def trained(spec: RunSpec, model: Autoencoder, resumed: bool) -> None:
             run_source = dataset.count_source() if spec.counts else source
             with watch.stage(f"predict_{spec.name}"):
-                full_library = libraries.get() if spec.counts and genes is not None else None
+                full_library = libraries() if spec.counts and genes is not None else None
                 latent, recon, recon_pca, sample, errors = _predict_pass(
                     model, run_source, is_test, pca, keep_all, sample_rows, full_library)
             runs[spec.name] = run = RunResult(
@@ -214,18 +215,6 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
     if output is not None:
         write_outputs(result, output, watch, models_saved=True)  # models staged as trained or reused
     return result
-
-
-class _Once:
-    """A value computed on first use and kept."""
-
-    def __init__(self, compute) -> None:
-        self._compute, self._value, self._done = compute, None, False
-
-    def get(self):
-        if not self._done:
-            self._value, self._done = self._compute(), True
-        return self._value
 
 
 @contextmanager
