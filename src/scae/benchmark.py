@@ -72,9 +72,11 @@ def _autoencoder_method(name: str, params: dict, counts: bool, device: str = "au
 
 
 def _assignment_params(name: str) -> dict:
-    spec, config = ASSIGNMENT_RUNS[name], StudyConfig()
-    return {"latent_dim": spec.latent_dim, "loss": spec.loss, "hidden": config.hidden, "activation": config.activation,
-            "epochs": config.epochs, "batch_size": config.batch_size, "learning_rate": config.learning_rate}
+    """The parameters a default study trains run ``name`` with (:func:`scae.study.run_model`)."""
+    from scae.study import run_model
+
+    params = run_model(ASSIGNMENT_RUNS[name], StudyConfig()).get_params()
+    return {k: v for k, v in params.items() if k not in ("random_state", "device", "progress")}
 
 
 def _scvi_method() -> Method:
@@ -214,6 +216,7 @@ def write_benchmark(out_dir, results: list[dict], skipped: list[dict], settings:
     ``benchmark.json`` holds ``"results"`` (one record per fit), ``"summary"`` (mean and sd over
     seeds), ``"skipped"`` and ``"settings"``.
     """
+    import base64
     import json
     import os
     import platform
@@ -234,7 +237,7 @@ def write_benchmark(out_dir, results: list[dict], skipped: list[dict], settings:
         png = png_bytes(benchmark_bars(rows, [("ari", "k-means ARI"), ("knn_accuracy", "15-NN accuracy")],
                                        "Latent representations against the known labels"))
         write_bytes(out / "figures" / "benchmark.png", png)
-        images["benchmark"] = __import__("base64").b64encode(png).decode("ascii")
+        images["benchmark"] = base64.b64encode(png).decode("ascii")
     html = render_template("benchmark.html.j2", {
         "version": __version__,
         "n_datasets": len({r["dataset"] for r in results} | {s["dataset"] for s in skipped}),

@@ -455,7 +455,7 @@ def _as_counts(raw, where: str, shape: tuple[int, int], against: str = "X", colu
     return raw
 
 
-def _not_counts(values: np.ndarray) -> np.ndarray | None:
+def not_counts(values: np.ndarray) -> np.ndarray | None:
     """Mask of the values that are not counts (negative or not whole), or ``None`` when all are."""
     if values.size == 0 or values.dtype.kind == "b":
         return None
@@ -477,7 +477,7 @@ def _check_count_values(X: Matrix, where: str, row_offset: int = 0, columns: np.
     """Refuse values that are not counts, naming the first one's row and column (``X`` is a whole
     matrix or a block of rows starting at ``row_offset``)."""
     values = X.data if sp.issparse(X) else X
-    bad = _not_counts(values)
+    bad = not_counts(values)
     if bad is None:
         return
     if sp.issparse(X):
@@ -1440,7 +1440,7 @@ def _scan_csr(source, where: str, counts_in: np.ndarray | None = None) -> tuple[
             row = int(np.searchsorted(indptr, pos, side="right") - 1)
             raise ScaeInputError(f"{where}: {what(row, int(indices[pos - lo]), data[pos - lo])}")
         if counts_in is not None:
-            bad = _not_counts(data)
+            bad = not_counts(data)
             if bad is not None and np.any(bad & counts_in[indices]):
                 pos = lo + int(np.flatnonzero(bad & counts_in[indices])[0])
                 row = int(np.searchsorted(indptr, pos, side="right") - 1)

@@ -15,7 +15,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from scae import params as rules
-from scae.data import as_matrix, dense_if_small
+from scae.data import as_matrix, dense_if_small, not_counts
 from scae.errors import ScaeInputError
 from scae.files import atomic_path
 from scae.likelihoods import LOG_EPS, Output, get_likelihood
@@ -660,8 +660,8 @@ def _check_counts(source: RowSource, what: str, loss: str) -> None:
     """Refuse a matrix in memory that is not raw counts (non-negative whole numbers)."""
     X = source.read(slice(None))
     values = X.data if sp.issparse(X) else (X.numpy() if isinstance(X, torch.Tensor) else np.asarray(X))
-    bad = (values < 0) | (values != np.floor(values))
-    if not bad.any():
+    bad = not_counts(values)  # the readers' rule for raw counts
+    if bad is None:
         return
     first = float(values.ravel()[np.flatnonzero(bad.ravel())[0]])
     raise ScaeInputError(

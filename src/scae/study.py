@@ -558,8 +558,11 @@ def _denoising(dataset: Dataset, runs: dict[str, RunResult], train_idx, test_idx
     library = None
     if counts and all_genes is not dataset:
         library = library_sizes(all_genes.count_source().matrix(cells))
-    hidden = hide_entries(source.matrix(cells), DENOISE_FRACTION, seed, counts=counts, max_cells=cells.size,
-                          library=library)
+    original = source.matrix(cells)
+    hidden = hide_entries(original, DENOISE_FRACTION, seed, counts=counts, max_cells=cells.size, library=library)
+    if library is not None:  # the corrupted cells' libraries: over the selected genes, and over all of them
+        selected_library = library_sizes(hidden.counts)
+        corrupted_library = library - (library_sizes(original) - selected_library)
     train_cells = train_idx[subsample_indices(train_idx.size, config.max_embed_cells, seed)]
     train_values = dataset.source().matrix(train_cells)  # log-normalised as the MSE runs saw them
     scores = {}
@@ -567,8 +570,7 @@ def _denoising(dataset: Dataset, runs: dict[str, RunResult], train_idx, test_idx
         given = hidden.counts if run.spec.counts else hidden.values
         reconstruction = run.model.reconstruct(given)
         if run.spec.counts and library is not None:  # on the MSE runs' scale: per 10⁴ of the whole library
-            lost = library_sizes(source.matrix(cells)) - library_sizes(hidden.counts)
-            reconstruction = _on_full_library(reconstruction, library_sizes(hidden.counts), library - lost)
+            reconstruction = _on_full_library(reconstruction, selected_library, corrupted_library)
         scores[name] = imputation_scores(hidden, reconstruction)
     baselines = baseline_reconstructions(train_values, hidden, BASELINE_PCS, seed)
     scores.update({name: imputation_scores(hidden, recon) for name, recon in baselines.items()})
