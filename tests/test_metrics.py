@@ -205,6 +205,38 @@ def test_tsne_shape_dtype_deterministic(tsne_input):
     assert s["ari"] > 0.95
 
 
+def test_tsne_neighbour_index_matches_opentsne_exact_search(tsne_input):
+    """The brute-force index gives openTSNE's own exact affinities; Annoy's (above the exact
+    limit) agree on most neighbours."""
+    from openTSNE import affinity
+
+    from scae.embeddings import TSNEConfig, neighbour_index, tsne_input as reduce
+
+    X = reduce(tsne_input[0])
+    theirs = affinity.PerplexityBasedNN(X, perplexity=30, method="exact", random_state=0)
+    ours = affinity.PerplexityBasedNN(knn_index=neighbour_index(X, 90, seed=0), perplexity=30, random_state=0)
+    assert abs(theirs.P - ours.P).max() < 1e-12
+    exact_neighbours, _ = neighbour_index(X, 15).build()
+    approx_neighbours, _ = neighbour_index(X, 15, config=TSNEConfig(exact_neighbors_below=100)).build()
+    shared = np.mean([np.intersect1d(a, b).size / 15 for a, b in zip(exact_neighbours, approx_neighbours)])
+    assert shared > 0.9
+
+
+def test_tsne_does_not_import_pynndescent(tmp_path):
+    """openTSNE's method lookup imports pynndescent and numba (0.3 s, 110 MiB a process) when installed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; from scae.embeddings import tsne_coordinates; "
+        "tsne_coordinates(np.random.default_rng(0).normal(size=(120, 5)), config=__import__('scae.embeddings', "
+        "fromlist=['TSNEConfig']).TSNEConfig(early_exaggeration_iter=5, n_iter=5)); "
+        "print(sorted(m for m in ('pynndescent', 'numba') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_tsne_different_seed_differs(tsne_input):
     X, _ = tsne_input
     from scae.embeddings import TSNEConfig

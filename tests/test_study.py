@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -68,6 +69,25 @@ def test_background_tsne_independent_of_workers():
         assert one[key].shape == (90, 2) and one[key].dtype == np.float32
         np.testing.assert_array_equal(one[key], two[key])
         np.testing.assert_array_equal(one[key], tsne_coordinates(inputs[key], 2, FAST_TSNE))
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+def test_background_tsne_workers_run_at_idle_priority():
+    """The workers take only the cycles the caller leaves idle (its training threads keep their cores)."""
+    import time
+
+    inputs = {"a": np.random.default_rng(0).normal(size=(60, 5))}
+    with BackgroundTSNE(inputs, seed=0, config=FAST_TSNE, workers=2) as jobs:
+        jobs.results()
+        workers = list(jobs._pool._processes.values())
+        deadline = time.monotonic() + 10  # a worker may still be starting (another took both warm-ups)
+        while time.monotonic() < deadline:
+            policies = [os.sched_getscheduler(worker.pid) for worker in workers]
+            if policies == [os.SCHED_IDLE] * 2:
+                break
+            time.sleep(0.05)
+    assert len(workers) == 2 and policies == [os.SCHED_IDLE] * 2
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE
 
 
 def test_study_on_few_genes_dense(tmp_path):
