@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 import scae
 from scae.embeddings import BackgroundTSNE, TSNEConfig, tsne_coordinates
@@ -51,7 +52,7 @@ def test_write_study_keeps_the_compute_timings(small_dataset, tmp_path):
     result = scae.run_study(small_dataset, None, fast_config())
     write_study(result, tmp_path / "out")
     timings = json.loads((tmp_path / "out" / "metrics.json").read_text())["timings"]
-    assert {"split", "train_ae10", "pca", "scores", "figures", "write_models_h5ad"} <= set(timings)
+    assert {"split", "train_ae10", "pca", "tsne_wait", "figures", "write_models_h5ad"} <= set(timings)
     assert (tmp_path / "out" / "report.html").is_file()
 
 
@@ -69,6 +70,31 @@ def test_background_tsne_independent_of_workers():
         assert one[key].shape == (90, 2) and one[key].dtype == np.float32
         np.testing.assert_array_equal(one[key], two[key])
         np.testing.assert_array_equal(one[key], tsne_coordinates(inputs[key], 2, FAST_TSNE))
+
+
+def test_study_results_do_not_depend_on_background_workers():
+    """Scores and t-SNEs computed by two background workers while the models train equal those
+    computed in this process afterwards (every job single-threaded)."""
+    from scae.study import TSNE_WORKERS_FROM_CELLS
+
+    ds = scae.simulate_dataset(TSNE_WORKERS_FROM_CELLS, 60, 3, seed=1)
+    runs = tuple(spec for spec in StudyConfig().runs if spec.name in ("ae10", "recommended"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the study trains on the cores its workers leave: the same thread count in both
+    try:
+        one, two = (scae.run_study(ds, None, fast_config(runs=runs, tsne_workers=w)) for w in (1, 2))
+    finally:
+        torch.set_num_threads(threads)
+    assert list(one.representations) == list(two.representations)
+    assert list(one.representations)[:4] == ["original", "original_pca2", "original_pca10", "original_pca50"]
+    assert one.representations == two.representations
+    assert set(one.views) == set(two.views)
+    for key in one.views:
+        np.testing.assert_array_equal(one.views[key], two.views[key])
+    assert {"tsne_worker_X_tsne", "scores_worker_ae10_latent"} <= set(two.timings)
+    # the top PCs that are all of the input's PCs share its cluster scores, and add linear accuracy
+    original, top = one.representations["original"], one.representations["original_pca50"]
+    assert top["ari"] == original["ari"] and "linear_accuracy" in top and "linear_accuracy" not in original
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")

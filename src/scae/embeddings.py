@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Self
 
 import numpy as np
 import scipy.sparse as sp
 from sklearn.decomposition import PCA
-from tqdm.auto import tqdm
 
+from scae.background import BackgroundJobs
 from scae.data import column_range
-from scae.interrupts import init_worker, signals_blocked_in_children
 
 COVARIANCE_MAX_FEATURES = 2048
 TSNE_INPUT_DIMS = 50
@@ -159,58 +154,17 @@ def initial_layout(X: np.ndarray, seed: int = 0) -> np.ndarray:
     return initialization.random(X.shape[0], n_components=2, random_state=seed)
 
 
-def _single_threaded_tsne(X: np.ndarray, seed: int, config: TSNEConfig) -> tuple[np.ndarray, float]:
-    """Coordinates and the seconds they took, on one thread."""
-    import time
+class BackgroundTSNE(BackgroundJobs):
+    """t-SNE of several matrices in background workers (:class:`~scae.background.BackgroundJobs`,
+    which imports openTSNE in every worker at once).
 
-    from threadpoolctl import threadpool_limits
-
-    started = time.perf_counter()
-    with threadpool_limits(1):
-        coords = tsne_coordinates(X, seed, config, n_jobs=1)
-    return coords, time.perf_counter() - started
-
-
-def _init_background_worker(parent_pid: int) -> None:
-    """:func:`~scae.interrupts.init_worker`, then the lowest CPU priority (nice 19).
-
-    The workers then fill the cycles the caller leaves idle instead of time-slicing its
-    training: multi-threaded training that shares its cores with busy processes of equal
-    priority stalls at every synchronisation point (measured on 2 cores: 8.5 s for a model
-    that trains in 2.9 s alone).
-    """
-    init_worker(parent_pid)
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError):  # not permitted (unusual for lowering one's own priority): run at normal priority
-        pass
-
-
-def _warm_up() -> None:
-    """Import openTSNE in a fresh worker (while the caller does other work)."""
-    import openTSNE  # noqa: F401
-
-
-class BackgroundTSNE:
-    """t-SNE of several matrices, computed in worker processes while the caller does other work.
-
-    Matrices are handed over with :meth:`submit` as soon as they exist (or all at once as
-    ``inputs``); :meth:`results` waits for all of them. Each embedding runs single-threaded and
-    ``workers`` run side by side: independent single-threaded runs use the cores better than
-    one multi-threaded run at a time (openTSNE's threads scale poorly, and badly on a busy
-    machine). The workers start (and import openTSNE) at once. Results do not depend on
-    ``workers``; with ``workers <= 1`` everything runs in this process when :meth:`results` is
-    called.
-
-    After :meth:`results`, ``seconds`` holds each embedding's own computing time. With
-    ``workers > 1`` the workers are started with "spawn", so a Python *script* that starts a
-    study must keep its top-level code under ``if __name__ == "__main__":``.
-
-    Use as a context manager so the worker processes are always shut down (killed at once
-    after an exception or an interrupt)::
+    :meth:`submit_tsne` starts the embedding of a matrix (or ``inputs`` gives them all at once);
+    :meth:`~scae.background.BackgroundJobs.submit` runs any other job on the same workers, and
+    :meth:`~scae.background.BackgroundJobs.results` returns everything by key (embeddings as
+    float32 coordinates)::
 
         with BackgroundTSNE(seed=0, workers=2) as jobs:
-            jobs.submit("X_tsne", X)
+            jobs.submit_tsne("X_tsne", X)
             ...  # other work, more submissions
             coordinates = jobs.results()
     """
@@ -223,81 +177,14 @@ class BackgroundTSNE:
         workers: int = 1,
         progress: bool = False,
     ) -> None:
-        self._seed, self._config, self._progress = seed, config, progress
-        self._reduced: dict[str, np.ndarray] = {}
-        self._pool = None
-        self._futures: dict = {}
-        self.seconds: dict[str, float] = {}
-        if workers > 1:
-            context = multiprocessing.get_context("spawn")  # no fork after OpenMP/torch threads
-            try:
-                # workers ignore SIGINT/SIGTERM from their first instruction: a Ctrl-C to the
-                # process group reaches only this process, which then stops them
-                with signals_blocked_in_children():
-                    self._pool = ProcessPoolExecutor(
-                        max_workers=workers, mp_context=context,
-                        initializer=_init_background_worker, initargs=(os.getpid(),),
-                    )
-                    for _ in range(workers):  # one task each starts every worker now
-                        self._pool.submit(_warm_up)
-            except BaseException:
-                self._stop_workers()
-                raise
+        super().__init__(workers, progress, warm_up=("openTSNE", "scae.embeddings"), description="t-SNE and scores")
+        self._seed, self._config = seed, config
         for key, X in (inputs or {}).items():
-            self.submit(key, X)
+            self.submit_tsne(key, X)
 
-    def submit(self, key: str, X) -> None:
-        """Start the t-SNE of ``X`` (reduced by :func:`tsne_input`) under the name ``key``."""
-        if key in self._reduced:
-            raise ValueError(f"t-SNE '{key}' was submitted twice")
-        self._reduced[key] = tsne_input(X, self._seed)
-        if self._pool is not None:
-            try:
-                self._futures[self._pool.submit(_single_threaded_tsne, self._reduced[key], self._seed, self._config)] = key
-            except BaseException:
-                self._stop_workers()
-                raise
-
-    def results(self) -> dict[str, np.ndarray]:
-        """Wait for (or compute) every embedding; keys in the order they were submitted."""
-        bar = tqdm(total=len(self._reduced), desc="t-SNE", unit="embedding", disable=not self._progress, leave=False)
-        out: dict[str, tuple[np.ndarray, float]] = {}
-        try:
-            if self._pool is None:
-                for key, X in self._reduced.items():
-                    out[key] = _single_threaded_tsne(X, self._seed, self._config)
-                    bar.update()
-            else:
-                for future in as_completed(self._futures):
-                    out[self._futures[future]] = future.result()
-                    bar.update()
-        finally:
-            bar.close()
-        self.seconds = {key: out[key][1] for key in self._reduced}
-        return {key: out[key][0] for key in self._reduced}
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type, exc_value, traceback) -> None:
-        """Shut the workers down; after an exception (an interrupt included) kill them at once."""
-        if exc_type is None and self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        else:
-            self._stop_workers()
-
-    def _stop_workers(self, timeout: float = 1.0) -> None:
-        """Kill the worker processes (no waiting for running embeddings) and reap them."""
-        if self._pool is None:
-            return
-        # ProcessPoolExecutor.kill_workers() is public only from Python 3.14
-        processes = list((getattr(self._pool, "_processes", None) or {}).values())
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            process.kill()
-        for process in processes:
-            process.join(timeout)
-        self._pool = None
+    def submit_tsne(self, key: str, X) -> None:
+        """Start the t-SNE of ``X`` (reduced here by :func:`tsne_input`) under the name ``key``."""
+        self.submit(key, tsne_coordinates, tsne_input(X, self._seed), self._seed, self._config)
 
 
 def subsample_indices(n: int, max_cells: int | None, seed: int = 0) -> np.ndarray:

@@ -107,6 +107,25 @@ def label_silhouette(X, labels: np.ndarray, chunk_rows: int = 1024) -> float:
     return total / n
 
 
+def representation_scores(
+    embedded: np.ndarray,
+    labels: np.ndarray,
+    kmeans_seeds: int,
+    seed: int = 0,
+    linear: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+    cluster: bool = True,
+) -> dict[str, float]:
+    """Every score of one representation: k-means ARI/NMI and label silhouette
+    (:func:`cluster_scores`; left out with ``cluster=False``), 15-NN accuracy
+    (:func:`knn_accuracy`), all on the rows ``embedded``, and, given ``linear = (fit, fit_labels,
+    evaluate, eval_labels)``, its :func:`linear_separability` (``linear_accuracy``)."""
+    row = cluster_scores(embedded, labels, kmeans_seeds, seed) if cluster else {}
+    row["knn_accuracy"] = knn_accuracy(embedded, labels, seed=seed)
+    if linear is not None:
+        row["linear_accuracy"] = linear_separability(*linear, seed)
+    return row
+
+
 def convergence_epoch(losses: list[float], fraction: float = 0.95) -> int | None:
     """First epoch at which the loss has made ``fraction`` of its total decrease.
 

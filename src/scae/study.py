@@ -22,13 +22,7 @@ from scae.data import Dataset, stratified_split
 from scae.embeddings import BackgroundTSNE, fit_pca, subsample_indices
 from scae.errors import ScaeInputError
 from scae.files import OutputDir
-from scae.metrics import (
-    cluster_scores,
-    convergence_epoch,
-    epochs_to_near_best,
-    knn_accuracy,
-    linear_separability,
-)
+from scae.metrics import convergence_epoch, epochs_to_near_best, representation_scores
 from scae.models import Autoencoder
 from scae.outputs import save_model, study_key, write_outputs, write_study  # noqa: F401 (write_study re-exported)
 from scae.parallel import Distributed, broadcast_from_main, resolve_device
@@ -144,9 +138,12 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
     # worker processes pay off only when a t-SNE takes longer than starting one (~1.5 s of imports)
     workers = min(config.tsne_workers, n_tsne) if embed_idx.size >= TSNE_WORKERS_FROM_CELLS else 1
     with ExitStack() as stack:
-        with watch.stage("tsne_start", f"t-SNE of {n_tsne} representations ({embed_idx.size} cells), in the background"):
-            tsne_jobs = stack.enter_context(BackgroundTSNE(None, seed, config.tsne, workers, config.progress))
-            tsne_jobs.submit("X_tsne", X_pca[embed_idx])
+        with watch.stage("tsne_start", f"t-SNE of {n_tsne} representations ({embed_idx.size} cells) and cluster "
+                                       "scores, in the background"):
+            jobs = stack.enter_context(BackgroundTSNE(None, seed, config.tsne, workers, config.progress))
+            jobs.submit_tsne("X_tsne", X_pca[embed_idx])
+            scoring = _Scoring(jobs, dataset, train_idx, test_idx, embed_idx, config)
+            scoring.add_input(X_pca)
         runs: dict[str, RunResult] = {}
         libraries = functools.cache(lambda: _full_libraries(all_genes))  # counts over all genes, once, when needed
 
@@ -169,7 +166,8 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
                 resumed=resumed,
             )
             for key, matrix in _tsne_inputs(run):
-                tsne_jobs.submit(key, matrix[embed_idx])
+                jobs.submit_tsne(key, matrix[embed_idx])
+            scoring.add_run(run)
 
         busy = workers if workers > 1 else 0
         with _training_threads(config.device, busy):
@@ -181,15 +179,17 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
                 views[f"X_{name}_reconstruction_pca"] = run.reconstruction_pca
                 if run.spec.latent_dim > 2:
                     views[f"X_{name}_pca"] = fit_pca(run.latent, 50, seed).transform(run.latent).astype(np.float32)
-        # Stage timings stay disjoint: "scores" runs while t-SNE is under way, "tsne_wait" is the rest.
-        with threadpool_limits(1):  # single-threaded, so that scoring and t-SNE do not fight over the cores
-            representations = _score_representations(dataset, runs, views, train_idx, test_idx, embed_idx, config, watch)
-            with watch.stage("denoising", "imputation of hidden entries"):
-                denoising = _denoising(dataset, runs, train_idx, test_idx, config, all_genes)
-        with watch.stage("tsne_wait", "waiting for t-SNE"):
-            views.update(tsne_jobs.results())
-    # Each embedding's own time in its worker; these overlap training, "scores" and "tsne_wait".
-    watch.timings.update({f"tsne_worker_{key}": value for key, value in tsne_jobs.seconds.items()})
+        with threadpool_limits(1), watch.stage("denoising", "imputation of hidden entries"):
+            denoising = _denoising(dataset, runs, train_idx, test_idx, config, all_genes)
+        with watch.stage("tsne_wait", "waiting for t-SNE and cluster scores"):
+            done = jobs.results()
+        representations = scoring.collect(done, runs)
+        views.update({key: value for key, value in done.items() if not key.startswith(_Scoring.PREFIX)})
+    # Each job's own time in its worker (overlapping training, "denoising" and "tsne_wait")
+    watch.timings.update({
+        (f"scores_worker_{key[len(_Scoring.PREFIX):]}" if key.startswith(_Scoring.PREFIX) else f"tsne_worker_{key}"): value
+        for key, value in jobs.seconds.items()
+    })
 
     result = StudyResult(
         dataset=dataset,
@@ -497,45 +497,64 @@ def _tsne_inputs(run: RunResult):
         yield f"X_{run.spec.name}_tsne", run.latent
 
 
-def _score_representations(dataset, runs, views, train_idx, test_idx, embed_idx, config, watch) -> dict:
-    """Cluster scores for every representation; linear separability for those up to 50-D.
+class _Scoring:
+    """Scores of every representation (:func:`~scae.metrics.representation_scores`), each computed
+    by a background job as soon as the representation exists: the input's top PCs, and each
+    run's reconstruction and latent. Linear separability for those up to 50-D.
 
     High-dimensional representations (the input and the reconstructions) are scored on their
     coordinates on the input's top principal axes (``scored_on`` says so).
     """
-    X_pca = views["X_pca"]
-    on_pcs = f"its coordinates on the input's top {X_pca.shape[1]} PCs"
-    candidates: list[tuple[str, str, int, np.ndarray, str | None]] = [
-        ("original", f"input matrix ({dataset.n_genes} genes)", dataset.n_genes, X_pca, on_pcs),
-    ]
-    for k in (2, 10, 50):
-        if X_pca.shape[1] >= k:
-            candidates.append((f"original_pca{k}", f"top {k} PCs of the input", k, X_pca[:, :k], None))
-    for name, run in runs.items():
-        candidates.append((f"{name}_reconstruction", f"{name} reconstruction", dataset.n_genes, run.reconstruction_pca, on_pcs))
-        candidates.append((f"{name}_latent", f"{name} latent ({run.spec.latent_dim}-D)", run.spec.latent_dim, run.latent, None))
 
-    labels = dataset.labels
-    rng_train = subsample_indices(train_idx.size, config.max_embed_cells, config.seed)
-    rng_test = subsample_indices(test_idx.size, config.max_embed_cells, config.seed + 1)
-    fit_cells, eval_cells = train_idx[rng_train], test_idx[rng_test]
-    scores = {}
-    with watch.stage("scores", f"cluster scores of {len(candidates)} representations"):
-        for key, description, dims, matrix, scored_on in candidates:
-            row = {"description": description, "dims": int(dims)}
-            if scored_on is not None and matrix.shape[1] < dims:
-                row["scored_on"] = scored_on
-            if key == f"original_pca{X_pca.shape[1]}":  # the same matrix as "original", scored above
-                row.update({k: v for k, v in scores["original"].items() if k not in row and k != "scored_on"})
-            else:
-                row.update(cluster_scores(matrix[embed_idx], labels[embed_idx], config.kmeans_seeds, config.seed))
-            row["knn_accuracy"] = knn_accuracy(matrix[embed_idx], labels[embed_idx], seed=config.seed)
-            if dims <= 50:
-                row["linear_accuracy"] = linear_separability(
-                    matrix[fit_cells], labels[fit_cells], matrix[eval_cells], labels[eval_cells], config.seed
-                )
-            scores[key] = row
-    return scores
+    PREFIX = "scores:"
+
+    def __init__(self, jobs: BackgroundTSNE, dataset: Dataset, train_idx, test_idx, embed_idx, config: StudyConfig):
+        self._jobs, self._n_genes, self._labels, self._embed_idx, self._config = (
+            jobs, dataset.n_genes, dataset.labels, embed_idx, config)
+        self._fit_cells = train_idx[subsample_indices(train_idx.size, config.max_embed_cells, config.seed)]
+        self._eval_cells = test_idx[subsample_indices(test_idx.size, config.max_embed_cells, config.seed + 1)]
+        self._rows: dict[str, dict] = {}  # key -> description, dims, scored_on
+        self._on_pcs = ""
+
+    def add_input(self, X_pca: np.ndarray) -> None:
+        """The input (on its top PCs) and its top 2, 10 and 50 PCs."""
+        self._on_pcs = f"its coordinates on the input's top {X_pca.shape[1]} PCs"
+        self._add("original", f"input matrix ({self._n_genes} genes)", self._n_genes, X_pca, self._on_pcs)
+        for k in (2, 10, 50):
+            if X_pca.shape[1] >= k:
+                # the top-k PCs equal "original" when k is all of them: only what "original" lacks
+                self._add(f"original_pca{k}", f"top {k} PCs of the input", k, X_pca[:, :k], None,
+                          cluster=k != X_pca.shape[1])
+
+    def add_run(self, run: RunResult) -> None:
+        name = run.spec.name
+        self._add(f"{name}_reconstruction", f"{name} reconstruction", self._n_genes, run.reconstruction_pca, self._on_pcs)
+        self._add(f"{name}_latent", f"{name} latent ({run.spec.latent_dim}-D)", run.spec.latent_dim, run.latent, None)
+
+    def _add(self, key: str, description: str, dims: int, matrix: np.ndarray, scored_on: str | None,
+             cluster: bool = True) -> None:
+        row = {"description": description, "dims": int(dims)}
+        if scored_on is not None and matrix.shape[1] < dims:
+            row["scored_on"] = scored_on
+        self._rows[key] = row
+        labels, fit, evaluate = self._labels, self._fit_cells, self._eval_cells
+        linear = (matrix[fit], labels[fit], matrix[evaluate], labels[evaluate]) if dims <= 50 else None
+        self._jobs.submit(self.PREFIX + key, representation_scores, matrix[self._embed_idx], labels[self._embed_idx],
+                          self._config.kmeans_seeds, self._config.seed, linear, cluster)
+
+    def collect(self, done: dict, runs: dict[str, RunResult]) -> dict[str, dict]:
+        """Every row, in report order: the input's, then each run's (``runs`` order)."""
+        order = [k for k in self._rows if k.startswith("original")]
+        order += [f"{name}_{part}" for name in runs for part in ("reconstruction", "latent")]
+        scores = {}
+        for key in order:
+            scores[key] = {**self._rows[key], **done[self.PREFIX + key]}
+        for key, row in scores.items():
+            if "ari" not in row:  # the top PCs that are the whole of "original": its cluster scores
+                extra = {k: v for k, v in scores["original"].items() if k not in row and k != "scored_on"}
+                scores[key] = {"description": row["description"], "dims": row["dims"], **extra,
+                               **{k: v for k, v in row.items() if k not in ("description", "dims")}}
+        return scores
 
 
 DENOISE_FRACTION = 0.1
