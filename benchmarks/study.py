@@ -34,14 +34,14 @@ from scale import TreeMemorySampler  # noqa: E402  (process-tree RSS sampling, s
 import scae  # noqa: E402
 from scae.simulate import simulate_dataset
 from scae.results import DEFAULT_RUNS, STUDY_RUNS
-from scae.study import StudyConfig, available_cores, run_study
+from scae.study import StudyConfig, background_workers, run_study
 
 
 def run_once(cells: int, genes: int, epochs: int, seed: int, runs: tuple) -> dict:
     started = time.perf_counter()
     dataset = simulate_dataset(cells, genes, 3, 0)
     data_seconds = time.perf_counter() - started
-    config = StudyConfig(epochs=epochs, seed=seed, progress=False, tsne_workers=available_cores(), runs=runs)
+    config = StudyConfig(epochs=epochs, seed=seed, progress=False, tsne_workers=background_workers(), runs=runs)
     with tempfile.TemporaryDirectory() as out:
         result = run_study(dataset, out, config, data_seconds)
         sizes = {p.name: p.stat().st_size for p in Path(out).iterdir() if p.is_file()}

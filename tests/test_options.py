@@ -337,7 +337,7 @@ def test_refit_with_bad_parameters_keeps_the_fitted_model(small_dense):
         ("test_fraction", 1.0, "a finite number > 0 and < 1"),
         ("kmeans_seeds", 0, "an integer in [1, 1000]"),
         ("max_embed_cells", 0, "an integer >= 1"),
-        ("tsne_workers", 0, "an integer >= 1"),
+        ("tsne_workers", -1, "an integer >= 0"),
         ("max_layer_entries", 0, "an integer >= 1"),
         ("sample_layer_entries", -1, "an integer >= 1"),
         ("device", "tpu", "one of: auto, cpu, cuda, mps"),

@@ -1,9 +1,8 @@
-"""Single-threaded jobs run in background worker processes at idle CPU priority.
+"""Single-threaded jobs run in background worker processes.
 
 The study hands its t-SNEs and cluster scores to :class:`BackgroundJobs` as soon as their
-inputs exist, and trains its models meanwhile: the workers take only the CPU time the training
-leaves idle, and every job runs on one thread, so its result does not depend on the number of
-workers or on what else runs.
+inputs exist, and trains its models meanwhile on the cores the workers leave. Every job runs
+on one thread, so its result does not depend on the number of workers or on what else runs.
 """
 
 from __future__ import annotations
@@ -19,21 +18,6 @@ from typing import Any, Self
 from tqdm.auto import tqdm
 
 from scae.interrupts import init_worker, signals_blocked_in_children
-
-
-def init_idle_worker(parent_pid: int) -> None:
-    """:func:`~scae.interrupts.init_worker`, then the idle scheduling class (``SCHED_IDLE``).
-
-    An idle worker runs only where a core would otherwise idle, so it never time-slices the
-    caller's training: multi-threaded training that shares its cores with busy processes of
-    equal priority stalls at every synchronisation point (measured on 2 cores: 8.5 s for a model
-    that trains in 2.9 s alone), and even nice-19 workers delay it.
-    """
-    init_worker(parent_pid)
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError):  # not Linux: run at normal priority
-        pass
 
 
 def _import(modules: Sequence[str]) -> None:
@@ -56,13 +40,16 @@ class BackgroundJobs:
     """Named single-threaded jobs, run in worker processes while the caller does other work.
 
     Jobs are handed over with :meth:`submit` as soon as their inputs exist; :meth:`results`
-    waits for all of them. ``workers`` processes (started with "spawn", at idle CPU priority:
-    :func:`init_idle_worker`) run them side by side: independent single-threaded jobs use the
-    cores better than one multi-threaded job at a time. The workers start at once and import
-    ``warm_up`` modules. With ``workers <= 1`` the jobs run in this process when
-    :meth:`results` is called. Results never depend on ``workers``.
+    waits for all of them. ``workers`` processes (started with "spawn") run them side by side:
+    independent single-threaded jobs use the cores better than one multi-threaded job at a
+    time. The workers start at once and import ``warm_up`` modules. With ``workers=0`` the jobs
+    run in this process when :meth:`results` is called. Results never depend on ``workers``.
 
-    After :meth:`results`, ``seconds`` holds each job's own computing time. With ``workers > 1``,
+    Give the workers cores of their own: a multi-threaded computation of the caller (PyTorch
+    training) that shares its cores with busy processes stalls at every synchronisation point
+    (measured on 2 cores: 8.5 s for a model that trains in 2.9 s alone).
+
+    After :meth:`results`, ``seconds`` holds each job's own computing time. With ``workers >= 1``,
     a Python *script* that uses this must keep its top-level code under
     ``if __name__ == "__main__":``, and job functions must be importable module-level functions.
 
@@ -75,14 +62,14 @@ class BackgroundJobs:
             results = jobs.results()
     """
 
-    def __init__(self, workers: int = 1, progress: bool = False, warm_up: Sequence[str] = (),
+    def __init__(self, workers: int = 0, progress: bool = False, warm_up: Sequence[str] = (),
                  description: str = "background jobs") -> None:
         self._progress, self._description = progress, description
         self._pending: dict[str, tuple[Callable, tuple]] = {}
         self._pool = None
         self._futures: dict = {}
         self.seconds: dict[str, float] = {}
-        if workers > 1:
+        if workers >= 1:
             context = multiprocessing.get_context("spawn")  # no fork after OpenMP/torch threads
             try:
                 # workers ignore SIGINT/SIGTERM from their first instruction: a Ctrl-C to the
@@ -90,7 +77,7 @@ class BackgroundJobs:
                 with signals_blocked_in_children():
                     self._pool = ProcessPoolExecutor(
                         max_workers=workers, mp_context=context,
-                        initializer=init_idle_worker, initargs=(os.getpid(),),
+                        initializer=init_worker, initargs=(os.getpid(),),
                     )
                     for _ in range(workers):  # one task each starts every worker now
                         self._pool.submit(_import, tuple(warm_up))

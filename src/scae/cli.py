@@ -355,7 +355,7 @@ def run_study_command(args: argparse.Namespace) -> int:
         load_seconds = time.perf_counter() - started
         from scae.parallel import resolve_device
         from scae.params import check_parameter_count
-        from scae.study import StudyConfig, available_cores, run_study
+        from scae.study import StudyConfig, background_workers, run_study
 
         check_parameter_count(dataset.n_genes, STUDY_MAX_LATENT, tuple(args.hidden))
         device = resolve_device(args.device)  # fail fast on a device that is not there
@@ -374,7 +374,7 @@ def run_study_command(args: argparse.Namespace) -> int:
             learning_rate=args.learning_rate,
             max_embed_cells=args.max_embed_cells,
             progress=not args.quiet,
-            tsne_workers=available_cores(),
+            tsne_workers=background_workers(),
             device=args.device,
             resume=args.resume,
             top_genes=args.top_genes,

@@ -155,8 +155,9 @@ def initial_layout(X: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 class BackgroundTSNE(BackgroundJobs):
-    """t-SNE of several matrices in background workers (:class:`~scae.background.BackgroundJobs`,
-    which imports openTSNE in every worker at once).
+    """t-SNE of several matrices in ``workers`` background processes
+    (:class:`~scae.background.BackgroundJobs`; each imports openTSNE at once; ``workers=0``:
+    in this process, when the results are asked for).
 
     :meth:`submit_tsne` starts the embedding of a matrix (or ``inputs`` gives them all at once);
     :meth:`~scae.background.BackgroundJobs.submit` runs any other job on the same workers, and
@@ -174,7 +175,7 @@ class BackgroundTSNE(BackgroundJobs):
         inputs: dict[str, np.ndarray] | None = None,
         seed: int = 0,
         config: TSNEConfig = TSNEConfig(),
-        workers: int = 1,
+        workers: int = 0,
         progress: bool = False,
     ) -> None:
         super().__init__(workers, progress, warm_up=("openTSNE", "scae.embeddings"), description="t-SNE and scores")

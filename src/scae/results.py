@@ -89,10 +89,12 @@ class StudyConfig:
     sample_layer_entries: int = 5_000_000
     """Size of each reconstruction in ``reconstructions.h5ad`` (20 MB of float32 per run)."""
     progress: bool = True
-    tsne_workers: int = 1
-    """Processes computing t-SNEs side by side (results do not depend on it). The command line
-    uses every available core; from a Python script, more than 1 needs the script's top-level
-    code under ``if __name__ == "__main__":`` (worker processes are spawned)."""
+    tsne_workers: int = 0
+    """Worker processes computing the t-SNEs and cluster scores while the models train on the
+    remaining cores (results do not depend on it; 0: in this process, after training). The
+    command line uses half the available cores (:func:`~scae.study.background_workers`); from
+    a Python script, 1 or more needs the script's top-level code under
+    ``if __name__ == "__main__":`` (worker processes are spawned)."""
     device: str = "auto"
     """Where models train and predict: ``auto``, ``cpu``, ``cuda`` or ``mps``."""
     resume: bool = False
@@ -118,7 +120,7 @@ class StudyConfig:
         rules.check("test_fraction", self.test_fraction, rules.FRACTION)
         for name in ("max_embed_cells", "max_layer_entries", "sample_layer_entries"):
             rules.check(name, getattr(self, name), rules.AT_LEAST_ONE)
-        rules.check("tsne_workers", self.tsne_workers, rules.AT_LEAST_ONE)
+        rules.check("tsne_workers", self.tsne_workers, rules.AT_LEAST_ZERO)
         rules.check("device", self.device, rules.DEVICE)
         rules.check("progress", self.progress, rules.BOOLEAN)
         rules.check("resume", self.resume, rules.BOOLEAN)
