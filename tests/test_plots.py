@@ -23,6 +23,27 @@ def test_scatter_and_loss_figures_render_png():
     assert png_bytes(fig)[:8] == PNG_MAGIC
 
 
+@pytest.mark.parametrize("names", [
+    ["naive thymus-derived CD4-positive, alpha-beta T cell", "B cell"],  # a Cell Ontology name
+    ["W" * 60, "x"],
+    [f"type {i} $x$" for i in range(25)],  # two legend columns
+    ["0", "1"],
+])
+def test_legend_fits_beside_the_panels(names):
+    """The figure widens to its legend, which neither leaves the figure nor covers a panel."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    rng = np.random.default_rng(0)
+    labels = np.array(names)[rng.integers(0, len(names), 200)]
+    fig = scatter_panels([Panel("a", rng.normal(size=(200, 2))), Panel("b", rng.normal(size=(200, 2)))], labels, "t")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+    figure = fig.bbox
+    assert figure.x0 <= legend.x0 and legend.x1 <= figure.x1 - 5
+    assert legend.x0 > max(ax.get_window_extent(renderer).x1 for ax in fig.axes)
+    assert fig.get_size_inches()[0] < 2 * 4.6 + 0.6 + legend.width / fig.dpi + 1
+
+
 @pytest.mark.parametrize("n", [3, 10, 15, 30])
 def test_label_colors_distinct(n):
     colors = label_colors([f"c{i}" for i in range(n)])

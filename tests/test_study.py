@@ -96,6 +96,16 @@ def test_study_results_do_not_depend_on_background_workers():
     assert top["ari"] == original["ari"] and "linear_accuracy" in top and "linear_accuracy" not in original
 
 
+def test_score_rows_follow_the_report_order_whatever_the_run_names():
+    ds = scae.simulate_dataset(150, 30, 3, seed=0)
+    runs = (RunSpec("ae2", 2, "mse"), RunSpec("original_wide", 10, "mse"))
+    result = scae.run_study(ds, None, fast_config(runs=runs))
+    assert list(result.representations) == [
+        "original", "original_pca2", "original_pca10",
+        "ae2_reconstruction", "ae2_latent", "original_wide_reconstruction", "original_wide_latent",
+    ]
+
+
 def test_study_on_few_genes_dense(tmp_path):
     ds = scae.simulate_dataset(120, 30, 3, seed=0)
     dense = scae.make_dataset(ds.X.toarray(), ds.labels)

@@ -65,7 +65,8 @@ class BackgroundJobs:
     def __init__(self, workers: int = 0, progress: bool = False, warm_up: Sequence[str] = (),
                  description: str = "background jobs") -> None:
         self._progress, self._description = progress, description
-        self._pending: dict[str, tuple[Callable, tuple]] = {}
+        self._keys: list[str] = []
+        self._inline: dict[str, tuple[Callable, tuple]] = {}  # jobs run by results(), without workers
         self._pool = None
         self._futures: dict = {}
         self.seconds: dict[str, float] = {}
@@ -87,10 +88,14 @@ class BackgroundJobs:
 
     def submit(self, key: str, fn: Callable, *args) -> None:
         """Start ``fn(*args)`` (single-threaded) under the name ``key``."""
-        if key in self._pending:
+        if key in self._keys:
             raise ValueError(f"background job '{key}' was submitted twice")
-        self._pending[key] = (fn, args)
-        if self._pool is not None:
+        if not callable(fn):
+            raise TypeError(f"background job '{key}': expected a function, got {type(fn).__name__}")
+        self._keys.append(key)
+        if self._pool is None:
+            self._inline[key] = (fn, args)
+        else:
             try:
                 self._futures[self._pool.submit(run_single_threaded, fn, *args)] = key
             except BaseException:
@@ -99,12 +104,14 @@ class BackgroundJobs:
 
     def results(self) -> dict[str, Any]:
         """Wait for (or compute) every job's result; keys in the order they were submitted."""
-        bar = tqdm(total=len(self._pending), desc=self._description, unit="job", disable=not self._progress,
+        bar = tqdm(total=len(self._keys), desc=self._description, unit="job", disable=not self._progress,
                    leave=False)
         out: dict[str, tuple[Any, float]] = {}
         try:
             if self._pool is None:
-                for key, (fn, args) in self._pending.items():
+                while self._inline:  # each job's arguments are released once it has run
+                    key, (fn, args) = next(iter(self._inline.items()))
+                    del self._inline[key]
                     out[key] = run_single_threaded(fn, *args)
                     bar.update()
             else:
@@ -113,8 +120,8 @@ class BackgroundJobs:
                     bar.update()
         finally:
             bar.close()
-        self.seconds = {key: out[key][1] for key in self._pending}
-        return {key: out[key][0] for key in self._pending}
+        self.seconds = {key: out[key][1] for key in self._keys}
+        return {key: out[key][0] for key in self._keys}
 
     def __enter__(self) -> Self:
         return self

@@ -127,8 +127,8 @@ def neighbour_index(X: np.ndarray, k: int, seed: int = 0, config: TSNEConfig = T
     """openTSNE's index of the ``k`` nearest neighbours (euclidean) of every row of ``X``.
 
     Exact (scikit-learn's brute-force search: one distance matrix product, about 3× faster
-    than the tree search openTSNE's ``method="exact"`` picks on 50 dimensions, same
-    neighbours) below :attr:`TSNEConfig.exact_neighbors_below` rows, Annoy above. Built here
+    than the tree search openTSNE's ``method="exact"`` picks on 50 dimensions; the same
+    neighbours, up to ties and the last bits of their distances) below :attr:`TSNEConfig.exact_neighbors_below` rows, Annoy above. Built here
     rather than by ``PerplexityBasedNN(method=...)``, whose method lookup imports pynndescent
     (and numba: 0.3 s and 110 MiB per process) even when it does not use it.
     """

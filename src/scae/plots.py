@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -40,10 +41,8 @@ def scatter_panels(panels: Sequence[Panel], labels: np.ndarray, title: str) -> F
     labels = np.asarray(labels)
     classes = list(np.unique(labels))
     colors = label_colors(classes)
-    names = [str(c).replace("$", r"\$") for c in classes]  # "$" would start matplotlib mathtext
-    columns = 1 if len(classes) <= 20 else 2
-    legend_in = 0.5 + columns * (0.35 + 0.065 * min(40, max(len("label"), *map(len, names))))
-    fig, axes = _panel_figure(len(panels), width_in=3.9, height_in=3.7, gap_in=0.65, right_in=legend_in)
+    layout = _PanelLayout(len(panels), width_in=3.9, height_in=3.7, gap_in=0.65)
+    fig, axes = layout.figure()
     size = float(np.clip(30_000 / max(1, labels.size), 0.5, 12))
     order = np.random.default_rng(0).permutation(labels.size)  # no class painted last on top
     for ax, panel in zip(axes, panels):
@@ -54,29 +53,51 @@ def scatter_panels(panels: Sequence[Panel], labels: np.ndarray, title: str) -> F
         ax.set_xlabel(panel.xlabel, fontsize=8)
         ax.set_ylabel(panel.ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
-    handles = [axes[0].scatter([], [], color=colors[c], s=25, label=name) for c, name in zip(classes, names)]
-    width = fig.get_size_inches()[0]
-    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1 - (legend_in - 0.15) / width, 0.5),
-               fontsize=8, frameon=False, title="label", ncols=columns)
+    handles = [  # "$" would start matplotlib mathtext in a user's label
+        axes[0].scatter([], [], color=colors[c], s=25, label=str(c).replace("$", r"\$")) for c in classes
+    ]
+    legend = fig.legend(handles=handles, loc="center left", fontsize=8, frameon=False, title="label",
+                        ncols=1 if len(classes) <= 20 else 2)
+    # the figure widens to the legend's measured width (one text layout, not every text's)
+    legend_in = legend.get_window_extent(FigureCanvasAgg(fig).get_renderer()).width / fig.dpi
+    layout.right_in = legend_in + 0.35
+    layout.place(fig, axes)
+    legend.set_bbox_to_anchor((1 - (legend_in + 0.2) / fig.get_size_inches()[0], 0.5))
     fig.suptitle(title, fontsize=11)
     return fig
 
 
-def _panel_figure(n: int, width_in: float, height_in: float, gap_in: float, right_in: float = 0.2,
-                  left_in: float = 0.6, bottom_in: float = 0.5, top_in: float = 0.65) -> tuple[Figure, list]:
-    """A figure with ``n`` axes in a row, each ``width_in`` × ``height_in`` inches, on fixed margins.
+@dataclass
+class _PanelLayout:
+    """``n`` axes in a row, each ``width_in`` × ``height_in`` inches, on fixed margins (inches).
 
     A fixed layout instead of matplotlib's constrained one, which measured every text's extent
     and took half the drawing time of the study's figures.
     """
-    width = left_in + n * width_in + (n - 1) * gap_in + right_in
-    height = bottom_in + height_in + top_in
-    fig = Figure(figsize=(width, height))
-    axes = [
-        fig.add_axes(((left_in + i * (width_in + gap_in)) / width, bottom_in / height, width_in / width, height_in / height))
-        for i in range(n)
-    ]
-    return fig, axes
+
+    n: int
+    width_in: float
+    height_in: float
+    gap_in: float
+    left_in: float = 0.6
+    right_in: float = 0.2
+    bottom_in: float = 0.5
+    top_in: float = 0.65
+
+    def figure(self) -> tuple[Figure, list]:
+        fig = Figure()
+        axes = [fig.add_axes((0, 0, 1, 1)) for _ in range(self.n)]
+        self.place(fig, axes)
+        return fig, axes
+
+    def place(self, fig: Figure, axes: list) -> None:
+        """Size ``fig`` and position ``axes`` for the current margins."""
+        width = self.left_in + self.n * self.width_in + (self.n - 1) * self.gap_in + self.right_in
+        height = self.bottom_in + self.height_in + self.top_in
+        fig.set_size_inches(width, height)
+        for i, ax in enumerate(axes):
+            left = self.left_in + i * (self.width_in + self.gap_in)
+            ax.set_position((left / width, self.bottom_in / height, self.width_in / width, self.height_in / height))
 
 
 def loss_curves(histories: dict[str, list[dict]], keys: Sequence[str], title: str) -> Figure:
@@ -85,7 +106,7 @@ def loss_curves(histories: dict[str, list[dict]], keys: Sequence[str], title: st
     The y axis is logarithmic when a panel's values span more than a factor of 20; the epoch
     axis has whole-number ticks only.
     """
-    fig, axes = _panel_figure(len(keys), width_in=4.3, height_in=3.0, gap_in=0.9, left_in=0.8)
+    fig, axes = _PanelLayout(len(keys), width_in=4.2, height_in=3.0, gap_in=1.1, left_in=0.95).figure()
     for ax, key in zip(axes, keys):
         for name, history in histories.items():
             epochs = [row["epoch"] for row in history if key in row]

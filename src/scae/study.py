@@ -102,10 +102,11 @@ def run_study(
 def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | None:
     """:func:`run_study` with the output folder opened (or ``None``).
 
-    The main process computes the input's PCA first and hands each t-SNE to the background
-    workers as soon as its matrix exists: the input's at once, each run's right after that run
-    is trained (runs with t-SNEs train first). On the CPU, training leaves the workers their
-    cores. The cluster scores are computed while the last t-SNEs finish.
+    The main process computes the input's PCA first and hands each t-SNE and each
+    representation's cluster scores to the background workers as soon as its matrix exists:
+    the input's at once, each run's right after that run is trained (runs with t-SNEs train
+    first). On the CPU, training leaves the workers their cores. The denoising measure runs
+    while the last jobs finish.
     """
     main = distributed is None or distributed.is_main
     watch = Stopwatch(config.progress and main)
@@ -524,6 +525,7 @@ class _Scoring:
         self._fit_cells = train_idx[subsample_indices(train_idx.size, config.max_embed_cells, config.seed)]
         self._eval_cells = test_idx[subsample_indices(test_idx.size, config.max_embed_cells, config.seed + 1)]
         self._rows: dict[str, dict] = {}  # key -> description, dims, scored_on
+        self._input_keys: list[str] = []
         self._on_pcs = ""
 
     def add_input(self, X_pca: np.ndarray) -> None:
@@ -535,6 +537,7 @@ class _Scoring:
                 # the top-k PCs equal "original" when k is all of them: only what "original" lacks
                 self._add(f"original_pca{k}", f"top {k} PCs of the input", k, X_pca[:, :k], None,
                           cluster=k != X_pca.shape[1])
+        self._input_keys = list(self._rows)
 
     def add_run(self, run: RunResult) -> None:
         name = run.spec.name
@@ -554,7 +557,7 @@ class _Scoring:
 
     def collect(self, done: dict, runs: dict[str, RunResult]) -> dict[str, dict]:
         """Every row, in report order: the input's, then each run's (``runs`` order)."""
-        order = [k for k in self._rows if k.startswith("original")]
+        order = list(self._input_keys)
         order += [f"{name}_{part}" for name in runs for part in ("reconstruction", "latent")]
         scores = {}
         for key in order:
