@@ -440,3 +440,14 @@ def test_column_subset_refuses_bad_columns(columns, message):
 
     with pytest.raises(ValueError, match=message):
         ColumnSubsetSource(ArraySource(np.ones((3, 40))), columns)
+
+
+@pytest.mark.parametrize(("n_cols", "rows"), [(10, 4096), (256, 4096), (1000, 1048), (4096, 256), (20000, 256)])
+def test_eval_batches_hold_about_a_million_entries(n_cols, rows):
+    from scae.sources import ArraySource, eval_batch_rows
+
+    assert eval_batch_rows(n_cols) == rows
+    X = np.arange(3 * rows * n_cols // 2 + n_cols, dtype=np.float32).reshape(-1, n_cols)[: rows + 3]
+    batches = list(ArraySource(X).batches())
+    assert [b.shape[0] for b in batches] == [rows, 3]
+    np.testing.assert_array_equal(torch.cat(batches).numpy(), X)

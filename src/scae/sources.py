@@ -39,6 +39,18 @@ import torch
 TARGET_SUM = 1e4
 """Library size that raw counts are scaled to before ``log1p`` (counts per 10,000)."""
 EVAL_BATCH_SIZE = 4096
+"""Most rows per batch of an evaluation or prediction pass (see :func:`eval_batch_rows`)."""
+EVAL_BATCH_ENTRIES = 1 << 20
+"""Matrix entries per batch of an evaluation or prediction pass (4 MiB per float32 array)."""
+
+
+def eval_batch_rows(n_cols: int) -> int:
+    """Rows per batch of a pass over a ``n_cols``-column source: :data:`EVAL_BATCH_ENTRIES`
+    entries, between 256 and :data:`EVAL_BATCH_SIZE` rows (1,048 rows of 1,000 genes, 256 from
+    4,096 genes up). The pass's temporaries (activations, projections, error scratch copies)
+    then stay near 50 MiB instead of growing with the gene count (4,096 rows of 20,000 genes:
+    330 MiB per array)."""
+    return max(256, min(EVAL_BATCH_SIZE, EVAL_BATCH_ENTRIES // max(1, n_cols)))
 DISK_BLOCK_ROWS = 512
 """Rows per block when shuffling a source on disk: blocks are read contiguously."""
 DISK_WINDOW_BLOCKS = 64
@@ -149,8 +161,10 @@ class RowSource:
             chunk = chunk.numpy()
         return normalize_counts(chunk) if self.counts else chunk
 
-    def batches(self, batch_size: int = EVAL_BATCH_SIZE, rows: np.ndarray | None = None) -> Iterator[torch.Tensor]:
-        """All rows (or the sorted ``rows``) in order, ``batch_size`` at a time, as tensors."""
+    def batches(self, batch_size: int | None = None, rows: np.ndarray | None = None) -> Iterator[torch.Tensor]:
+        """All rows (or the sorted ``rows``) in order, ``batch_size`` (default
+        :func:`eval_batch_rows`) at a time, as tensors."""
+        batch_size = eval_batch_rows(self.n_cols) if batch_size is None else batch_size
         rows = np.arange(self.n_rows) if rows is None else rows
         for start in range(0, rows.size, batch_size):
             yield self.tensor(rows[start : start + batch_size])

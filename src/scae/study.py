@@ -34,7 +34,7 @@ from scae.results import (  # noqa: F401 (re-exported)
     StudyConfig,
     StudyResult,
 )
-from scae.sources import EVAL_BATCH_SIZE, RowSource, library_sizes
+from scae.sources import EVAL_BATCH_SIZE, RowSource, eval_batch_rows, library_sizes
 
 TSNE_WORKERS_FROM_CELLS = 2000
 """Below this many scored cells the t-SNEs run in the main process (each takes well under a second)."""
@@ -425,8 +425,9 @@ def _input_pass(source: RowSource, pca, baseline_pca, dims: list[int], is_test: 
     components = torch.from_numpy(np.asarray(baseline_pca.components_, dtype=np.float32))
     ks = [k for k in dims if k <= baseline_pca.n_components_]
     totals = {k: _SplitErrors(is_test) for k in ks}
-    for start in range(0, source.n_rows, EVAL_BATCH_SIZE):
-        x = source.tensor(slice(start, min(start + EVAL_BATCH_SIZE, source.n_rows)))
+    rows = eval_batch_rows(source.n_cols)
+    for start in range(0, source.n_rows, rows):
+        x = source.tensor(slice(start, min(start + rows, source.n_rows)))
         X_pca[start : start + x.shape[0]] = project(x).numpy()
         coords = baseline_coords(x)
         for k in ks:
@@ -455,8 +456,9 @@ def _predict_pass(model: Autoencoder, source: RowSource, is_test: np.ndarray, pc
     recon_pca = np.empty((n, pca.n_components_), dtype=np.float32)
     sample = None if sample_rows is None else np.empty((sample_rows.size, g), dtype=np.float32)
     project, errors = _projector(pca), _SplitErrors(is_test)
-    for start in range(0, n, EVAL_BATCH_SIZE):
-        stop = min(start + EVAL_BATCH_SIZE, n)
+    rows = eval_batch_rows(g)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
         batch = source.tensor(slice(start, stop))
         out = net(batch.to(device, non_blocking=True))
         x, x_hat = out.target.float().cpu(), out.reconstruction.float().cpu()  # on the host: outputs, projection

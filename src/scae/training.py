@@ -28,7 +28,6 @@ from scae.losses import LossTotals
 from scae.parallel import Distributed, accumulator_dtype, all_reduce_sum
 from scae.sources import (
     DISK_BLOCK_ROWS,
-    EVAL_BATCH_SIZE,
     BatchLoader,
     RowSource,
     epoch_order,
@@ -145,7 +144,7 @@ def evaluate_losses(
     net.eval()
     scorers = losses if isinstance(losses, dict) else {name: get_likelihood(name).terms for name in losses}
     totals = LossTotals(terms=scorers)
-    for x in source.batches(EVAL_BATCH_SIZE, _shard_rows(source.n_rows, distributed)):
+    for x in source.batches(rows=_shard_rows(source.n_rows, distributed)):
         x = x.to(device, non_blocking=True)
         totals.add(x, net(x))
     if distributed is not None:
