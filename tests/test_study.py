@@ -71,9 +71,9 @@ def test_background_tsne_independent_of_workers():
         np.testing.assert_array_equal(one[key], tsne_coordinates(inputs[key], 2, FAST_TSNE))
 
 
-def test_study_results_do_not_depend_on_background_workers():
-    """Scores and t-SNEs computed by a background worker while the models train equal those
-    computed in this process afterwards (every job single-threaded)."""
+def test_study_results_do_not_depend_on_background_workers(tmp_path):
+    """Scores, t-SNEs and figures computed by a background worker (the first two while the models
+    train) equal those computed in this process (every job single-threaded)."""
     from scae.study import TSNE_WORKERS_FROM_CELLS
 
     ds = scae.simulate_dataset(TSNE_WORKERS_FROM_CELLS, 60, 3, seed=1)
@@ -81,9 +81,14 @@ def test_study_results_do_not_depend_on_background_workers():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the study trains on the cores its workers leave: the same thread count in both
     try:
-        one, two = (scae.run_study(ds, None, fast_config(runs=runs, tsne_workers=w)) for w in (0, 1))
+        one, two = (scae.run_study(ds, tmp_path / f"w{w}", fast_config(runs=runs, tsne_workers=w)) for w in (0, 1))
     finally:
         torch.set_num_threads(threads)
+    figures = {w: {p.name: p.read_bytes() for p in (tmp_path / f"w{w}" / "figures").iterdir()} for w in (0, 1)}
+    assert len(figures[0]) >= 6 and figures[0] == figures[1]
+    drawn_by_worker = [k for k in two.timings if k.startswith("figure_worker_")]
+    assert len(drawn_by_worker) == len(figures[1]) // 2
+    assert not [k for k in one.timings if k.startswith("figure_worker_")]
     assert list(one.representations) == list(two.representations)
     assert list(one.representations)[:4] == ["original", "original_pca2", "original_pca10", "original_pca50"]
     assert one.representations == two.representations

@@ -49,7 +49,8 @@ class BackgroundJobs:
     training) that shares its cores with busy processes stalls at every synchronisation point
     (measured on 2 cores: 8.5 s for a model that trains in 2.9 s alone).
 
-    After :meth:`results`, ``seconds`` holds each job's own computing time. With ``workers >= 1``,
+    :meth:`results` can be called again for jobs submitted after it. ``seconds`` holds each
+    finished job's own computing time. With ``workers >= 1``,
     a Python *script* that uses this must keep its top-level code under
     ``if __name__ == "__main__":``, and job functions must be importable module-level functions.
 
@@ -65,7 +66,9 @@ class BackgroundJobs:
     def __init__(self, workers: int = 0, progress: bool = False, warm_up: Sequence[str] = (),
                  description: str = "background jobs") -> None:
         self._progress, self._description = progress, description
-        self._keys: list[str] = []
+        self.workers = max(0, int(workers))
+        self._keys: list[str] = []  # submitted since the last results()
+        self._names: set[str] = set()
         self._inline: dict[str, tuple[Callable, tuple]] = {}  # jobs run by results(), without workers
         self._pool = None
         self._futures: dict = {}
@@ -88,10 +91,11 @@ class BackgroundJobs:
 
     def submit(self, key: str, fn: Callable, *args) -> None:
         """Start ``fn(*args)`` (single-threaded) under the name ``key``."""
-        if key in self._keys:
+        if key in self._names:
             raise ValueError(f"background job '{key}' was submitted twice")
         if not callable(fn):
             raise TypeError(f"background job '{key}': expected a function, got {type(fn).__name__}")
+        self._names.add(key)
         self._keys.append(key)
         if self._pool is None:
             self._inline[key] = (fn, args)
@@ -103,7 +107,8 @@ class BackgroundJobs:
                 raise
 
     def results(self) -> dict[str, Any]:
-        """Wait for (or compute) every job's result; keys in the order they were submitted."""
+        """Wait for (or compute) the result of every job submitted since the previous call; keys in
+        the order they were submitted (``seconds`` gains their computing times)."""
         bar = tqdm(total=len(self._keys), desc=self._description, unit="job", disable=not self._progress,
                    leave=False)
         out: dict[str, tuple[Any, float]] = {}
@@ -120,8 +125,9 @@ class BackgroundJobs:
                     bar.update()
         finally:
             bar.close()
-        self.seconds = {key: out[key][1] for key in self._keys}
-        return {key: out[key][0] for key in self._keys}
+        keys, self._keys, self._futures = self._keys, [], {}
+        self.seconds.update({key: out[key][1] for key in keys})
+        return {key: out[key][0] for key in keys}
 
     def __enter__(self) -> Self:
         return self

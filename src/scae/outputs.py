@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scae.background import BackgroundJobs
 from scae.data import Dataset
 from scae.files import (
     OutputDir,
@@ -22,7 +23,7 @@ from scae.files import (
     write_text,
 )
 from scae.models import Autoencoder
-from scae.plots import Panel, loss_curves, png_bytes, scatter_panels
+from scae.plots import Panel, figure_png, loss_curves, scatter_panels
 from scae.presets import preset
 from scae.report import build_report, figure_plan
 from scae.results import RunSpec, Stopwatch, StudyConfig, StudyResult
@@ -30,6 +31,8 @@ from scae.results import RunSpec, Stopwatch, StudyConfig, StudyResult
 TRAINING_SETTINGS = ("epochs", "seed", "hidden", "activation", "batch_size", "learning_rate", "test_fraction",
                      "top_genes")
 """The study settings a trained model depends on (the others only change scoring and outputs)."""
+FIGURE_JOB = "figure:"
+"""Prefix of the background jobs that draw figures."""
 
 
 def study_key(dataset: Dataset, config: StudyConfig, spec: RunSpec) -> str:
@@ -42,17 +45,23 @@ def study_key(dataset: Dataset, config: StudyConfig, spec: RunSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def make_figures(result: StudyResult) -> dict[str, object]:
-    """All figures of the study by file stem (matplotlib Figures)."""
-    figures = {}
+def figure_inputs(result: StudyResult) -> dict[str, tuple]:
+    """Every figure of the study by file stem, as :func:`~scae.plots.figure_png` arguments."""
+    inputs = {}
     labels = result.dataset.labels[result.embed_idx]
     for stem, spec in figure_plan(result).items():
         if spec["kind"] == "loss":
-            figures[stem] = loss_curves(spec["histories"], spec["keys"], spec["title"])
+            inputs[stem] = ("loss", spec["histories"], spec["keys"], spec["title"])
         else:
             panels = [Panel(t, _embed_rows(result, key)[:, :2], *axes) for t, key, axes in spec["panels"]]
-            figures[stem] = scatter_panels(panels, labels, spec["title"])
-    return figures
+            inputs[stem] = ("scatter", panels, labels, spec["title"])
+    return inputs
+
+
+def make_figures(result: StudyResult) -> dict[str, object]:
+    """All figures of the study by file stem (matplotlib Figures)."""
+    draw = {"scatter": scatter_panels, "loss": loss_curves}
+    return {stem: draw[kind](*args) for stem, (kind, *args) in figure_inputs(result).items()}
 
 
 def _embed_rows(result: StudyResult, key: str) -> np.ndarray:
@@ -84,18 +93,22 @@ def save_model(model: Autoencoder, dataset: Dataset, config: StudyConfig, spec: 
         raise OutputWriteError(f"{path}: cannot write the model ({reason(err)})") from None
 
 
-def write_outputs(result: StudyResult, output: OutputDir, watch: Stopwatch, models_saved: bool = False) -> None:
+def write_outputs(result: StudyResult, output: OutputDir, watch: Stopwatch, models_saved: bool = False,
+                  jobs: BackgroundJobs | None = None) -> None:
     """Write every output into ``output``'s staging folder (:meth:`OutputDir.commit` publishes them).
 
     ``models_saved``: the models are staged already (:func:`~scae.study.run_study` saves each
-    one as soon as it is trained or reused).
+    one as soon as it is trained or reused). With ``jobs`` that run in worker processes, every
+    other figure is drawn there, while this process draws the rest and writes the ``.h5ad`` files.
     """
     staging = output.staging
+    figures = figure_inputs(result)
+    elsewhere = list(figures)[1::2] if jobs is not None and jobs.workers > 0 else []
     try:
         with watch.stage("figures", "drawing figures"):
-            images = {stem: png_bytes(fig) for stem, fig in make_figures(result).items()}
-            for stem, data in images.items():
-                write_bytes(staging / "figures" / f"{stem}.png", data)
+            for stem in elsewhere:
+                jobs.submit(FIGURE_JOB + stem, figure_png, *figures[stem])
+            images = {stem: figure_png(*args) for stem, args in figures.items() if stem not in elsewhere}
         with watch.stage("write_models_h5ad", "writing models and results.h5ad"):
             for run in result.runs.values() if not models_saved else ():
                 save_model(run.model, result.dataset, result.config, run.spec, output.models)
@@ -105,6 +118,14 @@ def write_outputs(result: StudyResult, output: OutputDir, watch: Stopwatch, mode
             if sample is not None:
                 with atomic_path(staging / "reconstructions.h5ad") as tmp:
                     sample.write_h5ad(tmp)
+        if elsewhere:
+            with watch.stage("figures_wait", "waiting for the figures drawn in the background"):
+                drawn = jobs.results()
+            images.update({stem: drawn[FIGURE_JOB + stem] for stem in elsewhere})
+            watch.timings.update({f"figure_worker_{stem}": jobs.seconds[FIGURE_JOB + stem] for stem in elsewhere})
+        images = {stem: images[stem] for stem in figures}  # the plan's order
+        for stem, data in images.items():
+            write_bytes(staging / "figures" / f"{stem}.png", data)
         with watch.stage("report"):
             metrics = result.metrics()
             html = build_report(result, metrics, images)

@@ -125,6 +125,13 @@ def loss_curves(histories: dict[str, list[dict]], keys: Sequence[str], title: st
     return fig
 
 
+def figure_png(kind: str, *args) -> bytes:
+    """Draw and render one figure: ``kind`` ``"scatter"`` takes :func:`scatter_panels`'s
+    arguments, ``"loss"`` :func:`loss_curves`'s (plain data, so a worker process can draw it)."""
+    draw = {"scatter": scatter_panels, "loss": loss_curves}[kind]
+    return png_bytes(draw(*args))
+
+
 def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
     """Render a figure to PNG (zlib level 1: 7% larger files than the default level 6, a
     quarter less time to write)."""

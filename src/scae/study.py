@@ -196,35 +196,36 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
             done = jobs.results()
         representations = scoring.collect(done, runs)
         views.update({key: value for key, value in done.items() if not key.startswith(_Scoring.PREFIX)})
-    # Each job's own time in its worker (overlapping training, "denoising" and "tsne_wait")
-    watch.timings.update({
-        (f"scores_worker_{key[len(_Scoring.PREFIX):]}" if key.startswith(_Scoring.PREFIX) else f"tsne_worker_{key}"): value
-        for key, value in jobs.seconds.items()
-    })
+        # Each job's own time in its worker (overlapping training, "denoising" and "tsne_wait")
+        watch.timings.update({
+            (f"scores_worker_{key[len(_Scoring.PREFIX):]}" if key.startswith(_Scoring.PREFIX) else f"tsne_worker_{key}"): value
+            for key, value in jobs.seconds.items()
+        })
 
-    result = StudyResult(
-        dataset=dataset,
-        config=config,
-        train_idx=train_idx,
-        test_idx=test_idx,
-        embed_idx=embed_idx,
-        runs=runs,
-        pca_baselines=pca_baselines,
-        representations=representations,
-        views=views,
-        explained_variance=explained,
-        timings=watch.timings,
-        sample_rows=sample_rows,
-        environment={
-            "device": resolve_device(config.device).type,
-            "processes": 1 if distributed is None else distributed.world_size,
-        },
-        skipped_runs=skipped,
-        denoising=denoising,
-        genes=genes,
-    )
-    if output is not None:
-        write_outputs(result, output, watch, models_saved=True)  # models staged as trained or reused
+        result = StudyResult(
+            dataset=dataset,
+            config=config,
+            train_idx=train_idx,
+            test_idx=test_idx,
+            embed_idx=embed_idx,
+            runs=runs,
+            pca_baselines=pca_baselines,
+            representations=representations,
+            views=views,
+            explained_variance=explained,
+            timings=watch.timings,
+            sample_rows=sample_rows,
+            environment={
+                "device": resolve_device(config.device).type,
+                "processes": 1 if distributed is None else distributed.world_size,
+            },
+            skipped_runs=skipped,
+            denoising=denoising,
+            genes=genes,
+        )
+        if output is not None:
+            # models staged as trained or reused; the workers draw half the figures
+            write_outputs(result, output, watch, models_saved=True, jobs=jobs)
     return result
 
 
