@@ -178,7 +178,7 @@ class BackgroundTSNE(BackgroundJobs):
         workers: int = 0,
         progress: bool = False,
     ) -> None:
-        super().__init__(workers, progress, warm_up=("openTSNE", "scae.embeddings", "scae.metrics", "scae.plots"), description="t-SNE and scores")
+        super().__init__(workers, progress, warm_up=("openTSNE", "scae.embeddings", "scae.metrics", "scae.plots"), description="background jobs")
         self._seed, self._config = seed, config
         for key, X in (inputs or {}).items():
             self.submit_tsne(key, X)

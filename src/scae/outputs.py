@@ -23,7 +23,7 @@ from scae.files import (
     write_text,
 )
 from scae.models import Autoencoder
-from scae.plots import Panel, figure_png, loss_curves, scatter_panels
+from scae.plots import Panel, figure_png
 from scae.presets import preset
 from scae.report import build_report, figure_plan
 from scae.results import RunSpec, Stopwatch, StudyConfig, StudyResult
@@ -56,12 +56,6 @@ def figure_inputs(result: StudyResult) -> dict[str, tuple]:
             panels = [Panel(t, _embed_rows(result, key)[:, :2], *axes) for t, key, axes in spec["panels"]]
             inputs[stem] = ("scatter", panels, labels, spec["title"])
     return inputs
-
-
-def make_figures(result: StudyResult) -> dict[str, object]:
-    """All figures of the study by file stem (matplotlib Figures)."""
-    draw = {"scatter": scatter_panels, "loss": loss_curves}
-    return {stem: draw[kind](*args) for stem, (kind, *args) in figure_inputs(result).items()}
 
 
 def _embed_rows(result: StudyResult, key: str) -> np.ndarray:
