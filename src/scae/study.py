@@ -34,7 +34,7 @@ from scae.results import (  # noqa: F401 (re-exported)
     StudyConfig,
     StudyResult,
 )
-from scae.sources import EVAL_BATCH_SIZE, RowSource, eval_batch_rows, library_sizes
+from scae.sources import RowSource, eval_batch_rows, library_sizes
 
 TSNE_WORKERS_FROM_CELLS = 2000
 """Below this many scored cells the t-SNEs run in the main process (each takes well under a second)."""
@@ -495,8 +495,9 @@ def _on_full_library(reconstruction: np.ndarray, subset_library: np.ndarray, ful
 def _full_libraries(dataset: Dataset) -> np.ndarray:
     """Each cell's total count over all genes (one pass over the raw counts)."""
     source = dataset.count_source()
-    return np.concatenate([library_sizes(source.read(np.arange(a, min(a + EVAL_BATCH_SIZE, source.n_rows))))
-                           for a in range(0, source.n_rows, EVAL_BATCH_SIZE)])
+    rows = eval_batch_rows(source.n_cols)
+    return np.concatenate([library_sizes(source.read(np.arange(a, min(a + rows, source.n_rows))))
+                           for a in range(0, source.n_rows, rows)])
 
 
 def _tsne_inputs(run: RunResult):
@@ -562,14 +563,12 @@ class _Scoring:
         """Every row, in report order: the input's, then each run's (``runs`` order)."""
         order = list(self._input_keys)
         order += [f"{name}_{part}" for name in runs for part in ("reconstruction", "latent")]
-        scores = {}
+        scores: dict[str, dict] = {}
         for key in order:
-            scores[key] = {**self._rows[key], **done[self.PREFIX + key]}
-        for key, row in scores.items():
-            if "ari" not in row:  # the top PCs that are the whole of "original": its cluster scores
-                extra = {k: v for k, v in scores["original"].items() if k not in row and k != "scored_on"}
-                scores[key] = {"description": row["description"], "dims": row["dims"], **extra,
-                               **{k: v for k, v in row.items() if k not in ("description", "dims")}}
+            row, computed = dict(self._rows[key]), done[self.PREFIX + key]
+            if "ari" not in computed:  # the top PCs that are the whole of "original": its cluster scores
+                row.update({k: v for k, v in scores["original"].items() if k not in row and k != "scored_on"})
+            scores[key] = {**row, **computed}
         return scores
 
 
