@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -87,6 +88,31 @@ def zinb_log_prob(
     return torch.where(x > 0, log_keep + nb, zero)
 
 
+def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the true entries of a boolean tensor (NumPy's search on the CPU: about
+    five times faster than ``torch.nonzero`` there)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+class _NonzeroEntries(NamedTuple):
+    """The nonzero entries of a count batch: their values, genes and flat positions."""
+
+    values: torch.Tensor
+    genes: torch.Tensor
+    flat: torch.Tensor
+    per_gene: torch.Tensor
+    """Nonzero entries of each gene (as the batch's dtype)."""
+
+
+def _nonzero_entries(x: torch.Tensor) -> _NonzeroEntries:
+    flat = _flat_nonzero(x > 0)
+    genes = flat % x.shape[1]
+    per_gene = torch.bincount(genes, minlength=x.shape[1]).to(x.dtype)
+    return _NonzeroEntries(x.reshape(-1).index_select(0, flat), genes, flat, per_gene)
+
+
 def _nb_sums(x: torch.Tensor, log_mean: torch.Tensor, log_theta: torch.Tensor):
     """The pieces of the summed NB log-likelihood of a count batch, computed sparsely.
 
@@ -101,17 +127,57 @@ def _nb_sums(x: torch.Tensor, log_mean: torch.Tensor, log_theta: torch.Tensor):
     theta = log_theta.exp()
     log_theta_mean = torch.logaddexp(log_theta, log_mean)  # log(θ + μ), without overflow
     zero_terms = theta * (log_theta - log_theta_mean)
-    nonzero = x > 0
-    flat = nonzero.reshape(-1).nonzero().squeeze(1)
-    xn = x.reshape(-1).index_select(0, flat)
-    genes = flat % x.shape[1]
-    per_gene = nonzero.sum(dim=0, dtype=x.dtype)
+    entries = _nonzero_entries(x)
+    xn = entries.values
     rest_sum = (
         (x * (log_mean - log_theta_mean)).sum()
-        + (torch.lgamma(xn + theta.index_select(0, genes)) - torch.lgamma(xn + 1.0)).sum()
-        - (per_gene * torch.lgamma(theta)).sum()
+        + (torch.lgamma(xn + theta.index_select(0, entries.genes)) - torch.lgamma(xn + 1.0)).sum()
+        - (entries.per_gene * torch.lgamma(theta)).sum()
     )
-    return zero_terms, rest_sum, nonzero
+    return zero_terms, rest_sum, x > 0
+
+
+class _NBLogLikelihoodSum(torch.autograd.Function):
+    """``Σ log P(x)`` of a count batch under NB(μ, θ), with its gradient written out.
+
+    The same sum as :func:`nb_log_prob` (and :func:`_nb_sums`), in a few passes over the batch
+    instead of autograd's two dozen: with ``u = log μ − log θ`` and ``s = softplus(u) =
+    log(1 + μ/θ)``, an entry's log-probability is
+    ``x·(u − s) − θ·s + [lgamma(x + θ) − lgamma(θ) − lgamma(x + 1)]``, the bracket only at
+    nonzero ``x``; its derivatives are ``∂/∂log μ = x − (x + θ)·sigmoid(u)`` and
+    ``∂/∂log θ = θ·[ψ(x + θ) − ψ(θ)] − θ·s − ∂/∂log μ`` (ψ at nonzero ``x`` only), summed over
+    the cells for the per-gene ``log θ``. Tested against autograd on :func:`nb_log_prob`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, log_mean: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
+        theta = log_theta.exp()
+        u = log_mean - log_theta
+        s = F.softplus(u)
+        s_per_gene = s.sum(dim=0)
+        dense = torch.dot(x.reshape(-1), u.sub_(s).reshape(-1)) - torch.dot(theta, s_per_gene)
+        entries = _nonzero_entries(x)
+        x_theta = entries.values + theta.index_select(0, entries.genes)
+        total = (dense + (torch.lgamma(x_theta) - torch.lgamma(entries.values + 1.0)).sum()
+                 - torch.dot(entries.per_gene, torch.lgamma(theta)))
+        ctx.save_for_backward(x, log_mean, log_theta, theta, s_per_gene, x_theta, entries.genes, entries.per_gene)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, log_mean, log_theta, theta, s_per_gene, x_theta, genes, per_gene = ctx.saved_tensors
+        d_mean = torch.addcmul(x, x + theta, torch.sigmoid(log_mean - log_theta), value=-1.0)
+        d_theta = None
+        if ctx.needs_input_grad[2]:
+            psi = torch.zeros_like(theta).index_add_(0, genes, torch.digamma(x_theta))
+            d_theta = (theta * (psi - per_gene * torch.digamma(theta) - s_per_gene) - d_mean.sum(dim=0)).mul_(grad)
+        return None, d_mean.mul_(grad), d_theta
+
+
+def nb_log_likelihood_sum(x: torch.Tensor, log_mean: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
+    """``Σ log P(x)`` over a count batch under the negative binomial (:func:`nb_log_prob`'s
+    distribution; ``log_theta`` one value per gene), computed sparsely with a written-out gradient."""
+    return _NBLogLikelihoodSum.apply(x, log_mean, log_theta.reshape(-1).expand(x.shape[1]).contiguous())
 
 
 def count_reconstruction(x: torch.Tensor, out: Output) -> torch.Tensor:
@@ -194,13 +260,12 @@ class Poisson(Likelihood):
 
 class NegativeBinomial(Likelihood):
     """Negative log-likelihood of the counts under NB(ρ × library, θ), θ learned per gene
-    (:func:`nb_log_prob`, summed sparsely: see :func:`_nb_sums`)."""
+    (:func:`nb_log_prob`, summed sparsely: see :func:`nb_log_likelihood_sum`)."""
 
     name, counts, parameters = "nb", True, ("theta",)
 
     def terms(self, x, out):
-        zero_terms, rest_sum, _ = _nb_sums(x, out.log_mean, out.log_theta)
-        return -(zero_terms.sum() + rest_sum), _entries(x)
+        return -nb_log_likelihood_sum(x, out.log_mean, out.log_theta), _entries(x)
 
 
 class ZeroInflatedNB(Likelihood):
