@@ -67,3 +67,13 @@ def test_loss_curves_have_whole_number_epoch_ticks(epochs):
     ticks = [t for t in ax.get_xticks() if low <= t <= high]
     assert ticks == [float(e) for e in range(epochs + 1)]
     assert ax.xaxis.get_major_formatter().format_ticks(ticks) == [str(e) for e in range(epochs + 1)]
+
+
+def test_scatter_panels_have_no_tick_marks_like_scanpy_embeddings():
+    """Embedding coordinates (t-SNE, PCA, latent) are drawn without ticks, as scanpy draws them:
+    their values mean nothing on their own, and tick labels were half the drawing time."""
+    rng = np.random.default_rng(0)
+    fig = scatter_panels([Panel("a", rng.normal(size=(20, 2)), "tSNE1", "tSNE2")] * 2, np.array(["x", "y"] * 10), "t")
+    for ax in fig.axes:
+        assert list(ax.get_xticks()) == [] and list(ax.get_yticks()) == []
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("tSNE1", "tSNE2")

@@ -52,7 +52,8 @@ def scatter_panels(panels: Sequence[Panel], labels: np.ndarray, title: str) -> F
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel(panel.xlabel, fontsize=8)
         ax.set_ylabel(panel.ylabel, fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
     handles = [  # "$" would start matplotlib mathtext in a user's label
         axes[0].scatter([], [], color=colors[c], s=25, label=str(c).replace("$", r"\$")) for c in classes
     ]
