@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from scae.embeddings import BackgroundTSNE
-from scae.interrupts import Interrupted, signals_raise_interrupted
+from scae.files import OutputDir, atomic_path
+from scae.interrupts import Interrupted, raise_if_interrupted, signals_raise_interrupted
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
 
@@ -153,6 +154,55 @@ def test_only_the_first_signal_raises():
             os.kill(os.getpid(), signal.SIGTERM)  # a second signal during clean-up is ignored
             time.sleep(0.2)
     assert raised == [signal.SIGINT]
+
+
+class _SignalInFinaliser:
+    """An object whose finaliser is where the signal handler happens to run."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), self.signum)  # the handler runs here, before __del__ returns
+        time.sleep(0.2)
+
+
+def test_a_signal_swallowed_in_a_finaliser_is_raised_at_the_next_checkpoint(capsys):
+    """Python ignores an exception raised in __del__ or a weakref callback; the signal is kept,
+    not printed, and raise_if_interrupted() (before outputs are moved into place, at every stage
+    and epoch) raises it, so the run does not finish as if nothing happened."""
+    before = sys.unraisablehook
+    with signals_raise_interrupted():
+        obj = _SignalInFinaliser(signal.SIGINT)
+        del obj  # Interrupted raised inside __del__: swallowed by Python
+        with pytest.raises(Interrupted) as caught:
+            raise_if_interrupted()
+        assert caught.value.signum == signal.SIGINT
+        raise_if_interrupted()  # raised once only
+        # the next signal raises at once (the swallowed one did not disarm the handler)
+        with pytest.raises(Interrupted) as second:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert second.value.signum == signal.SIGTERM
+    assert "Exception ignored" not in capsys.readouterr().err
+    assert sys.unraisablehook is before
+
+
+def test_a_swallowed_signal_stops_an_atomic_write_and_an_output_commit(tmp_path):
+    with signals_raise_interrupted():
+        target = tmp_path / "metrics.json"
+        with pytest.raises(Interrupted):
+            with atomic_path(target) as tmp:
+                tmp.write_text("{}")
+                obj = _SignalInFinaliser(signal.SIGTERM)
+                del obj
+        assert not target.exists() and list(tmp_path.iterdir()) == []
+        with pytest.raises(Interrupted), OutputDir(tmp_path / "out").open() as output:
+            (output.staging / "metrics.json").write_text("{}")
+            obj = _SignalInFinaliser(signal.SIGINT)
+            del obj
+            output.commit()
+        assert not (tmp_path / "out" / "metrics.json").exists()
 
 
 def test_background_tsne_workers_ignore_signals_and_are_killed_on_an_exception():

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from scae.errors import ScaeInputError
+from scae.interrupts import raise_if_interrupted
 
 
 @contextmanager
@@ -30,6 +31,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        raise_if_interrupted()  # a signal swallowed while the file was written: not complete
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     finally:
@@ -150,6 +152,7 @@ class OutputDir:
 
     def commit(self) -> None:
         """Move the staged outputs into place; ``metrics.json`` and ``report.html`` last."""
+        raise_if_interrupted()
         try:
             for name in MANAGED_NAMES:
                 staged, final = self.staging / name, self.path / name

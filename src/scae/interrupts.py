@@ -47,12 +47,31 @@ class Interrupted(BaseException):
         return self.signal_name
 
 
+_swallowed: list[int] = []
+"""Signals whose :class:`Interrupted` Python swallowed (see :func:`raise_if_interrupted`)."""
+
+
+def raise_if_interrupted() -> None:
+    """Raise :class:`Interrupted` again for a signal whose exception was swallowed.
+
+    A signal handler runs between any two bytecodes, also inside a ``__del__`` method or a
+    weakref callback, where Python prints an exception ("Exception ignored in …") and goes on.
+    :func:`signals_raise_interrupted` records such a signal instead of printing it, and this
+    raises it: called before outputs are moved into place and at every stage and epoch, so a
+    run stopped that way still stops, and never as a finished run.
+    """
+    if _swallowed:
+        raise Interrupted(_swallowed.pop())
+
+
 @contextmanager
 def signals_raise_interrupted() -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread.
 
     Only the first signal raises: later ones are ignored while the exception unwinds, so a
     second Ctrl-C cannot break off the clean-up (stopping workers, removing partial outputs).
+    An :class:`Interrupted` that Python swallowed (raised in a finaliser) is not printed; it is
+    raised again by the next :func:`raise_if_interrupted`, and the next signal raises too.
     The previous handlers are restored on leaving. Outside the main thread this does nothing
     (Python delivers signals to the main thread only).
     """
@@ -67,10 +86,21 @@ def signals_raise_interrupted() -> Iterator[None]:
             raised = True
             raise Interrupted(signum)
 
+    def unraisable(args) -> None:
+        nonlocal raised
+        if isinstance(args.exc_value, Interrupted):
+            _swallowed.append(args.exc_value.signum)
+            raised = False  # nothing is unwinding: a second signal may raise
+        else:
+            previous_hook(args)
+
     previous = {signum: signal.signal(signum, handler) for signum in HANDLED_SIGNALS}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
+        _swallowed.clear()
         for signum, old in previous.items():
             signal.signal(signum, old)
 

@@ -21,6 +21,7 @@ from scae import params as rules
 from scae.data import Dataset, train_only_labels
 from scae.embeddings import TSNEConfig
 from scae.errors import ScaeInputError
+from scae.interrupts import raise_if_interrupted
 from scae.models import Autoencoder
 from scae.presets import preset
 from scae.sources import ArraySource
@@ -325,6 +326,7 @@ class Stopwatch:
 
     @contextmanager
     def stage(self, name: str, message: str | None = None):
+        raise_if_interrupted()
         if self.verbose and message:
             print(f"scae: {message}", file=sys.stderr, flush=True)
         started = time.perf_counter()

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from scae.errors import ScaeInputError
+from scae.interrupts import raise_if_interrupted
 from scae.likelihoods import get_likelihood
 from scae.losses import LossTotals
 from scae.parallel import Distributed, accumulator_dtype, all_reduce_sum
@@ -366,6 +367,7 @@ def train_network(
                     optimizer.step()
                     steps += 1
             _synchronize(device)
+            raise_if_interrupted()
             train_seconds += time.perf_counter() - started
             trained_cells += train.n_rows
             train_loss = float(total) / max(steps, 1)
