@@ -7,7 +7,7 @@ import operator
 import numpy as np
 import pytest
 
-from scae.background import BackgroundJobs
+from scae.background import BackgroundJobs, WorkerDiedError
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -35,4 +35,56 @@ def test_jobs_refuse_a_repeated_name_and_a_non_function():
 def test_a_failing_job_raises_its_error_from_results():
     with pytest.raises(ZeroDivisionError), BackgroundJobs(workers=1) as jobs:
         jobs.submit("bad", operator.truediv, 1, 0)
+        jobs.results()
+
+
+def _kill_this_process() -> None:
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_job_that_kills_its_worker_every_time_is_never_run_here(capsys):
+    """The pool restarts once; a job that kills the fresh worker too ends in WorkerDiedError
+    (one clean line in the command line), not in a crash of this process."""
+    with pytest.raises(WorkerDiedError, match=r"died again \(killed by SIGKILL, out of memory\?\)"):
+        with BackgroundJobs(workers=1) as jobs:
+            jobs.submit("dies", _kill_this_process)
+            jobs.results()
+    assert capsys.readouterr().err.count("stopped unexpectedly (killed by SIGKILL, out of memory?); restarting it") == 1
+
+
+def _kill_worker(jobs: BackgroundJobs) -> None:
+    import os
+    import signal
+
+    worker = next(iter(jobs._pool._processes.values()))
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(10)
+
+
+def test_jobs_of_a_killed_worker_are_taken_over_by_a_fresh_one(capsys):
+    """A worker killed from outside (the out-of-memory killer): fresh workers compute the jobs
+    whose results did not come back and the later ones; same results, in submission order."""
+    with BackgroundJobs(workers=1) as jobs:
+        jobs.submit("first", pow, 3, 2)
+        assert jobs.results() == {"first": 9}
+        _kill_worker(jobs)
+        jobs.submit("a", operator.mul, 6, 7)
+        jobs.submit("b", np.sum, np.arange(4))
+        results = jobs.results()
+        jobs.submit("c", pow, 2, 3)
+        assert jobs.results() == {"c": 8}
+    assert list(results) == ["a", "b"] and results == {"a": 42, "b": 6}
+    assert capsys.readouterr().err.count("stopped unexpectedly") == 1
+
+
+def test_a_second_dead_worker_raises():
+    with pytest.raises(WorkerDiedError, match="died again"), BackgroundJobs(workers=1) as jobs:
+        jobs.submit("a", pow, 2, 2)
+        _kill_worker(jobs)
+        assert jobs.results() == {"a": 4}
+        _kill_worker(jobs)
+        jobs.submit("b", pow, 2, 3)
         jobs.results()

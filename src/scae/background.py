@@ -10,14 +10,23 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Self
 
 from tqdm.auto import tqdm
 
+from scae.errors import ScaeInputError
 from scae.interrupts import init_worker, signals_blocked_in_children
+
+
+class WorkerDiedError(ScaeInputError):
+    """The background worker process died twice (see :class:`BackgroundJobs`); the command line
+    prints the message as one line and exits with status 2."""
 
 
 def _import(modules: Sequence[str]) -> None:
@@ -34,6 +43,30 @@ def run_single_threaded(fn: Callable, *args) -> tuple[Any, float]:
     with threadpool_limits(1):
         result = fn(*args)
     return result, time.perf_counter() - started
+
+
+def _how(exit_codes: list[int]) -> str:
+    """How a dead worker ended, from its exit code (negative: the signal that killed it)."""
+    if not exit_codes:
+        return "it was gone"
+    code = exit_codes[0]
+    if code > 0:
+        return f"exit status {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}" + (", out of memory?" if -code == signal.SIGKILL else "")
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
+def _exit_codes(processes: list, wait: float = 1.0) -> list[int]:
+    """Exit codes of the processes that have ended, once at least one has (the pool's own
+    thread may still be reaping the one that died)."""
+    deadline = time.monotonic() + wait
+    while True:
+        codes = [p.exitcode for p in processes if not p.is_alive() and p.exitcode]
+        if codes or time.monotonic() > deadline:
+            return codes
+        time.sleep(0.02)
 
 
 class BackgroundJobs:
@@ -54,6 +87,11 @@ class BackgroundJobs:
     a Python *script* that uses this must keep its top-level code under
     ``if __name__ == "__main__":``, and job functions must be importable module-level functions.
 
+    A worker that dies (killed by the kernel's out-of-memory killer, or by hand) breaks the pool:
+    fresh workers take over the jobs whose results did not come back (one warning line on
+    stderr). If they die too, :class:`WorkerDiedError` is raised: a job that crashes its
+    process every time is never run in this one.
+
     Use as a context manager so the worker processes are always shut down (killed at once
     after an exception or an interrupt)::
 
@@ -66,28 +104,38 @@ class BackgroundJobs:
     def __init__(self, workers: int = 0, progress: bool = False, warm_up: Sequence[str] = (),
                  description: str = "background jobs") -> None:
         self._progress, self._description = progress, description
+        self._warm_up = tuple(warm_up)
+        self._restarted = False
         self.workers = max(0, int(workers))
         self._keys: list[str] = []  # submitted since the last results()
         self._names: set[str] = set()
         self._inline: dict[str, tuple[Callable, tuple]] = {}  # jobs run by results(), without workers
         self._pool = None
+        self._processes: list = []
         self._futures: dict = {}
+        self._submitted: dict[str, tuple[Callable, tuple]] = {}  # pool jobs, kept until their result is in
         self.seconds: dict[str, float] = {}
         if workers >= 1:
-            context = multiprocessing.get_context("spawn")  # no fork after OpenMP/torch threads
-            try:
-                # workers ignore SIGINT/SIGTERM from their first instruction: a Ctrl-C to the
-                # process group reaches only this process, which then stops them
-                with signals_blocked_in_children():
-                    self._pool = ProcessPoolExecutor(
-                        max_workers=workers, mp_context=context,
-                        initializer=init_worker, initargs=(os.getpid(),),
-                    )
-                    for _ in range(workers):  # one task each starts every worker now
-                        self._pool.submit(_import, tuple(warm_up))
-            except BaseException:
-                self._stop_workers()
-                raise
+            self._start_workers()
+
+    def _start_workers(self) -> None:
+        """Start the pool: ``workers`` spawned processes, each importing ``warm_up`` at once."""
+        context = multiprocessing.get_context("spawn")  # no fork after OpenMP/torch threads
+        try:
+            # workers ignore SIGINT/SIGTERM from their first instruction: a Ctrl-C to the
+            # process group reaches only this process, which then stops them
+            with signals_blocked_in_children():
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.workers, mp_context=context,
+                    initializer=init_worker, initargs=(os.getpid(),),
+                )
+                for _ in range(self.workers):  # one task each starts every worker now
+                    self._pool.submit(_import, self._warm_up)
+            # kept: a broken pool forgets its processes, and their exit codes say what happened
+            self._processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        except BaseException:
+            self._stop_workers()
+            raise
 
     def submit(self, key: str, fn: Callable, *args) -> None:
         """Start ``fn(*args)`` (single-threaded) under the name ``key``."""
@@ -99,12 +147,15 @@ class BackgroundJobs:
         self._keys.append(key)
         if self._pool is None:
             self._inline[key] = (fn, args)
-        else:
-            try:
-                self._futures[self._pool.submit(run_single_threaded, fn, *args)] = key
-            except BaseException:
-                self._stop_workers()
-                raise
+            return
+        self._submitted[key] = (fn, args)
+        try:
+            self._futures[self._pool.submit(run_single_threaded, fn, *args)] = key
+        except BrokenProcessPool:
+            self._worker_died()  # resubmits this job too
+        except BaseException:
+            self._stop_workers()
+            raise
 
     def results(self) -> dict[str, Any]:
         """Wait for (or compute) the result of every job submitted since the previous call; keys in
@@ -113,16 +164,20 @@ class BackgroundJobs:
                    leave=False)
         out: dict[str, tuple[Any, float]] = {}
         try:
-            if self._pool is None:
-                while self._inline:  # each job's arguments are released once it has run
-                    key, (fn, args) = next(iter(self._inline.items()))
-                    del self._inline[key]
-                    out[key] = run_single_threaded(fn, *args)
-                    bar.update()
-            else:
-                for future in as_completed(self._futures):
-                    out[self._futures[future]] = future.result()
-                    bar.update()
+            while self._futures:
+                try:
+                    for future in as_completed(self._futures):
+                        key = self._futures.pop(future)
+                        out[key] = future.result()
+                        del self._submitted[key]
+                        bar.update()
+                except BrokenProcessPool:
+                    self._worker_died()  # fresh workers take the rest over, or it raises
+            while self._inline:  # each job's arguments are released once it has run
+                key, (fn, args) = next(iter(self._inline.items()))
+                del self._inline[key]
+                out[key] = run_single_threaded(fn, *args)
+                bar.update()
         finally:
             bar.close()
         keys, self._keys, self._futures = self._keys, [], {}
@@ -139,12 +194,34 @@ class BackgroundJobs:
         else:
             self._stop_workers()
 
+    def _worker_died(self) -> None:
+        """The pool broke (a worker process died): the first time, start fresh workers and hand
+        them every job whose result did not come back, in the order they were submitted (one
+        warning line); the second time, raise :class:`WorkerDiedError`."""
+        codes = _exit_codes(self._processes)
+        self._stop_workers()
+        if self._restarted:
+            raise WorkerDiedError(
+                f"a background worker process (t-SNE, cluster scores, figures) died again ({_how(codes)}); "
+                "stopping. If memory is short, give the study more or a smaller input"
+            )
+        self._restarted = True
+        print(f"scae: warning: a background worker process stopped unexpectedly ({_how(codes)}); "
+              "restarting it", file=sys.stderr, flush=True)
+        self._start_workers()
+        self._futures = {}
+        try:
+            for key, (fn, args) in self._submitted.items():
+                self._futures[self._pool.submit(run_single_threaded, fn, *args)] = key
+        except BrokenProcessPool:
+            self._worker_died()
+
     def _stop_workers(self, timeout: float = 1.0) -> None:
         """Kill the worker processes (no waiting for running jobs) and reap them."""
         if self._pool is None:
             return
         # ProcessPoolExecutor.kill_workers() is public only from Python 3.14
-        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        processes = list({*self._processes, *(getattr(self._pool, "_processes", None) or {}).values()})
         self._pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             process.kill()
