@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 
 import pytest
 
@@ -159,3 +160,89 @@ def test_cli_refuses_an_input_inside_out_before_removing_anything(sim_dir, tmp_p
     assert code == 2 and err.count("\n") == 1 and "is an input" in err
     assert labels.read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["report.html"]
+
+
+def _small_anndata():
+    import anndata
+    import numpy as np
+
+    return anndata.AnnData(np.ones((50, 40), dtype=np.float32))
+
+
+def test_write_h5ad_refuses_up_front_when_the_disk_is_too_full(tmp_path, monkeypatch):
+    """HDF5 copes badly with a write that fails half-way (every object of the file reports it
+    again, and the library may crash at exit): free space is checked against the file's size first."""
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(OSError, match=r"No space left on device: r.h5ad needs about 1 MiB, 1 KiB free") as caught:
+        files.write_h5ad(_small_anndata(), tmp_path / "r.h5ad")
+    assert caught.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == [] and not files.hdf5_write_failed()
+
+
+def test_write_h5ad_refuses_up_front_beyond_the_file_size_limit(tmp_path, monkeypatch):
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (100 * 1024, resource.RLIM_INFINITY))
+    with pytest.raises(OSError, match=r"File too large: r.h5ad needs about 1 MiB, the file-size limit \(ulimit -f\) is 100 KiB"):
+        files.write_h5ad(_small_anndata(), tmp_path / "r.h5ad")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_h5ad_failing_half_way_becomes_the_os_error(tmp_path, monkeypatch):
+    """h5py reports a failed write as a RuntimeError carrying the C errno in its text."""
+    import anndata
+
+    def fails(self, path):
+        path.write_bytes(b"half")
+        raise RuntimeError("Can't close file (file write failed: ..., errno = 28, error message = 'No space left')")
+
+    monkeypatch.setattr(anndata.AnnData, "write_h5ad", fails)
+    monkeypatch.setattr(files, "_hdf5_failed", False)
+    before = sys.unraisablehook, sys.excepthook
+    try:
+        with pytest.raises(OSError) as caught:
+            files.write_h5ad(_small_anndata(), tmp_path / "r.h5ad")
+        assert (caught.value.errno, caught.value.strerror) == (errno.ENOSPC, os.strerror(errno.ENOSPC))
+        assert list(tmp_path.iterdir()) == []  # the partial file is removed
+        assert files.hdf5_write_failed()  # the command line then exits without HDF5's clean-up
+    finally:
+        sys.unraisablehook, sys.excepthook = before
+
+
+def test_cli_study_on_a_full_disk_is_one_line_and_no_report(sim_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=2 * 1024**2))
+    out = tmp_path / "out"
+    status = main(["study", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+                   "--out", str(out), "--epochs", "1", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1
+    assert "cannot write the outputs" in err[0] and "No space left on device: results.h5ad needs about" in err[0]
+    assert not (out / "metrics.json").exists() and not (out / "report.html").exists()
+
+
+def test_a_model_file_that_cannot_be_written_is_an_os_error_not_torch_s(tmp_path, monkeypatch):
+    """torch.save writing to a full disk raised RuntimeError("[enforce fail at inline_container.cc]");
+    the model is now serialised in memory and written by Python, which reports the OS's reason."""
+    import numpy as np
+    from pathlib import Path
+
+    model = scae.Autoencoder(latent_dim=2, hidden=(4,), epochs=1).fit(np.random.default_rng(0).random((20, 6), dtype=np.float32))
+
+    def disk_full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OSError) as caught:
+        model.save(tmp_path / "m.pt")
+    assert caught.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_path_that_cannot_be_inspected_is_one_clean_error(tmp_path):
+    with pytest.raises(ScaeInputError, match="cannot use as the output directory.*File name too long"):
+        refuse_inputs_inside(tmp_path / ("a" * 300), [tmp_path / "labels.txt"])

@@ -466,7 +466,7 @@ def run_embed_command(args: argparse.Namespace) -> int:
     check_parent_writable(args.out)
     adata = read_anndata(args.input)
     from scae.anndata_embed import embed
-    from scae.files import atomic_path
+    from scae.files import write_h5ad
 
     check_top_genes(args.top_genes, adata.n_vars)
     if args.top_genes is not None and args.top_genes < adata.n_vars:
@@ -486,8 +486,7 @@ def run_embed_command(args: argparse.Namespace) -> int:
                   latent_key=args.latent_key, denoised_layer=args.denoised_layer, random_state=args.seed,
                   device=args.device, progress=not args.quiet, **overrides)
     try:
-        with atomic_path(args.out) as tmp:
-            adata.write_h5ad(tmp)
+        write_h5ad(adata, args.out)
     except OSError as err:
         raise ScaeInputError(f"{args.out}: cannot write ({err.strerror or err})") from None
     print(f"scae: {args.preset} fitted on {adata.n_obs} cells × {adata.n_vars} genes in "
@@ -597,20 +596,21 @@ def main(argv: list[str] | None = None) -> int:
     with signals_raise_interrupted():
         try:
             status = _run_command(args)
-            if argv is None:  # the process's own command line: it exits next
-                if _in_process_group():
-                    _leave_now(status)
-                gc.freeze()  # skips the collections of interpreter shutdown (1.2 s with torch loaded)
-            return status
         except (Interrupted, KeyboardInterrupt) as stop:
             kill_child_processes()  # any worker its owner had no chance to stop
             if not isinstance(stop, Interrupted):
                 stop = Interrupted(signal.SIGINT)
             unwritten = _NOT_WRITTEN_WHEN_INTERRUPTED.get(args.command, "")
             print(f"scae: interrupted ({stop.signal_name}){unwritten}", file=sys.stderr)
-            if argv is None:  # the process's own command line: it exits next
-                gc.freeze()  # skips the collections of interpreter shutdown (about 1.5 s with torch loaded)
-            return stop.exit_status
+            status = stop.exit_status
+        if argv is None:  # the process's own command line: it exits next
+            from scae.files import hdf5_write_failed
+
+            # a torchrun rank, or HDF5 after a failed write, may crash in the interpreter's shutdown
+            if _in_process_group() or hdf5_write_failed():
+                _leave_now(status)
+            gc.freeze()  # skips the collections of interpreter shutdown (1.2 s with torch loaded)
+        return status
 
 
 _NOT_WRITTEN_WHEN_INTERRUPTED = {

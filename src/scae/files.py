@@ -8,7 +8,9 @@ can check paths before loading anything heavy.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,6 +63,100 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     """Write bytes atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+H5AD_MARGIN = (1024**2, 0.1)
+"""Space asked for beyond an ``.h5ad`` file's estimated size: 1 MiB plus 10% (HDF5's metadata)."""
+
+_hdf5_failed = False
+
+
+def write_h5ad(adata, path: str | Path) -> None:
+    """Write an AnnData to ``path`` atomically, failing cleanly when the disk cannot take it.
+
+    HDF5 copes badly with a write that fails half-way (disk full, file-size limit): every
+    object of the file then reports the error again when it is freed, and the library may
+    crash when the process exits. So the free space and the file-size limit are checked first
+    against the file's estimated size (its arrays' bytes); a write that fails all the same
+    raises ``OSError`` with the operating system's reason, the freed objects stay silent, and
+    :func:`hdf5_write_failed` tells the command line to exit without the library's clean-up.
+
+    Raises
+    ------
+    OSError
+        ``ENOSPC`` or ``EFBIG`` (up front or from the write), or what the write reported.
+    """
+    import errno
+    import resource
+
+    path = Path(path)
+    need = int(_anndata_bytes(adata) * (1 + H5AD_MARGIN[1])) + H5AD_MARGIN[0]
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"No space left on device: {path.name} needs about {_mib(need)}, "
+                                    f"{_mib(free)} free", str(path))
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < need:
+        raise OSError(errno.EFBIG, f"File too large: {path.name} needs about {_mib(need)}, the file-size "
+                                   f"limit (ulimit -f) is {_mib(limit)}", str(path))
+    global _hdf5_failed
+    hooks = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook, sys.excepthook = _quiet_h5py_hooks(*hooks)  # a failing write frees objects that fail again
+    try:
+        with atomic_path(path) as tmp:
+            adata.write_h5ad(tmp)
+    except (OSError, RuntimeError) as err:  # h5py reports write failures as either
+        _hdf5_failed = True  # the quiet hooks stay: more of the file's objects are freed later
+        found = re.search(r"errno = (\d+)", str(err))
+        code = int(found.group(1)) if found else (getattr(err, "errno", None) or errno.EIO)
+        raise OSError(code, os.strerror(code), str(path)) from None
+    sys.unraisablehook, sys.excepthook = hooks
+
+
+def hdf5_write_failed() -> bool:
+    """Whether a :func:`write_h5ad` in this process failed half-way (see there)."""
+    return _hdf5_failed
+
+
+def _quiet_h5py_hooks(unraisable, excepthook):
+    """Hooks that drop the errors the h5py objects of a failed file raise when they are freed
+    (h5py prints each one's traceback through ``sys.excepthook``, then reports it as unraisable)."""
+
+    def from_h5py(exc, tb) -> bool:
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return isinstance(exc, RuntimeError) and tb is not None and "h5py" in tb.tb_frame.f_code.co_filename
+
+    def quiet_unraisable(args) -> None:
+        if not (isinstance(args.exc_value, RuntimeError) and "h5py" in repr(args.object)):
+            unraisable(args)
+
+    def quiet_excepthook(exc_type, exc, tb) -> None:
+        if not from_h5py(exc, tb):
+            excepthook(exc_type, exc, tb)
+
+    return quiet_unraisable, quiet_excepthook
+
+
+def _anndata_bytes(adata) -> int:
+    """The bytes of an AnnData's arrays (``X``, layers, ``obsm``, ``varm``, ``obsp``, ``varp``) and
+    of its cell and gene tables."""
+    tables = sum(int(df.memory_usage(index=True, deep=True).sum()) for df in (adata.obs, adata.var))
+    arrays = [adata.X, *adata.layers.values(), *adata.obsm.values(), *adata.varm.values(),
+              *adata.obsp.values(), *adata.varp.values()]
+    total = 0
+    for a in arrays:
+        if a is None:
+            continue
+        if hasattr(a, "indptr"):  # scipy sparse
+            total += a.data.nbytes + a.indices.nbytes + a.indptr.nbytes
+        else:
+            total += int(getattr(a, "nbytes", 0))
+    return total + tables
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024**2:.0f} MiB" if n >= 1024**2 else f"{n / 1024:.0f} KiB"
 
 
 MANAGED_NAMES = ("figures", "models", "results.h5ad", "reconstructions.h5ad", "metrics.json", "report.html")
@@ -238,6 +334,16 @@ def refuse_inputs_inside(out_dir: str | Path, inputs: list[str | Path], written:
     inside a folder of that name, or is a hard link of a file there. Inputs elsewhere inside
     ``out_dir`` are fine.
     """
+    try:
+        _refuse_inputs_inside(out_dir, inputs, written, writer)
+    except OSError as err:  # a name too long, a folder that cannot be read, a link loop
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(out_dir) else ""
+        raise ScaeInputError(
+            f"{out_dir}: cannot use as the output directory{where}: {reason(err)}; expected a writable directory"
+        ) from None
+
+
+def _refuse_inputs_inside(out_dir, inputs, written, writer) -> None:
     out = Path(out_dir).resolve()
     written = set(MANAGED_NAMES) | {STAGING_NAME, LOCK_NAME} if written is None else written
     existing = [out / name for name in written]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import re
 import time
 from itertools import pairwise
@@ -508,8 +510,10 @@ class Autoencoder(TransformerMixin, BaseEstimator):
             "metadata": dict(metadata or getattr(self, "metadata_", {})),
             "best_epoch": getattr(self, "best_epoch_", None),
         }
+        buffer = io.BytesIO()  # serialised in memory: a failed write to disk is then a plain OSError
+        torch.save(state, buffer)
         with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+            tmp.write_bytes(buffer.getbuffer())
 
     @classmethod
     def load(cls, path: str | Path) -> Autoencoder:

@@ -17,9 +17,9 @@ from scae.data import Dataset
 from scae.files import (
     OutputDir,
     OutputWriteError,
-    atomic_path,
     reason,
     write_bytes,
+    write_h5ad,
     write_text,
 )
 from scae.models import Autoencoder
@@ -106,12 +106,10 @@ def write_outputs(result: StudyResult, output: OutputDir, watch: Stopwatch, mode
         with watch.stage("write_models_h5ad", "writing models and results.h5ad"):
             for run in result.runs.values() if not models_saved else ():
                 save_model(run.model, result.dataset, result.config, run.spec, output.models)
-            with atomic_path(staging / "results.h5ad") as tmp:
-                result.to_anndata().write_h5ad(tmp)
+            write_h5ad(result.to_anndata(), staging / "results.h5ad")
             sample = result.sample_anndata()
             if sample is not None:
-                with atomic_path(staging / "reconstructions.h5ad") as tmp:
-                    sample.write_h5ad(tmp)
+                write_h5ad(sample, staging / "reconstructions.h5ad")
         if elsewhere:
             with watch.stage("figures_wait", "waiting for the figures drawn in the background"):
                 drawn = jobs.results()
