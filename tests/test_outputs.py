@@ -246,3 +246,25 @@ def test_a_model_file_that_cannot_be_written_is_an_os_error_not_torch_s(tmp_path
 def test_an_out_path_that_cannot_be_inspected_is_one_clean_error(tmp_path):
     with pytest.raises(ScaeInputError, match="cannot use as the output directory.*File name too long"):
         refuse_inputs_inside(tmp_path / ("a" * 300), [tmp_path / "labels.txt"])
+
+
+def test_a_staging_name_that_links_elsewhere_loses_only_the_link(tmp_path):
+    """OUT/.scae-staging made a link to someone's folder: opening the output removes the link,
+    never the files it points to (a hostile test lost a thesis.txt that way)."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    (precious / "models").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / STAGING_NAME).symlink_to(precious)
+    with OutputDir(out).open(keep_models=True) as output:
+        assert output.staging.is_dir() and not output.staging.is_symlink()
+    assert (precious / "thesis.txt").read_text() == "years of work" and (precious / "models").is_dir()
+
+
+def test_an_out_symlink_loop_is_one_clean_error(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(ScaeInputError, match="cannot use as the output directory: Too many levels of symbolic links"):
+        refuse_inputs_inside(tmp_path / "a", [tmp_path / "labels.txt"])

@@ -227,3 +227,26 @@ def _status_field(pid: int, name: str) -> str:
         if line.startswith(f"{name}:"):
             return line.split()[1]
     raise KeyError(name)
+
+
+def test_a_signal_during_the_commit_waits_until_every_output_is_in_place(tmp_path, monkeypatch):
+    """Both or neither of metrics.json and report.html appear: a SIGTERM between their renames
+    (a hostile test widened that window) is handled after the last one."""
+    from scae import files
+
+    real_replace = os.replace
+
+    def replace_then_signal(src, dst):
+        real_replace(src, dst)
+        if Path(dst).name == "metrics.json":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler would run here without the deferral
+
+    with signals_raise_interrupted():
+        with pytest.raises(Interrupted) as caught, OutputDir(tmp_path / "out").open() as output:
+            for name in ("metrics.json", "report.html"):
+                (output.staging / name).write_text(name)
+            monkeypatch.setattr(files.os, "replace", replace_then_signal)
+            output.commit()
+    assert caught.value.outputs_written
+    assert (tmp_path / "out" / "metrics.json").exists() and (tmp_path / "out" / "report.html").exists()

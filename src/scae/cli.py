@@ -601,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(stop, Interrupted):
                 stop = Interrupted(signal.SIGINT)
             unwritten = _NOT_WRITTEN_WHEN_INTERRUPTED.get(args.command, "")
+            if stop.outputs_written:
+                unwritten = "; it came as the outputs were moved into place, and all of them were"
             print(f"scae: interrupted ({stop.signal_name}){unwritten}", file=sys.stderr)
             status = stop.exit_status
         if argv is None:  # the process's own command line: it exits next

@@ -7,6 +7,7 @@ can check paths before loading anything heavy.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from scae.errors import ScaeInputError
-from scae.interrupts import raise_if_interrupted
+from scae.interrupts import Interrupted, raise_if_interrupted, signals_deferred
 
 
 @contextmanager
@@ -86,7 +87,6 @@ def write_h5ad(adata, path: str | Path) -> None:
     OSError
         ``ENOSPC`` or ``EFBIG`` (up front or from the write), or what the write reported.
     """
-    import errno
     import resource
 
     path = Path(path)
@@ -210,9 +210,11 @@ class OutputDir:
         try:
             for name in ("report.html", "metrics.json"):
                 (self.path / name).unlink(missing_ok=True)
+            if self.staging.is_symlink() or (self.staging.exists() and not self.staging.is_dir()):
+                _remove(self.staging)  # our name, made a link or a file: only the name goes, never what it points to
             if self.staging.exists():
                 for entry in self.staging.iterdir():
-                    if not (keep_models and entry.name == "models"):
+                    if not (keep_models and entry.name == "models" and entry.is_dir() and not entry.is_symlink()):
                         _remove(entry)
             (self.staging / "figures").mkdir(parents=True, exist_ok=True)
             self.models.mkdir(exist_ok=True)
@@ -247,25 +249,33 @@ class OutputDir:
         self._lock_fd = fd
 
     def commit(self) -> None:
-        """Move the staged outputs into place; ``metrics.json`` and ``report.html`` last."""
+        """Move the staged outputs into place; ``metrics.json`` and ``report.html`` last.
+
+        Signals wait until every output is in place (all of them are moved, or none): one that
+        came meanwhile raises :class:`~scae.interrupts.Interrupted` with ``outputs_written``.
+        """
         raise_if_interrupted()
         try:
-            for name in MANAGED_NAMES:
-                staged, final = self.staging / name, self.path / name
-                if not staged.exists():
-                    _remove(final)  # e.g. a stale reconstructions.h5ad from a larger input
-                    continue
-                if staged.is_dir() and final.exists():
-                    old = self.staging / f"{name}.old"
-                    os.replace(final, old)
-                    os.replace(staged, final)
-                    _remove(old)
-                else:
-                    os.replace(staged, final)
-            _remove(self.staging)
+            with signals_deferred():
+                for name in MANAGED_NAMES:
+                    staged, final = self.staging / name, self.path / name
+                    if not staged.exists():
+                        _remove(final)  # e.g. a stale reconstructions.h5ad from a larger input
+                        continue
+                    if staged.is_dir() and final.exists():
+                        old = self.staging / f"{name}.old"
+                        os.replace(final, old)
+                        os.replace(staged, final)
+                        _remove(old)
+                    else:
+                        os.replace(staged, final)
+                _remove(self.staging)
+                self._committed = True
         except OSError as err:
             raise OutputWriteError(f"{self.path}: cannot move the finished outputs into place ({reason(err)})") from None
-        self._committed = True
+        except Interrupted as stop:  # handled as the renames ended
+            stop.outputs_written = self._committed
+            raise
 
     def abort(self) -> bool:
         """Remove what this run staged, except its trained models; whether any models were kept."""
@@ -336,7 +346,9 @@ def refuse_inputs_inside(out_dir: str | Path, inputs: list[str | Path], written:
     """
     try:
         _refuse_inputs_inside(out_dir, inputs, written, writer)
-    except OSError as err:  # a name too long, a folder that cannot be read, a link loop
+    except (OSError, RuntimeError) as err:  # a name too long, a folder that cannot be read, a link loop
+        if not isinstance(err, OSError):  # pathlib reports a symlink loop as RuntimeError
+            err = OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(out_dir))
         where = f" ({err.filename})" if err.filename and str(err.filename) != str(out_dir) else ""
         raise ScaeInputError(
             f"{out_dir}: cannot use as the output directory{where}: {reason(err)}; expected a writable directory"

@@ -32,6 +32,8 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+        self.outputs_written = False
+        """Set when the signal came as the outputs were moved into place (they all were)."""
 
     @property
     def signal_name(self) -> str:
@@ -49,6 +51,12 @@ class Interrupted(BaseException):
 
 _swallowed: list[int] = []
 """Signals whose :class:`Interrupted` Python swallowed (see :func:`raise_if_interrupted`)."""
+
+
+_raised = [False]
+"""Whether :func:`signals_raise_interrupted`'s handler (or a deferred block) raised already."""
+_deferred: list[list[int]] = []
+"""While :func:`signals_deferred` runs: the signals that arrived meanwhile (one list per block)."""
 
 
 def raise_if_interrupted() -> None:
@@ -78,19 +86,20 @@ def signals_raise_interrupted() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    raised = False
+    _raised[0] = False
 
     def handler(signum: int, frame) -> None:
-        nonlocal raised
-        if not raised:
-            raised = True
+        if _deferred:
+            _deferred[-1].append(signum)
+            return
+        if not _raised[0]:
+            _raised[0] = True
             raise Interrupted(signum)
 
     def unraisable(args) -> None:
-        nonlocal raised
         if isinstance(args.exc_value, Interrupted):
             _swallowed.append(args.exc_value.signum)
-            raised = False  # nothing is unwinding: a second signal may raise
+            _raised[0] = False  # nothing is unwinding: a second signal may raise
         else:
             previous_hook(args)
 
@@ -103,6 +112,22 @@ def signals_raise_interrupted() -> Iterator[None]:
         _swallowed.clear()
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM wait: :func:`signals_raise_interrupted`'s handler
+    notes them, and the first is raised as :class:`Interrupted` when the block ends, so the
+    block runs whole or not at all (for a few file renames, not for long work)."""
+    arrived: list[int] = []
+    _deferred.append(arrived)
+    try:
+        yield
+    finally:
+        _deferred.remove(arrived)
+    if arrived:
+        _raised[0] = True  # later signals are ignored while this one unwinds, as the handler does
+        raise Interrupted(arrived[0])
 
 
 @contextmanager
