@@ -441,7 +441,10 @@ def run_fit_command(args: argparse.Namespace) -> int:
         model.fit(source.subset(train_idx), eval_X=source.subset(test_idx),
                   description=args.preset or f"ae{model.latent_dim}", distributed=distributed)
         if main:
-            model.save(out)
+            try:
+                model.save(out)
+            except OSError as err:
+                raise ScaeInputError(f"{out}: cannot write the model file ({err.strerror or err})") from None
             last = model.history_[-1]
             stopped = f" (best epoch {model.best_epoch_})" if model.best_epoch_ is not None else ""
             print(f"scae: trained {dataset.n_cells} cells × {dataset.n_genes} genes for {last['epoch']} epoch(s){stopped} "
