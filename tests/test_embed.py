@@ -293,3 +293,15 @@ def test_embed_api_stays_callable_after_its_module_is_imported(files):
         model = scae.embed(adata, "nb_ae", epochs=1, device="cpu", early_stopping=False, latent_dim=2)
         assert isinstance(model, scae.Autoencoder) and adata.obsm["X_scae"].shape == (40, 2)
     assert module.LATENT_KEY == "X_scae"
+
+
+@pytest.mark.parametrize(("option", "key"), [("--latent-key", ""), ("--denoised-layer", ""), ("--latent-key", "a/b"),
+                                             ("--denoised-layer", " ")])
+def test_embed_refuses_keys_an_h5ad_cannot_hold(files, tmp_path, capsys, option, key):
+    """"" would be written as the obsm group itself and "a/b" as nested groups: anndata could not
+    read the file back."""
+    out = tmp_path / "out.h5ad"
+    assert _embed(files.dir / "counts.h5ad", out, option, key) == 2
+    name = option[2:].replace("-", "_")
+    assert_one_line_error(capsys, f"{name} must be a non-empty name without '/' (an .h5ad key); got {key!r}")
+    assert not out.exists()

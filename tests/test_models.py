@@ -430,6 +430,16 @@ def _write_case(case: str, path, state: dict, fitted) -> None:
         path.write_bytes(np.random.default_rng(0).bytes(2000))
     elif case == "text":
         path.write_text("latent_dim = 10\nhidden = 100\n")
+    elif case == "altered weights":  # bytes changed inside a stored weight tensor: torch.load takes it
+        import zipfile
+
+        path.write_bytes(good)
+        with zipfile.ZipFile(path) as archive:
+            info = max(archive.infolist(), key=lambda i: i.file_size)  # the largest weight matrix
+        data = bytearray(good)
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+        data[start + 8: start + 72] = np.random.default_rng(1).bytes(64)
+        path.write_bytes(bytes(data))
     elif case == "tensor":
         torch.save(torch.zeros(3), path)
     elif case == "state dict only":
@@ -482,6 +492,8 @@ MALFORMED = {
     "truncated": "not a readable PyTorch file (truncated, corrupted or another kind of file); " + EXPECTED,
     "random bytes": "not a readable PyTorch file (truncated, corrupted or another kind of file); " + EXPECTED,
     "text": "not a readable PyTorch file (truncated, corrupted or another kind of file); " + EXPECTED,
+    "altered weights": "damaged: its part 'archive/data/0' fails its checksum (the file was altered or corrupted "
+                       "after it was written); " + EXPECTED,
     "tensor": "a PyTorch file but not an scae model (Tensor without a format entry); " + EXPECTED,
     "state dict only": "a PyTorch file but not an scae model (OrderedDict without a format entry); " + EXPECTED,
     "other format": "not an scae model file (format 'something/1'); " + EXPECTED,

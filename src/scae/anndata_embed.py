@@ -59,6 +59,9 @@ def embed(
     Autoencoder
         The fitted model; ``adata.uns["scae"]`` records the preset, the parameters and the keys.
     """
+    _check_key("latent_key", latent_key)
+    if denoised_layer is not None:
+        _check_key("denoised_layer", denoised_layer)
     model = Autoencoder.from_preset(preset, random_state=random_state, device=device, progress=progress, **params)
     model._check_params()
     counts = anndata_counts(adata, counts_layer, counts_raw)
@@ -92,3 +95,10 @@ def embed(
 
 
 __all__ = ["DENOISED_LAYER", "LATENT_KEY", "embed"]
+
+
+def _check_key(name: str, key) -> None:
+    """An ``obsm``/``layers`` key an ``.h5ad`` file can hold: a non-empty string without "/"
+    (HDF5 makes "a/b" nested groups, and "" the group itself: anndata cannot read either back)."""
+    if not isinstance(key, str) or not key.strip() or "/" in key:
+        raise ScaeInputError(f"{name} must be a non-empty name without '/' (an .h5ad key); got {key!r}")

@@ -577,6 +577,10 @@ def _read_model_file(path: Path) -> dict:
         raise ScaeInputError(f"{path}: cannot be read ({err.strerror or err}); {expected}") from None
     if empty:
         raise ScaeInputError(f"{path}: is empty; {expected}")
+    damaged = _damaged_zip_member(path)
+    if damaged:
+        raise ScaeInputError(f"{path}: damaged: its part {damaged!r} fails its checksum (the file was altered "
+                             f"or corrupted after it was written); {expected}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - whatever the file holds, the answer is one line
@@ -609,6 +613,19 @@ def _read_model_file(path: Path) -> dict:
     if unknown:
         raise ScaeInputError(f"{path}: unexpected entries {', '.join(map(repr, unknown))} in an scae model file; {expected}")
     return state
+
+
+def _damaged_zip_member(path: Path) -> str | None:
+    """The first part of a PyTorch (zip) file whose CRC-32 does not match, if any: torch.load
+    does not check them, so altered weights would load silently. ``None`` for a file that is
+    not a zip archive (torch.load then says what it is)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return None
 
 
 def _model_params(path: str | Path, params) -> dict:
