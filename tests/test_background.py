@@ -49,7 +49,7 @@ def test_a_job_that_kills_its_worker_every_time_is_never_run_here(capsys):
     """The pool restarts once; a job that kills the fresh worker too ends in WorkerDiedError
     (one clean line in the command line), not in a crash of this process."""
     with pytest.raises(WorkerDiedError, match=r"died again \(killed by SIGKILL, out of memory\?\)"):
-        with BackgroundJobs(workers=1, help_while_waiting=False) as jobs:  # never run here
+        with BackgroundJobs(workers=1) as jobs:
             jobs.submit("dies", _kill_this_process)
             jobs.results()
     assert capsys.readouterr().err.count("stopped unexpectedly (killed by SIGKILL, out of memory?); restarting it") == 1
@@ -67,7 +67,7 @@ def _kill_worker(jobs: BackgroundJobs) -> None:
 def test_jobs_of_a_killed_worker_are_taken_over_by_a_fresh_one(capsys):
     """A worker killed from outside (the out-of-memory killer): fresh workers compute the jobs
     whose results did not come back and the later ones; same results, in submission order."""
-    with BackgroundJobs(workers=1, help_while_waiting=False) as jobs:
+    with BackgroundJobs(workers=1) as jobs:
         jobs.submit("first", pow, 3, 2)
         assert jobs.results() == {"first": 9}
         _kill_worker(jobs)
@@ -81,39 +81,10 @@ def test_jobs_of_a_killed_worker_are_taken_over_by_a_fresh_one(capsys):
 
 
 def test_a_second_dead_worker_raises():
-    with pytest.raises(WorkerDiedError, match="died again"), BackgroundJobs(workers=1, help_while_waiting=False) as jobs:
+    with pytest.raises(WorkerDiedError, match="died again"), BackgroundJobs(workers=1) as jobs:
         jobs.submit("a", pow, 2, 2)
         _kill_worker(jobs)
         assert jobs.results() == {"a": 4}
         _kill_worker(jobs)
         jobs.submit("b", pow, 2, 3)
         jobs.results()
-
-
-def _pid_after(seconds: float) -> int:
-    import os
-    import time
-
-    time.sleep(seconds)
-    return os.getpid()
-
-
-def test_jobs_no_worker_has_started_run_here_while_results_waits():
-    """The caller waits anyway: it takes the queued jobs (last first) while the worker finishes
-    its own; every result comes back under its name, in submission order."""
-    import os
-
-    with BackgroundJobs(workers=1) as jobs:
-        jobs.submit("warm", pow, 2, 2)
-        jobs.results()
-        _pid_after(1.0)  # the worker is up (its imports done)
-        first = len(jobs.ran_here)
-        jobs.submit("slow", _pid_after, 1.5)  # the worker takes it (and the next one into its queue)
-        for i in range(4):
-            jobs.submit(f"quick{i}", _pid_after, 0.0)
-        results = jobs.results()
-    assert list(results) == ["slow", "quick0", "quick1", "quick2", "quick3"]
-    assert results["slow"] != os.getpid()
-    here = jobs.ran_here[first:]
-    assert here and all(results[key] == os.getpid() for key in here)
-    assert here[0] == "quick3"  # last submitted first

@@ -82,10 +82,8 @@ class BackgroundJobs:
     training) that shares its cores with busy processes stalls at every synchronisation point
     (measured on 2 cores: 8.5 s for a model that trains in 2.9 s alone).
 
-    :meth:`results` can be called again for jobs submitted after it; while it waits, this process
-    runs the jobs no worker has started (last submitted first; listed in ``ran_here``), unless
-    ``help_while_waiting=False``.
-    ``seconds`` holds each finished job's own computing time. With ``workers >= 1``,
+    :meth:`results` can be called again for jobs submitted after it. ``seconds`` holds each
+    finished job's own computing time. With ``workers >= 1``,
     a Python *script* that uses this must keep its top-level code under
     ``if __name__ == "__main__":``, and job functions must be importable module-level functions.
 
@@ -104,9 +102,8 @@ class BackgroundJobs:
     """
 
     def __init__(self, workers: int = 0, progress: bool = False, warm_up: Sequence[str] = (),
-                 description: str = "background jobs", help_while_waiting: bool = True) -> None:
+                 description: str = "background jobs") -> None:
         self._progress, self._description = progress, description
-        self._help = help_while_waiting
         self._warm_up = tuple(warm_up)
         self._restarted = False
         self.workers = max(0, int(workers))
@@ -118,8 +115,6 @@ class BackgroundJobs:
         self._futures: dict = {}
         self._submitted: dict[str, tuple[Callable, tuple]] = {}  # pool jobs, kept until their result is in
         self.seconds: dict[str, float] = {}
-        self.ran_here: list[str] = []
-        """Jobs that no worker had started when :meth:`results` was called, so this process ran them."""
         if workers >= 1:
             self._start_workers()
 
@@ -169,8 +164,6 @@ class BackgroundJobs:
                    leave=False)
         out: dict[str, tuple[Any, float]] = {}
         try:
-            if self._help:
-                self._take_queued(out, bar)
             while self._futures:
                 try:
                     for future in as_completed(self._futures):
@@ -200,18 +193,6 @@ class BackgroundJobs:
             self._pool.shutdown(wait=True, cancel_futures=True)
         else:
             self._stop_workers()
-
-    def _take_queued(self, out: dict, bar) -> None:
-        """Run here, last submitted first, the jobs no worker has started yet: the caller waits
-        for them anyway, and the workers keep working from the front of the queue (the default
-        study's last t-SNEs come after its training, when this process has nothing else to do)."""
-        for future, key in reversed(list(self._futures.items())):
-            if future.cancel():  # only a job no worker has taken can be cancelled
-                del self._futures[future]
-                fn, args = self._submitted.pop(key)
-                out[key] = run_single_threaded(fn, *args)
-                self.ran_here.append(key)
-                bar.update()
 
     def _worker_died(self) -> None:
         """The pool broke (a worker process died): the first time, start fresh workers and hand
