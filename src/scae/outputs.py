@@ -22,6 +22,7 @@ from scae.files import (
     write_h5ad,
     write_text,
 )
+from scae.interrupts import raise_if_interrupted
 from scae.models import Autoencoder
 from scae.plots import Panel, figure_png
 from scae.presets import preset
@@ -102,7 +103,11 @@ def write_outputs(result: StudyResult, output: OutputDir, watch: Stopwatch, mode
         with watch.stage("figures", "drawing figures"):
             for stem in elsewhere:
                 jobs.submit(FIGURE_JOB + stem, figure_png, *figures[stem])
-            images = {stem: figure_png(*args) for stem, args in figures.items() if stem not in elsewhere}
+            images = {}
+            for stem, args in figures.items():
+                if stem not in elsewhere:
+                    raise_if_interrupted()  # a signal swallowed while drawing (see scae.interrupts)
+                    images[stem] = figure_png(*args)
         with watch.stage("write_models_h5ad", "writing models and results.h5ad"):
             for run in result.runs.values() if not models_saved else ():
                 save_model(run.model, result.dataset, result.config, run.spec, output.models)
