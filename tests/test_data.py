@@ -1090,3 +1090,29 @@ def test_select_genes_fingerprint_and_refusals():
             ds.select_genes(genes)
     with pytest.raises(ValueError, match="X holds counts here"):
         Dataset(X=counts, labels=np.array(labels_for(30)), name="x", counts=True, raw=counts)
+
+
+def test_labels_read_in_chunks_give_the_same_lines_whatever_the_chunk_size(tmp_path):
+    from scae.data import _read_label_text
+
+    path = tmp_path / "labels.txt"
+    path.write_bytes("\ufeffT cell\r\nB cell\rNK\r\nmonocyte\n\nγδ T\r\n".encode())
+    expected = "T cell\nB cell\nNK\nmonocyte\n\nγδ T\n"
+    for chunk in (1, 2, 3, 5, 7, 1 << 20):  # \r\n and multi-byte characters split between chunks
+        assert _read_label_text(path, chunk) == expected
+
+
+@pytest.mark.parametrize("content", [b"\0" * (3 << 20), b"a" * 5_000_000 + b"\nb\n", b"x\n" * 3 + b"y" * 1001 + b"\n"])
+def test_a_label_line_longer_than_the_limit_is_refused_without_reading_everything(tmp_path, content):
+    path = tmp_path / "labels.txt"
+    path.write_bytes(content)
+    line = 4 if content.startswith(b"x") else 1
+    with pytest.raises(ScaeInputError, match=f"line {line} is longer than 1,000 characters; expected one label per line"):
+        read_labels_txt(path)
+
+
+def test_an_endless_labels_device_is_refused(tmp_path):
+    with pytest.raises(ScaeInputError, match="(longer than 1,000 characters|not UTF-8 text)"):
+        read_labels_txt("/dev/zero")
+    with pytest.raises(ScaeInputError, match="not UTF-8 text"):
+        read_labels_txt("/dev/urandom")

@@ -296,12 +296,14 @@ def test_embed_api_stays_callable_after_its_module_is_imported(files):
 
 
 @pytest.mark.parametrize(("option", "key"), [("--latent-key", ""), ("--denoised-layer", ""), ("--latent-key", "a/b"),
-                                             ("--denoised-layer", " ")])
+                                             ("--denoised-layer", " "), ("--latent-key", "."),
+                                             ("--denoised-layer", "..")])
 def test_embed_refuses_keys_an_h5ad_cannot_hold(files, tmp_path, capsys, option, key):
     """"" would be written as the obsm group itself and "a/b" as nested groups: anndata could not
     read the file back."""
     out = tmp_path / "out.h5ad"
     assert _embed(files.dir / "counts.h5ad", out, option, key) == 2
     name = option[2:].replace("-", "_")
-    assert_one_line_error(capsys, f"{name} must be a non-empty name without '/' (an .h5ad key); got {key!r}")
+    assert_one_line_error(capsys, f"{name} must be a non-empty name without '/', not '.' or '..' (an .h5ad key); "
+                                  f"got {key!r}")
     assert not out.exists()

@@ -268,3 +268,10 @@ def test_an_out_symlink_loop_is_one_clean_error(tmp_path):
     (tmp_path / "b").symlink_to(tmp_path / "a")
     with pytest.raises(ScaeInputError, match="cannot use as the output directory: Too many levels of symbolic links"):
         refuse_inputs_inside(tmp_path / "a", [tmp_path / "labels.txt"])
+
+
+def test_an_input_symlink_loop_is_named_as_the_input(tmp_path):
+    (tmp_path / "a.npy").symlink_to(tmp_path / "b.npy")
+    (tmp_path / "b.npy").symlink_to(tmp_path / "a.npy")
+    with pytest.raises(ScaeInputError, match=r"a.npy: cannot be read \(a symbolic link loop"):
+        refuse_inputs_inside(tmp_path / "out", [tmp_path / "a.npy"])

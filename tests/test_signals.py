@@ -250,3 +250,25 @@ def test_a_signal_during_the_commit_waits_until_every_output_is_in_place(tmp_pat
             output.commit()
     assert caught.value.outputs_written
     assert (tmp_path / "out" / "metrics.json").exists() and (tmp_path / "out" / "report.html").exists()
+
+
+def test_a_signal_while_the_command_starts_is_one_line(tmp_path):
+    """The console script handles SIGINT/SIGTERM before it imports anything heavy: a signal during
+    the imports ends it at once with one line (it printed a KeyboardInterrupt traceback, or NumPy's
+    'bad install' message when its import was cut)."""
+    code = (
+        "import builtins, os, signal, sys, time\n"
+        "real = builtins.__import__\n"
+        "def imp(name, *a, **k):\n"
+        "    if name == 'scae.cli':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(2)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = imp\n"
+        "from scae.__main__ import console\n"
+        "sys.argv = ['scae', '--help']\n"
+        "console()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143
+    assert done.stderr == "scae: interrupted (SIGTERM) while starting; nothing was written\n"

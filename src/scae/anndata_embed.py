@@ -98,7 +98,9 @@ __all__ = ["DENOISED_LAYER", "LATENT_KEY", "embed"]
 
 
 def _check_key(name: str, key) -> None:
-    """An ``obsm``/``layers`` key an ``.h5ad`` file can hold: a non-empty string without "/"
-    (HDF5 makes "a/b" nested groups, and "" the group itself: anndata cannot read either back)."""
-    if not isinstance(key, str) or not key.strip() or "/" in key:
-        raise ScaeInputError(f"{name} must be a non-empty name without '/' (an .h5ad key); got {key!r}")
+    """An ``obsm``/``layers`` key an ``.h5ad`` file can hold: a non-empty string without "/", not
+    "." or ".." (HDF5 makes "a/b" nested groups, and "" or "." the group itself: anndata cannot
+    read them back)."""
+    if not isinstance(key, str) or not key.strip() or "/" in key or key.strip() in (".", ".."):
+        raise ScaeInputError(f"{name} must be a non-empty name without '/', not '.' or '..' (an .h5ad key); "
+                             f"got {key!r}")

@@ -593,10 +593,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scae`` command; returns the exit status.
 
     SIGINT and SIGTERM stop the command (worker processes included) with one line on stderr and
-    exit status 130 or 143; the previous signal handlers are restored on return.
+    exit status 130 or 143. Called with ``argv`` (tests, scripts), the previous signal handlers
+    are restored on return; as the process's own command line it ignores signals once its work
+    is done, so a late one cannot break the interpreter's exit.
     """
     args = build_parser().parse_args(argv)
-    with signals_raise_interrupted():
+    with signals_raise_interrupted(restore=argv is not None):
         try:
             status = _run_command(args)
         except (Interrupted, KeyboardInterrupt) as stop:
@@ -610,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
             status = stop.exit_status
         if argv is None:  # the process's own command line: it exits next
             from scae.files import hdf5_write_failed
+
+            for signum in (signal.SIGINT, signal.SIGTERM):  # done: a late signal must not break the exit
+                signal.signal(signum, signal.SIG_IGN)
 
             # a torchrun rank, or HDF5 after a failed write, may crash in the interpreter's shutdown
             if _in_process_group() or hdf5_write_failed():

@@ -7,6 +7,8 @@ that names the file and the problem. Readers never modify their input files.
 
 from __future__ import annotations
 
+import codecs
+
 import functools
 import hashlib
 import math
@@ -977,6 +979,34 @@ def _npy_source(path: Path, mapped: np.ndarray):
     return NpySource(path)
 
 
+MAX_LABEL_CHARS = 1000
+"""The longest label line read (a cell type name is far shorter; /dev/zero is one endless line)."""
+
+
+def _read_label_text(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """The file's text with line ends made ``\\n``, read in chunks: it stops at the first line
+    longer than :data:`MAX_LABEL_CHARS` (returned cut there, for the caller to refuse) and at the
+    first bytes that are not UTF-8, so an endless or binary file costs one chunk, not all memory."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()  # a byte-order mark is not part of a label
+    parts: list[str] = []
+    current, pending_cr = 0, False  # characters of the line being read; a \r ended the last chunk
+    with path.open("rb") as handle:
+        while True:
+            chunk = handle.read(chunk_bytes)
+            text = decoder.decode(chunk, final=not chunk)
+            if pending_cr and text.startswith("\n"):
+                text = text[1:]  # the \n of a \r\n split between two chunks
+            pending_cr = text.endswith("\r")
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+            parts.append(text)
+            lengths = [len(line) for line in text.split("\n")]
+            lengths[0] += current
+            if max(lengths) > MAX_LABEL_CHARS or not chunk:
+                break
+            current = lengths[-1]
+    return "".join(parts)
+
+
 def read_labels_txt(path: str | Path) -> list[str]:
     """Read one label per line; surrounding white space is stripped, trailing blank lines ignored.
 
@@ -986,12 +1016,17 @@ def read_labels_txt(path: str | Path) -> list[str]:
     path = Path(path)
     _check_readable(path, "labels file")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of a label
+        text = _read_label_text(path)
     except UnicodeDecodeError:
         raise ScaeInputError(f"{path}: not UTF-8 text; expected one label per line") from None
     except OSError as err:
         raise ScaeInputError(f"{path}: cannot be read ({err.strerror})") from None
-    lines = [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    lines = text.split("\n")
+    long = next((i for i, line in enumerate(lines) if len(line) > MAX_LABEL_CHARS), None)
+    if long is not None:
+        raise ScaeInputError(f"{path}: line {long + 1} is longer than {MAX_LABEL_CHARS:,} characters; "
+                             "expected one label per line")
+    lines = [line.strip() for line in lines]
     while lines and not lines[-1]:
         lines.pop()
     for i, line in enumerate(lines):

@@ -363,7 +363,11 @@ def _refuse_inputs_inside(out_dir, inputs, written, writer) -> None:
     for given in inputs:
         if given is None:
             continue
-        path = Path(given).resolve()
+        try:
+            path = Path(given).resolve()
+        except (OSError, RuntimeError):  # pathlib reports a symlink loop as RuntimeError
+            raise ScaeInputError(f"{given}: cannot be read (a symbolic link loop or an unreadable path); "
+                                 "expected an input file") from None
         inside = path.is_relative_to(out) and path != out and path.relative_to(out).parts[0] in written
         if inside or any(os.path.samefile(path, p) for p in existing if path.exists()):
             raise ScaeInputError(

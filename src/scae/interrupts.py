@@ -73,15 +73,16 @@ def raise_if_interrupted() -> None:
 
 
 @contextmanager
-def signals_raise_interrupted() -> Iterator[None]:
+def signals_raise_interrupted(restore: bool = True) -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread.
 
     Only the first signal raises: later ones are ignored while the exception unwinds, so a
     second Ctrl-C cannot break off the clean-up (stopping workers, removing partial outputs).
     An :class:`Interrupted` that Python swallowed (raised in a finaliser) is not printed; it is
     raised again by the next :func:`raise_if_interrupted`, and the next signal raises too.
-    The previous handlers are restored on leaving. Outside the main thread this does nothing
-    (Python delivers signals to the main thread only).
+    The previous handlers are restored on leaving (with ``restore=False`` the handlers set last
+    in the block stay: a process that exits next can ignore late signals). Outside the main
+    thread this does nothing (Python delivers signals to the main thread only).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -110,8 +111,9 @@ def signals_raise_interrupted() -> Iterator[None]:
     finally:
         sys.unraisablehook = previous_hook
         _swallowed.clear()
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+        if restore:
+            for signum, old in previous.items():
+                signal.signal(signum, old)
 
 
 @contextmanager
