@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"the model (default recommended = {RECOMMENDED})")
     embed.add_argument("--counts-layer", metavar="NAME", help="raw counts from this layer")
     embed.add_argument("--counts-raw", action="store_true", help="raw counts from adata.raw.X")
-    embed.add_argument("--top-genes", type=_option(rules.AT_LEAST_ONE), metavar="N",
+    embed.add_argument("--top-genes", type=_option(rules.TOP_GENES), metavar="N",
                        help="fit on the N most variable genes (seurat_v3 on the raw counts of all cells); "
                             "OUT then holds those genes only")
     embed.add_argument("--latent-key", default="X_scae", help="obsm key of the latent (default X_scae)")
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"methods to compare (default: {' '.join(DEFAULT_BENCHMARK_METHODS)})")
     bench.add_argument("--seeds", type=_option(BENCHMARK_SEEDS), default=3,
                        help="fits per method and dataset, with seeds 0 … N-1 (default 3)")
-    bench.add_argument("--top-genes", type=_option(rules.AT_LEAST_ONE), default=2000, metavar="N",
+    bench.add_argument("--top-genes", type=_option(rules.TOP_GENES), default=2000, metavar="N",
                        help="datasets with more genes keep their N most variable (default 2000)")
     bench.add_argument("--device", choices=rules.DEVICES, default="auto", help="where models train")
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -176,7 +176,7 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
                         help="raw counts from adata.raw.X, its genes matched to X's by name (with --h5ad)")
     source.add_argument("--raw-counts", type=Path, metavar="PATH",
                         help="raw counts .npy of the same cells and genes (with --counts and --labels)")
-    source.add_argument("--top-genes", type=_option(rules.AT_LEAST_ONE), metavar="N",
+    source.add_argument("--top-genes", type=_option(rules.TOP_GENES), metavar="N",
                         help="keep the N most highly variable genes, measured on the training cells "
                              "(seurat_v3 on raw counts, else seurat); N at most the number of genes")
     source.add_argument("--normalize", choices=["auto", "log1p", "none"], default="auto",

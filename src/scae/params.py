@@ -179,6 +179,7 @@ LEARNING_RATE = Real(0.0, MAX_LEARNING_RATE)
 FRACTION = Real(0.0, 1.0, low_open=True, high_open=True)
 AT_LEAST_ONE = Integer(1)
 AT_LEAST_ZERO = Integer(0)
+TOP_GENES = Integer(2)  # a model needs at least 2 genes
 KMEANS_SEEDS = Integer(1, MAX_KMEANS_SEEDS)
 ACTIVATION = OneOf(ACTIVATIONS)
 LOSS = OneOf(LOSSES)

@@ -126,7 +126,7 @@ class StudyConfig:
         rules.check("progress", self.progress, rules.BOOLEAN)
         rules.check("resume", self.resume, rules.BOOLEAN)
         if self.top_genes is not None:
-            rules.check("top_genes", self.top_genes, rules.AT_LEAST_ONE)
+            rules.check("top_genes", self.top_genes, rules.TOP_GENES)
         rules.check("denoise_cells", self.denoise_cells, rules.AT_LEAST_ONE)
         if not isinstance(self.tsne, TSNEConfig):
             raise ScaeInputError(f"tsne must be a TSNEConfig; got {self.tsne!r}")
