@@ -594,8 +594,9 @@ def main(argv: list[str] | None = None) -> int:
 
     SIGINT and SIGTERM stop the command (worker processes included) with one line on stderr and
     exit status 130 or 143. Called with ``argv`` (tests, scripts), the previous signal handlers
-    are restored on return; as the process's own command line it ignores signals once its work
-    is done, so a late one cannot break the interpreter's exit.
+    are restored on return; as the process's own command line, a signal that comes once its
+    work is done ends the process at once with the command's status (it cannot break the
+    interpreter's exit with a traceback, nor wait on it).
     """
     args = build_parser().parse_args(argv)
     with signals_raise_interrupted(restore=argv is not None):
@@ -613,8 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv is None:  # the process's own command line: it exits next
             from scae.files import hdf5_write_failed
 
-            for signum in (signal.SIGINT, signal.SIGTERM):  # done: a late signal must not break the exit
-                signal.signal(signum, signal.SIG_IGN)
+            for signum in (signal.SIGINT, signal.SIGTERM):  # done: a late signal ends the exit at once
+                signal.signal(signum, lambda *_: _leave_now(status))
 
             # a torchrun rank, or HDF5 after a failed write, may crash in the interpreter's shutdown
             if _in_process_group() or hdf5_write_failed():
