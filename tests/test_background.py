@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import time
 
 import numpy as np
 import pytest
@@ -88,3 +89,47 @@ def test_a_second_dead_worker_raises():
         _kill_worker(jobs)
         jobs.submit("b", pow, 2, 3)
         jobs.results()
+
+
+class _DeadWorker:
+    """A worker process as the pool's thread may fail to report it: gone, killed by SIGKILL."""
+
+    exitcode = -9
+
+    def is_alive(self) -> bool:
+        return False
+
+    def kill(self) -> None:
+        pass
+
+    def join(self, timeout=None) -> None:
+        pass
+
+
+def _slow_the_first_time(marker: str) -> str:
+    import os
+    import time
+
+    if os.path.exists(marker):
+        os.remove(marker)
+        time.sleep(30)
+        return "slow"
+    return "done"
+
+
+def test_a_dead_worker_the_pool_never_reports_is_noticed_while_waiting(tmp_path, capsys, monkeypatch):
+    """On Python 3.11 a worker killed while sending a result can leave the pool's thread waiting for
+    the rest of it forever, its futures never failed: results() checks its workers itself."""
+    from scae import background
+
+    monkeypatch.setattr(background, "DEAD_WORKER_GRACE_SECONDS", 0.5)
+    marker = tmp_path / "first"
+    marker.write_text("")
+    with BackgroundJobs(workers=1) as jobs:
+        jobs.submit("job", _slow_the_first_time, str(marker))
+        deadline = time.monotonic() + 60
+        while marker.exists() and time.monotonic() < deadline:  # the worker has started the slow run
+            time.sleep(0.02)
+        jobs._processes = [_DeadWorker(), *jobs._processes]  # the real one is killed with the pool
+        assert jobs.results() == {"job": "done"}  # rerun by a fresh worker, not the 30 s first run
+    assert "stopped unexpectedly (killed by SIGKILL, out of memory?); restarting it" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Self
 
@@ -22,6 +22,21 @@ from tqdm.auto import tqdm
 
 from scae.errors import ScaeInputError
 from scae.interrupts import init_worker, signals_blocked_in_children
+
+
+POLL_SECONDS = 0.5
+"""How often :meth:`BackgroundJobs.results` checks that its workers are alive while it waits."""
+DEAD_WORKER_GRACE_SECONDS = 2.0
+"""How long a dead worker may go unnoticed by the pool before :meth:`BackgroundJobs.results`
+treats the pool as broken itself."""
+
+_worker_died_here = False
+
+
+def worker_died() -> bool:
+    """Whether a background worker of this process died: the executor's own threads may then be
+    stuck, so the command line leaves without waiting on them at exit."""
+    return _worker_died_here
 
 
 class WorkerDiedError(ScaeInputError):
@@ -164,12 +179,22 @@ class BackgroundJobs:
                    leave=False)
         out: dict[str, tuple[Any, float]] = {}
         try:
+            dead_since = None
             while self._futures:
+                done, _ = wait(list(self._futures), timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+                if not done:  # a worker killed while sending a result can leave the pool's thread
+                    # waiting for the rest of it forever, the pool never told broken (Python 3.11)
+                    if any(not p.is_alive() for p in self._processes):
+                        dead_since = dead_since or time.monotonic()
+                        if time.monotonic() - dead_since > DEAD_WORKER_GRACE_SECONDS:
+                            dead_since = None
+                            self._worker_died()
+                    continue
                 try:
-                    for future in as_completed(self._futures):
+                    for future in done:
                         key = self._futures.pop(future)
                         out[key] = future.result()
-                        del self._submitted[key]
+                        self._submitted.pop(key, None)
                         bar.update()
                 except BrokenProcessPool:
                     self._worker_died()  # fresh workers take the rest over, or it raises
@@ -198,16 +223,18 @@ class BackgroundJobs:
         """The pool broke (a worker process died): the first time, start fresh workers and hand
         them every job whose result did not come back, in the order they were submitted (one
         warning line); the second time, raise :class:`WorkerDiedError`."""
+        global _worker_died_here
+        _worker_died_here = True
         codes = _exit_codes(self._processes)
-        self._stop_workers()
+        self._abandon_pool()
         if self._restarted:
             raise WorkerDiedError(
                 f"a background worker process (t-SNE, cluster scores, figures) died again ({_how(codes)}); "
                 "stopping. If memory is short, give the study more or a smaller input"
             )
         self._restarted = True
-        print(f"scae: warning: a background worker process stopped unexpectedly ({_how(codes)}); "
-              "restarting it", file=sys.stderr, flush=True)
+        tqdm.write(f"scae: warning: a background worker process stopped unexpectedly ({_how(codes)}); "
+                   "restarting it", file=sys.stderr)
         self._start_workers()
         self._futures = {}
         try:
@@ -215,6 +242,16 @@ class BackgroundJobs:
                 self._futures[self._pool.submit(run_single_threaded, fn, *args)] = key
         except BrokenProcessPool:
             self._worker_died()
+
+    def _abandon_pool(self) -> None:
+        """Drop a broken pool without ``shutdown()``: its own thread is shutting it down and may
+        hold the lock that ``shutdown()`` takes (a hostile test hung there once, on Python
+        3.11); its processes are killed and reaped here."""
+        for process in self._processes:
+            process.kill()
+        for process in self._processes:
+            process.join(1.0)
+        self._pool, self._processes = None, []
 
     def _stop_workers(self, timeout: float = 1.0) -> None:
         """Kill the worker processes (no waiting for running jobs) and reap them."""

@@ -614,11 +614,15 @@ def main(argv: list[str] | None = None) -> int:
         if argv is None:  # the process's own command line: it exits next
             from scae.files import hdf5_write_failed
 
+            background = sys.modules.get("scae.background")  # not imported for an input error
+            worker_died = background is not None and background.worker_died()
+
             for signum in (signal.SIGINT, signal.SIGTERM):  # done: a late signal ends the exit at once
                 signal.signal(signum, lambda *_: _leave_now(status))
 
-            # a torchrun rank, or HDF5 after a failed write, may crash in the interpreter's shutdown
-            if _in_process_group() or hdf5_write_failed():
+            # a torchrun rank, HDF5 after a failed write, or a pool whose worker died may crash or
+            # hang in the interpreter's shutdown
+            if _in_process_group() or hdf5_write_failed() or worker_died:
                 _leave_now(status)
             gc.freeze()  # skips the collections of interpreter shutdown (1.2 s with torch loaded)
         return status
