@@ -303,7 +303,13 @@ def test_embed_refuses_keys_an_h5ad_cannot_hold(files, tmp_path, capsys, option,
     read the file back."""
     out = tmp_path / "out.h5ad"
     assert _embed(files.dir / "counts.h5ad", out, option, key) == 2
-    name = option[2:].replace("-", "_")
-    assert_one_line_error(capsys, f"{name} must be a non-empty name without '/', not '.' or '..' (an .h5ad key); "
+    assert_one_line_error(capsys, f"{option} must be a non-empty name without '/', not '.' or '..' (an .h5ad key); "
                                   f"got {key!r}")
     assert not out.exists()
+
+
+def test_embed_api_names_the_parameter_of_a_bad_key():
+    adata = ad.AnnData(np.ones((5, 3), dtype=np.float32))
+    with pytest.raises(scae.ScaeInputError, match="latent_key must be a non-empty name without '/'"):
+        scae.embed(adata, latent_key="a/b")
+    assert "X_scae" not in adata.obsm

@@ -12,6 +12,7 @@ import json
 
 from scae.data import anndata_counts, as_matrix, dense_if_small
 from scae.errors import ScaeInputError
+from scae.files import check_h5ad_key
 from scae.likelihoods import get_likelihood
 from scae.models import Autoencoder
 from scae.sources import ArraySource
@@ -59,9 +60,9 @@ def embed(
     Autoencoder
         The fitted model; ``adata.uns["scae"]`` records the preset, the parameters and the keys.
     """
-    _check_key("latent_key", latent_key)
+    check_h5ad_key("latent_key", latent_key)
     if denoised_layer is not None:
-        _check_key("denoised_layer", denoised_layer)
+        check_h5ad_key("denoised_layer", denoised_layer)
     model = Autoencoder.from_preset(preset, random_state=random_state, device=device, progress=progress, **params)
     model._check_params()
     counts = anndata_counts(adata, counts_layer, counts_raw)
@@ -95,12 +96,3 @@ def embed(
 
 
 __all__ = ["DENOISED_LAYER", "LATENT_KEY", "embed"]
-
-
-def _check_key(name: str, key) -> None:
-    """An ``obsm``/``layers`` key an ``.h5ad`` file can hold: a non-empty string without "/", not
-    "." or ".." (HDF5 makes "a/b" nested groups, and "" or "." the group itself: anndata cannot
-    read them back)."""
-    if not isinstance(key, str) or not key.strip() or "/" in key or key.strip() in (".", ".."):
-        raise ScaeInputError(f"{name} must be a non-empty name without '/', not '.' or '..' (an .h5ad key); "
-                             f"got {key!r}")

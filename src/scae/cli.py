@@ -459,7 +459,11 @@ def run_embed_command(args: argparse.Namespace) -> int:
     """``scae embed INPUT --out OUT.h5ad``: fit a preset on every cell, write the AnnData with its
     latent and denoised matrix."""
     from scae.data import read_anndata
+    from scae.files import check_h5ad_key
 
+    check_h5ad_key("--latent-key", args.latent_key)
+    if args.denoised_layer is not None:
+        check_h5ad_key("--denoised-layer", args.denoised_layer)
     if args.counts_layer is not None and args.counts_raw:
         raise ScaeInputError("give either --counts-layer or --counts-raw (where the raw counts are), not both")
     if args.out.resolve() == args.input.resolve():
