@@ -165,7 +165,7 @@ class BackgroundJobs:
             return
         self._submitted[key] = (fn, args)
         try:
-            self._futures[self._pool.submit(run_single_threaded, fn, *args)] = key
+            self._send(key)
         except BrokenProcessPool:
             self._worker_died()  # resubmits this job too
         except BaseException:
@@ -226,7 +226,7 @@ class BackgroundJobs:
         global _worker_died_here
         _worker_died_here = True
         codes = _exit_codes(self._processes)
-        self._abandon_pool()
+        self._kill_workers()
         if self._restarted:
             raise WorkerDiedError(
                 f"a background worker process (t-SNE, cluster scores, figures) died again ({_how(codes)}); "
@@ -238,30 +238,30 @@ class BackgroundJobs:
         self._start_workers()
         self._futures = {}
         try:
-            for key, (fn, args) in self._submitted.items():
-                self._futures[self._pool.submit(run_single_threaded, fn, *args)] = key
+            for key in self._submitted:
+                self._send(key)
         except BrokenProcessPool:
             self._worker_died()
 
-    def _abandon_pool(self) -> None:
-        """Drop a broken pool without ``shutdown()``: its own thread is shutting it down and may
-        hold the lock that ``shutdown()`` takes (a hostile test hung there once, on Python
-        3.11); its processes are killed and reaped here."""
-        for process in self._processes:
-            process.kill()
-        for process in self._processes:
-            process.join(1.0)
-        self._pool, self._processes = None, []
+    def _send(self, key: str) -> None:
+        """Hand the submitted job ``key`` to the pool."""
+        fn, args = self._submitted[key]
+        self._futures[self._pool.submit(run_single_threaded, fn, *args)] = key
 
-    def _stop_workers(self, timeout: float = 1.0) -> None:
-        """Kill the worker processes (no waiting for running jobs) and reap them."""
-        if self._pool is None:
-            return
+    def _stop_workers(self) -> None:
+        """Shut the pool down without waiting for running jobs, and kill its workers."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._kill_workers()
+
+    def _kill_workers(self, timeout: float = 1.0) -> None:
+        """Kill and reap the worker processes, and drop the pool. Alone (without ``shutdown()``)
+        for a broken pool: its own thread is shutting it down and may hold the lock that
+        ``shutdown()`` takes (a hostile test hung there once, on Python 3.11)."""
         # ProcessPoolExecutor.kill_workers() is public only from Python 3.14
-        processes = list({*self._processes, *(getattr(self._pool, "_processes", None) or {}).values()})
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        processes = {*self._processes, *(getattr(self._pool, "_processes", None) or {}).values()}
         for process in processes:
             process.kill()
         for process in processes:
             process.join(timeout)
-        self._pool = None
+        self._pool, self._processes = None, []

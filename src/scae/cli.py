@@ -667,11 +667,13 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def _leave_now(status: int) -> NoReturn:
-    """End a torchrun process at once (its outputs are written and closed, its group left).
+    """End the process at once with ``status``, streams flushed, skipping interpreter shutdown.
 
-    Interpreter shutdown would destroy objects that gloo's worker threads may still reference,
-    and a rank then aborts now and then ("terminate called without an active exception": seen
-    in a few full test runs; pytorch/pytorch#179291 describes the mechanism).
+    For a process whose command is done (outputs written and closed) where that shutdown could
+    crash or hang: a torchrun rank (gloo's threads may still reference the objects it destroys,
+    and a rank then aborted now and then, "terminate called without an active exception";
+    pytorch/pytorch#179291), HDF5 after a failed write, a pool whose worker died (its threads
+    may be stuck), or a late signal.
     """
     for stream in (sys.stdout, sys.stderr):
         try:

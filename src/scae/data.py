@@ -8,7 +8,6 @@ that names the file and the problem. Readers never modify their input files.
 from __future__ import annotations
 
 import codecs
-
 import functools
 import hashlib
 import math

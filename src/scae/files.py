@@ -100,17 +100,19 @@ def write_h5ad(adata, path: str | Path) -> None:
         raise OSError(errno.EFBIG, f"File too large: {path.name} needs about {_mib(need)}, the file-size "
                                    f"limit (ulimit -f) is {_mib(limit)}", str(path))
     global _hdf5_failed
-    hooks = sys.unraisablehook, sys.excepthook
+    hooks, failed = (sys.unraisablehook, sys.excepthook), False
     sys.unraisablehook, sys.excepthook = _quiet_h5py_hooks(*hooks)  # a failing write frees objects that fail again
     try:
         with atomic_path(path) as tmp:
             adata.write_h5ad(tmp)
     except (OSError, RuntimeError) as err:  # h5py reports write failures as either
-        _hdf5_failed = True  # the quiet hooks stay: more of the file's objects are freed later
+        _hdf5_failed = failed = True
         found = re.search(r"errno = (\d+)", str(err))
         code = int(found.group(1)) if found else (getattr(err, "errno", None) or errno.EIO)
         raise OSError(code, os.strerror(code), str(path)) from None
-    sys.unraisablehook, sys.excepthook = hooks
+    finally:
+        if not failed:  # after a failed write the quiet hooks stay: more of its objects are freed later
+            sys.unraisablehook, sys.excepthook = hooks
 
 
 def check_h5ad_key(name: str, key) -> None:

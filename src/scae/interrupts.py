@@ -81,7 +81,7 @@ def signals_raise_interrupted(restore: bool = True) -> Iterator[None]:
     An :class:`Interrupted` that Python swallowed (raised in a finaliser) is not printed; it is
     raised again by the next :func:`raise_if_interrupted`, and the next signal raises too.
     The previous handlers are restored on leaving (with ``restore=False`` the handlers set last
-    in the block stay: a process that exits next can ignore late signals). Outside the main
+    in the block stay: a process that exits next can set what a late signal does). Outside the main
     thread this does nothing (Python delivers signals to the main thread only).
     """
     if threading.current_thread() is not threading.main_thread():

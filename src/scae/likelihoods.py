@@ -97,20 +97,21 @@ def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
 
 
 class _NonzeroEntries(NamedTuple):
-    """The nonzero entries of a count batch: their values, genes and flat positions."""
+    """The nonzero entries of a count batch: where they are, their values and genes."""
 
+    mask: torch.Tensor
     values: torch.Tensor
     genes: torch.Tensor
-    flat: torch.Tensor
     per_gene: torch.Tensor
     """Nonzero entries of each gene (as the batch's dtype)."""
 
 
 def _nonzero_entries(x: torch.Tensor) -> _NonzeroEntries:
-    flat = _flat_nonzero(x > 0)
+    mask = x > 0
+    flat = _flat_nonzero(mask)
     genes = flat % x.shape[1]
     per_gene = torch.bincount(genes, minlength=x.shape[1]).to(x.dtype)
-    return _NonzeroEntries(x.reshape(-1).index_select(0, flat), genes, flat, per_gene)
+    return _NonzeroEntries(mask, x.reshape(-1).index_select(0, flat), genes, per_gene)
 
 
 def _nb_sums(x: torch.Tensor, log_mean: torch.Tensor, log_theta: torch.Tensor):
@@ -134,7 +135,7 @@ def _nb_sums(x: torch.Tensor, log_mean: torch.Tensor, log_theta: torch.Tensor):
         + (torch.lgamma(xn + theta.index_select(0, entries.genes)) - torch.lgamma(xn + 1.0)).sum()
         - (entries.per_gene * torch.lgamma(theta)).sum()
     )
-    return zero_terms, rest_sum, x > 0
+    return zero_terms, rest_sum, entries.mask
 
 
 class _NBLogLikelihoodSum(torch.autograd.Function):
