@@ -133,3 +133,48 @@ def test_a_dead_worker_the_pool_never_reports_is_noticed_while_waiting(tmp_path,
         jobs._processes = [_DeadWorker(), *jobs._processes]  # the real one is killed with the pool
         assert jobs.results() == {"job": "done"}  # rerun by a fresh worker, not the 30 s first run
     assert "stopped unexpectedly (killed by SIGKILL, out of memory?); restarting it" in capsys.readouterr().err
+
+
+def _pid_after(seconds: float) -> int:
+    import os
+
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_light_jobs_run_here_while_the_worker_is_busy_and_go_to_it_when_it_has_room():
+    """A light job submitted behind a backlog (more unfinished jobs than workers) waits here and
+    runs in this process once results() is called; one submitted when the worker has room, or
+    still waiting when the next job is submitted and the backlog is gone, goes to the worker."""
+    import os
+
+    here = os.getpid()
+    with BackgroundJobs(workers=1) as jobs:
+        jobs.submit("free", _pid_after, 0.0, light=True)  # no backlog: to the worker
+        assert jobs.results()["free"] != here
+        jobs.submit("heavy1", _pid_after, 0.6)
+        jobs.submit("heavy2", _pid_after, 0.6)
+        jobs.submit("behind", _pid_after, 0.0, light=True)  # backlog of 2 > 1 worker: waits here
+        results = jobs.results()
+        assert list(results) == ["heavy1", "heavy2", "behind"]
+        assert results["heavy1"] == results["heavy2"] != here
+        assert results["behind"] == here
+        assert set(jobs.seconds) >= {"heavy1", "heavy2", "behind"}
+
+        jobs.submit("heavy3", _pid_after, 0.3)
+        jobs.submit("heavy4", _pid_after, 0.3)
+        jobs.submit("waiting", _pid_after, 0.0, light=True)  # waits here ...
+        time.sleep(1.5)  # ... until the backlog is gone: the next submission hands it over first
+        jobs.submit("last", _pid_after, 0.0)
+        results = jobs.results()
+        assert list(results) == ["heavy3", "heavy4", "waiting", "last"]
+        assert results["waiting"] != here and results["last"] != here
+
+
+def test_light_jobs_without_workers_run_here_in_submission_order():
+    import os
+
+    with BackgroundJobs(workers=0) as jobs:
+        jobs.submit("a", _pid_after, 0.0, light=True)
+        jobs.submit("b", pow, 2, 5)
+        assert jobs.results() == {"a": os.getpid(), "b": 32}

@@ -152,8 +152,15 @@ class BackgroundJobs:
             self._stop_workers()
             raise
 
-    def submit(self, key: str, fn: Callable, *args) -> None:
-        """Start ``fn(*args)`` (single-threaded) under the name ``key``."""
+    def submit(self, key: str, fn: Callable, *args, light: bool = False) -> None:
+        """Start ``fn(*args)`` (single-threaded) under the name ``key``.
+
+        A ``light`` job (short next to the others: cluster scores beside t-SNEs) goes to the
+        workers only while they have no backlog (no more unfinished jobs than workers); otherwise
+        it waits here, and :meth:`results` runs it in this process while the workers are busy,
+        so that a caller which runs out of its own work first takes some of theirs. Jobs never
+        move once handed to the workers.
+        """
         if key in self._names:
             raise ValueError(f"background job '{key}' was submitted twice")
         if not callable(fn):
@@ -163,51 +170,87 @@ class BackgroundJobs:
         if self._pool is None:
             self._inline[key] = (fn, args)
             return
+        self._hand_over_waiting()  # earlier light jobs first, while the workers have room
+        if light and self._unfinished() > self.workers:
+            self._inline[key] = (fn, args)
+            return
         self._submitted[key] = (fn, args)
-        try:
-            self._send(key)
-        except BrokenProcessPool:
-            self._worker_died()  # resubmits this job too
-        except BaseException:
-            self._stop_workers()
-            raise
+        self._send_guarded(key)
 
     def results(self) -> dict[str, Any]:
         """Wait for (or compute) the result of every job submitted since the previous call; keys in
-        the order they were submitted (``seconds`` gains their computing times)."""
+        the order they were submitted (``seconds`` gains their computing times).
+
+        Jobs waiting here (all of them without workers; the light ones the workers had no room
+        for) run in this process, one at a time, while the workers are busy; whenever a worker
+        has room, the next waiting job goes to it instead."""
         bar = tqdm(total=len(self._keys), desc=self._description, unit="job", disable=not self._progress,
                    leave=False)
         out: dict[str, tuple[Any, float]] = {}
         try:
             dead_since = None
+            while self._inline:  # each job's arguments are released once it has run or left
+                self._collect(out, bar, timeout=0)
+                key = next(iter(self._inline))
+                fn, args = self._inline.pop(key)
+                if self._pool is not None and self._unfinished() < self.workers:
+                    self._submitted[key] = (fn, args)
+                    self._send_guarded(key)
+                else:
+                    out[key] = run_single_threaded(fn, *args)
+                    bar.update()
             while self._futures:
-                done, _ = wait(list(self._futures), timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
-                if not done:  # a worker killed while sending a result can leave the pool's thread
-                    # waiting for the rest of it forever, the pool never told broken (Python 3.11)
-                    if any(not p.is_alive() for p in self._processes):
-                        dead_since = dead_since or time.monotonic()
-                        if time.monotonic() - dead_since > DEAD_WORKER_GRACE_SECONDS:
-                            dead_since = None
-                            self._worker_died()
+                if self._collect(out, bar, timeout=POLL_SECONDS):
                     continue
-                try:
-                    for future in done:
-                        key = self._futures.pop(future)
-                        out[key] = future.result()
-                        self._submitted.pop(key, None)
-                        bar.update()
-                except BrokenProcessPool:
-                    self._worker_died()  # fresh workers take the rest over, or it raises
-            while self._inline:  # each job's arguments are released once it has run
-                key, (fn, args) = next(iter(self._inline.items()))
-                del self._inline[key]
-                out[key] = run_single_threaded(fn, *args)
-                bar.update()
+                # a worker killed while sending a result can leave the pool's thread waiting for
+                # the rest of it forever, the pool never told broken (Python 3.11)
+                if any(not p.is_alive() for p in self._processes):
+                    dead_since = dead_since or time.monotonic()
+                    if time.monotonic() - dead_since > DEAD_WORKER_GRACE_SECONDS:
+                        dead_since = None
+                        self._worker_died()
         finally:
             bar.close()
         keys, self._keys, self._futures = self._keys, [], {}
         self.seconds.update({key: out[key][1] for key in keys})
         return {key: out[key][0] for key in keys}
+
+    def _collect(self, out: dict, bar, timeout: float) -> bool:
+        """Move the results that are in (waiting up to ``timeout`` s for one) into ``out``;
+        whether there was any. A broken pool is restarted (:meth:`_worker_died`)."""
+        if not self._futures:
+            return False
+        done, _ = wait(list(self._futures), timeout=timeout, return_when=FIRST_COMPLETED)
+        try:
+            for future in done:
+                key = self._futures.pop(future)
+                out[key] = future.result()
+                self._submitted.pop(key, None)
+                bar.update()
+        except BrokenProcessPool:
+            self._worker_died()  # fresh workers take the rest over, or it raises
+        return bool(done)
+
+    def _unfinished(self) -> int:
+        """Jobs handed to the workers whose result has not come in."""
+        return sum(not future.done() for future in self._futures)
+
+    def _hand_over_waiting(self) -> None:
+        """Hand waiting light jobs to the workers, oldest first, while they have room."""
+        while self._inline and self._unfinished() <= self.workers:
+            key = next(iter(self._inline))
+            self._submitted[key] = self._inline.pop(key)
+            self._send_guarded(key)
+
+    def _send_guarded(self, key: str) -> None:
+        """:meth:`_send`, restarting a broken pool (which sends every job left, this one too)."""
+        try:
+            self._send(key)
+        except BrokenProcessPool:
+            self._worker_died()
+        except BaseException:
+            self._stop_workers()
+            raise
 
     def __enter__(self) -> Self:
         return self

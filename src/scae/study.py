@@ -557,7 +557,7 @@ class _Scoring:
         labels, fit, evaluate = self._labels, self._fit_cells, self._eval_cells
         linear = (matrix[fit], labels[fit], matrix[evaluate], labels[evaluate]) if dims <= 50 else None
         self._jobs.submit(self.PREFIX + key, representation_scores, matrix[self._embed_idx], labels[self._embed_idx],
-                          self._config.kmeans_seeds, self._config.seed, linear, cluster)
+                          self._config.kmeans_seeds, self._config.seed, linear, cluster, light=True)
 
     def collect(self, done: dict, runs: dict[str, RunResult]) -> dict[str, dict]:
         """Every row, in report order: the input's, then each run's (``runs`` order)."""
