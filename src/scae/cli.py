@@ -600,7 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     exit status 130 or 143. Called with ``argv`` (tests, scripts), the previous signal handlers
     are restored on return; as the process's own command line, a signal that comes once its
     work is done ends the process at once with the command's status (it cannot break the
-    interpreter's exit with a traceback, nor wait on it).
+    interpreter's exit with a traceback, nor wait on it). In the last tenth of a second or so,
+    once Python has put its default signal handling back while finalising, such a signal (or a
+    second one after an interrupt) ends the process as signals do: status 130 or 143, no message.
     """
     args = build_parser().parse_args(argv)
     with signals_raise_interrupted(restore=argv is not None):

@@ -196,7 +196,8 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
             done = jobs.results()
         representations = scoring.collect(done, runs)
         views.update({key: value for key, value in done.items() if not key.startswith(_Scoring.PREFIX)})
-        # Each job's own time in its worker (overlapping training, "denoising" and "tsne_wait")
+        # Each job's own time, in its worker or, for score jobs behind a backlog, in this process while
+        # it waits (overlapping training, "denoising" and "tsne_wait"); the names stay "…_worker_…"
         watch.timings.update({
             (f"scores_worker_{key[len(_Scoring.PREFIX):]}" if key.startswith(_Scoring.PREFIX) else f"tsne_worker_{key}"): value
             for key, value in jobs.seconds.items()
