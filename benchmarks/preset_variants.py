@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scae.benchmark import _autoencoder_method, prepare, score_latent
+from scae.benchmark import autoencoder_method, prepare, score_latent
 from scae.data import read_h5ad
 from scae.presets import preset
 
@@ -60,7 +60,7 @@ def main() -> int:
         datasets[name] = prepare(read_h5ad(path, "cell_type"), 2000)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for variant, overrides in variants.items():
-        method = _autoencoder_method(variant, {**preset("recommended"), **overrides}, counts=True, device="cpu")
+        method = autoencoder_method(variant, {**preset("recommended"), **overrides}, counts=True, device="cpu")
         for data_name, dataset in datasets.items():
             rows = []
             for seed in args.seeds:

@@ -60,7 +60,9 @@ def _pca_method(name: str, k: int) -> Method:
     return Method(name, fit)
 
 
-def _autoencoder_method(name: str, params: dict, counts: bool, device: str = "auto") -> Method:
+def autoencoder_method(name: str, params: dict, counts: bool, device: str = "auto") -> Method:
+    """An :class:`scae.Autoencoder` with ``params`` (its ``random_state`` the seed), fitted on the
+    raw counts (``counts``) or the log-normalised matrix, its latent the embedding."""
     from scae.models import Autoencoder
 
     def fit(dataset: Dataset, seed: int) -> np.ndarray:
@@ -96,10 +98,10 @@ def method(name: str, device: str = "auto") -> Method:
     if name.startswith("pca") and name[3:].isdigit() and int(name[3:]) >= 1:
         return _pca_method(name, int(name[3:]))
     if name in ASSIGNMENT_RUNS:
-        return _autoencoder_method(name, _assignment_params(name), counts=False, device=device)
+        return autoencoder_method(name, _assignment_params(name), counts=False, device=device)
     if name == "recommended" or name in PRESETS:
         params = preset(name)
-        return _autoencoder_method(name, params, counts=get_likelihood(params.get("loss", "mse")).counts, device=device)
+        return autoencoder_method(name, params, counts=get_likelihood(params.get("loss", "mse")).counts, device=device)
     if name == "scvi":
         return _scvi_method()
     known = ["pca<k>", *ASSIGNMENT_RUNS, *PRESETS, "recommended", "scvi"]
