@@ -124,7 +124,8 @@ class BackgroundJobs:
         self.workers = max(0, int(workers))
         self._keys: list[str] = []  # submitted since the last results()
         self._names: set[str] = set()
-        self._inline: dict[str, tuple[Callable, tuple]] = {}  # jobs run by results(), without workers
+        # waiting here: every job without workers, the light ones behind a backlog
+        self._inline: dict[str, tuple[Callable, tuple]] = {}
         self._pool = None
         self._processes: list = []
         self._futures: dict = {}
@@ -182,8 +183,8 @@ class BackgroundJobs:
         the order they were submitted (``seconds`` gains their computing times).
 
         Jobs waiting here (all of them without workers; the light ones the workers had no room
-        for) run in this process, one at a time, while the workers are busy; whenever a worker
-        has room, the next waiting job goes to it instead."""
+        for) run in this process, one at a time, while every worker is busy; whenever one is idle,
+        the next waiting job goes to it instead."""
         bar = tqdm(total=len(self._keys), desc=self._description, unit="job", disable=not self._progress,
                    leave=False)
         out: dict[str, tuple[Any, float]] = {}
