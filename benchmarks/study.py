@@ -34,7 +34,8 @@ from scale import TreeMemorySampler  # noqa: E402  (process-tree RSS sampling, s
 import scae  # noqa: E402
 from scae.simulate import simulate_dataset
 from scae.results import DEFAULT_RUNS, STUDY_RUNS
-from scae.study import StudyConfig, background_workers, run_study
+from scae.background import background_workers
+from scae.study import StudyConfig, run_study
 
 
 def run_once(cells: int, genes: int, epochs: int, seed: int, runs: tuple) -> dict:

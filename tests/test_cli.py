@@ -758,3 +758,23 @@ def test_fit_nb_on_integer_h5ad_trains_on_the_raw_counts(count_h5ad, tmp_path):
     mse = scae.Autoencoder(latent_dim=4, hidden=(16,), loss="mse", epochs=2, random_state=3, device="cpu")
     mse.fit(lognorm[train_idx], eval_X=lognorm[test_idx])
     assert mse.history_[0]["train_loss"] != pytest.approx(saved.history_[0]["train_loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize(("n_cells", "max_embed", "cores", "expected"), [
+    (300, 20_000, 2, 1),       # a small input: one worker, whose imports overlap this process's
+    (300, 20_000, 16, 1),
+    (5000, 20_000, 16, 8),     # half the cores
+    (5000, 1500, 16, 1),       # few cells scored
+    (5000, 20_000, 1, 0),      # one core: no worker
+])
+def test_the_study_command_starts_its_workers_by_input_size_and_cores(monkeypatch, n_cells, max_embed, cores, expected):
+    import scae.background
+    from scae.cli import _background_jobs
+
+    monkeypatch.setattr(scae.background, "available_cores", lambda: cores)
+    started = []
+    monkeypatch.setattr(scae.background.BackgroundJobs, "_start_workers", lambda self: started.append(self.workers))
+    args = SimpleNamespace(seed=4, max_embed_cells=max_embed, quiet=True)
+    with _background_jobs(args, n_cells) as jobs:
+        assert jobs.workers == expected and jobs.seed == 4
+    assert started == ([expected] if expected else [])

@@ -622,23 +622,31 @@ def test_validation_split_is_seeded_and_disjoint():
 
 
 def test_weight_decay_uses_adamw_and_schedules_change_the_rate():
+    from scae.optim import Adam
+
     net = AutoencoderNet(5, 2, (4,))
-    assert type(scae.training._optimizer(net, 1e-3, 0.0, torch.device("cpu"))) is torch.optim.Adam
+    adam = scae.training._optimizer(net, 1e-3, 0.0, torch.device("cpu"))
+    assert type(adam) is Adam and adam.weight_decay == 0.0 and adam.fused
     adamw = scae.training._optimizer(net, 1e-3, 0.01, torch.device("cpu"))
-    assert type(adamw) is torch.optim.AdamW and adamw.param_groups[0]["weight_decay"] == 0.01
+    assert adamw.weight_decay == 0.01
     cosine = scae.training._scheduler(adamw, "cosine", 10)
     for _ in range(10):
         adamw.step()
         cosine.step()
-    assert adamw.param_groups[0]["lr"] == pytest.approx(1e-5)  # 1% of the start after all epochs
+    assert adamw.lr == pytest.approx(1e-5)  # 1% of the start after all epochs
+    assert scae.training._scheduler(adamw, "none", 10) is None
+    with pytest.raises(ValueError, match="unknown lr_schedule 'step'"):
+        scae.training._scheduler(adamw, "step", 10)
 
 
 def test_plateau_schedule_halves_the_rate_when_the_loss_stalls():
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    optimizer = scae.training._optimizer(AutoencoderNet(5, 2, (4,)), 1.0, 0.0, torch.device("cpu"))
     plateau = scae.training._scheduler(optimizer, "plateau", 20)
-    for loss in [1.0] + [1.0] * (scae.training.PLATEAU_PATIENCE + 1):
+    for loss in [1.0] + [1.0] * scae.training.PLATEAU_PATIENCE:
         plateau.step(loss)
-    assert optimizer.param_groups[0]["lr"] == 0.5
+    assert optimizer.lr == 1.0  # patience epochs without progress: not yet
+    plateau.step(1.0)
+    assert optimizer.lr == 0.5
 
 
 def test_presets_build_estimators_and_unknown_ones_are_refused():

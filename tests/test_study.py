@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -99,6 +101,39 @@ def test_study_results_do_not_depend_on_background_workers(tmp_path):
     # the top PCs that are all of the input's PCs share its cluster scores, and add linear accuracy
     original, top = one.representations["original"], one.representations["original_pca50"]
     assert top["ari"] == original["ari"] and "linear_accuracy" in top and "linear_accuracy" not in original
+
+
+def test_study_uses_workers_its_caller_started(tmp_path):
+    """The command line starts the workers before its heavy imports, also for a small input (below
+    the size at which the study would start its own): the results are those of a study without
+    workers, and workers with other t-SNE settings are refused."""
+    ds = scae.simulate_dataset(200, 30, 3, seed=1)
+    runs = tuple(spec for spec in StudyConfig().runs if spec.name == "ae10")
+    config = fast_config(runs=runs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = scae.run_study(ds, tmp_path / "alone", config)
+        with BackgroundTSNE(None, config.seed, FAST_TSNE, workers=1) as jobs:
+            given = scae.run_study(ds, tmp_path / "given", config, jobs=jobs)
+            assert jobs.workers == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert [k for k in given.timings if k.startswith("figure_worker_")]  # the worker drew some figures
+    assert not [k for k in alone.timings if k.startswith("figure_worker_")]
+    assert given.representations == alone.representations
+    np.testing.assert_array_equal(given.views["X_tsne"], alone.views["X_tsne"])
+    with BackgroundTSNE(None, config.seed + 1, FAST_TSNE, workers=0) as jobs:
+        with pytest.raises(ValueError, match="seed 1 .* the study has seed 0"):
+            scae.run_study(ds, None, config, jobs=jobs)
+
+
+def test_the_study_imports_matplotlib_only_to_write_outputs():
+    """The study's figure libraries are imported while its workers finish (``import_writers``),
+    not when it starts: the command line's start-up imports only what training needs."""
+    code = "import sys, scae.study; print(sorted(m for m in ('matplotlib', 'jinja2') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_score_rows_follow_the_report_order_whatever_the_run_names():

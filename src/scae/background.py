@@ -33,6 +33,25 @@ treats the pool as broken itself."""
 _worker_died_here = False
 
 
+def available_cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def background_workers() -> int:
+    """Worker processes for the study's t-SNEs and scores on this machine: half its cores (the
+    other half trains the models), none on a single core.
+
+    Measured on 2 cores (``benchmarks/study.py``): one worker beside one training thread takes
+    as long as two workers at idle CPU priority (46.8 s), with 440 MiB less memory; two workers
+    at normal priority took 56–58 s, as every process then waits for a core.
+    """
+    return available_cores() // 2
+
+
 def worker_died() -> bool:
     """Whether a background worker of this process died: the executor's own threads may then be
     stuck, so the command line leaves without waiting on them at exit."""
@@ -257,10 +276,11 @@ class BackgroundJobs:
         return self
 
     def __exit__(self, exc_type, exc_value, traceback) -> None:
-        """Shut the workers down; after an exception (an interrupt included) kill them at once."""
-        if exc_type is None and self._pool is not None:
+        """Shut the workers down: idle ones (every result in) and, after an exception (an interrupt
+        included), busy ones too are killed at once; otherwise wait for their jobs."""
+        if exc_type is None and self._pool is not None and self._unfinished():
             self._pool.shutdown(wait=True, cancel_futures=True)
-        else:
+        else:  # an idle worker only waits for work: killing it spares its interpreter's slow exit
             self._stop_workers()
 
     def _worker_died(self) -> None:

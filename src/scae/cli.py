@@ -7,6 +7,7 @@ status 2 (no traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import io
 import os
@@ -299,7 +300,6 @@ def load_input(args: argparse.Namespace):
 
 def _read_input(args: argparse.Namespace):
     from scae.data import read_counts_labels, read_h5ad
-    from scae.simulate import simulate_dataset
 
     counts_layer, counts_raw = getattr(args, "counts_layer", None), getattr(args, "counts_raw", False)
     raw_counts = getattr(args, "raw_counts", None)
@@ -329,6 +329,8 @@ def _read_input(args: argparse.Namespace):
         raise ScaeInputError("--raw-counts goes with --counts and --labels; the built-in dataset has its simulated counts")
     if args.stream:
         raise ScaeInputError("--stream reads a file from disk (--h5ad, or --counts with --labels); the built-in dataset is made in memory")
+    from scae.simulate import simulate_dataset
+
     return simulate_dataset()
 
 
@@ -353,41 +355,64 @@ def run_study_command(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         dataset = load_input(args)  # input errors come before the heavy imports below
         load_seconds = time.perf_counter() - started
-        from scae.parallel import resolve_device
-        from scae.params import check_parameter_count
-        from scae.study import StudyConfig, background_workers, run_study
-
-        check_parameter_count(dataset.n_genes, STUDY_MAX_LATENT, tuple(args.hidden))
-        device = resolve_device(args.device)  # fail fast on a device that is not there
-        if not args.quiet and main:
-            mode = "streamed from disk" if dataset.on_disk else "in memory"
-            counts = "; raw counts, models see log1p(counts / library size × 1e4)" if dataset.counts else ""
-            procs = f"; {distributed.world_size} processes" if distributed else ""
-            print(f"scae: {dataset.name}: {dataset.n_cells} cells × {dataset.n_genes} genes, "
-                  f"{len(dataset.classes)} labels ({mode}{counts}); device {device}{procs}", file=sys.stderr)
-        config = StudyConfig(
-            epochs=args.epochs,
-            seed=args.seed,
-            hidden=tuple(args.hidden),
-            activation=args.activation,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            max_embed_cells=args.max_embed_cells,
-            progress=not args.quiet,
-            tsne_workers=background_workers(),
-            device=args.device,
-            resume=args.resume,
-            top_genes=args.top_genes,
-        )
-        run_study(dataset, args.out, config, data_seconds=load_seconds, distributed=distributed)
-        if main:
-            print(f"scae: study finished in {time.perf_counter() - started:.1f} s; report: {args.out / 'report.html'}")
+        with contextlib.ExitStack() as stack:
+            # the study's background workers start now, so that their imports overlap this process's
+            jobs = stack.enter_context(_background_jobs(args, dataset.n_cells)) if main else None
+            _study(args, dataset, load_seconds, distributed, jobs, started)
     finally:
         if distributed is not None and sys.exc_info()[0] is None:  # after a failure the group may be broken
             from scae.parallel import shutdown_distributed
 
             shutdown_distributed()
     return 0
+
+
+def _background_jobs(args: argparse.Namespace, n_cells: int):
+    """The study's t-SNE, scoring and figure workers, started before this process imports PyTorch
+    and scikit-learn (about 2 s), so that their own imports (openTSNE, scikit-learn, matplotlib)
+    happen meanwhile: half the cores, none on one core, one for a small input (fewer than
+    :data:`~scae.embeddings.TSNE_WORKERS_FROM_CELLS` scored cells)."""
+    from scae.background import background_workers
+    from scae.embeddings import TSNE_WORKERS_FROM_CELLS, BackgroundTSNE, TSNEConfig
+
+    workers = background_workers()
+    if min(n_cells, args.max_embed_cells) < TSNE_WORKERS_FROM_CELLS:
+        workers = min(workers, 1)
+    return BackgroundTSNE(None, args.seed, TSNEConfig(), workers, progress=not args.quiet)
+
+
+def _study(args: argparse.Namespace, dataset, load_seconds: float, distributed, jobs, started: float) -> None:
+    """The study on a loaded dataset, with its background ``jobs`` started (the heavy imports happen here)."""
+    from scae.parallel import resolve_device
+    from scae.params import check_parameter_count
+    from scae.study import StudyConfig, background_workers, run_study
+
+    main = distributed is None or distributed.is_main
+    check_parameter_count(dataset.n_genes, STUDY_MAX_LATENT, tuple(args.hidden))
+    device = resolve_device(args.device)  # fail fast on a device that is not there
+    if not args.quiet and main:
+        mode = "streamed from disk" if dataset.on_disk else "in memory"
+        counts = "; raw counts, models see log1p(counts / library size × 1e4)" if dataset.counts else ""
+        procs = f"; {distributed.world_size} processes" if distributed else ""
+        print(f"scae: {dataset.name}: {dataset.n_cells} cells × {dataset.n_genes} genes, "
+              f"{len(dataset.classes)} labels ({mode}{counts}); device {device}{procs}", file=sys.stderr)
+    config = StudyConfig(
+        epochs=args.epochs,
+        seed=args.seed,
+        hidden=tuple(args.hidden),
+        activation=args.activation,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        max_embed_cells=args.max_embed_cells,
+        progress=not args.quiet,
+        tsne_workers=background_workers(),
+        device=args.device,
+        resume=args.resume,
+        top_genes=args.top_genes,
+    )
+    run_study(dataset, args.out, config, data_seconds=load_seconds, distributed=distributed, jobs=jobs)
+    if main:
+        print(f"scae: study finished in {time.perf_counter() - started:.1f} s; report: {args.out / 'report.html'}")
 
 
 def _join_process_group(device_name: str):

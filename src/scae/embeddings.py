@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import scipy.sparse as sp
-from sklearn.decomposition import PCA
 
 from scae.background import BackgroundJobs
 from scae.data import column_range
 
+if TYPE_CHECKING:
+    from sklearn.decomposition import PCA
+
 COVARIANCE_MAX_FEATURES = 2048
 TSNE_INPUT_DIMS = 50
 """t-SNE runs on the representation itself up to this many dimensions, else on its top PCs."""
+TSNE_WORKERS_FROM_CELLS = 2000
+"""Below this many scored cells a study that starts its workers itself, after its imports, runs
+its t-SNEs in its own process (each takes well under a second, starting a worker ~1.5 s); the
+command line, which starts them before its own imports, starts one."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,8 @@ def fit_pca(X, n_components: int = 50, seed: int = 0) -> PCA:
     (sparse) solver. Input without any variance gets arbitrary orthonormal axes with zero
     explained variance (coordinates all 0) instead of NaN ratios.
     """
+    from sklearn.decomposition import PCA
+
     n_components = max(1, min(n_components, X.shape[0] - 1, X.shape[1]))
     if X.shape[1] <= COVARIANCE_MAX_FEATURES and X.shape[0] > X.shape[1]:
         solver = "covariance_eigh"
@@ -179,13 +189,13 @@ class BackgroundTSNE(BackgroundJobs):
         progress: bool = False,
     ) -> None:
         super().__init__(workers, progress, warm_up=("openTSNE", "scae.embeddings", "scae.metrics", "scae.plots"), description="background jobs")
-        self._seed, self._config = seed, config
+        self.seed, self.config = seed, config
         for key, X in (inputs or {}).items():
             self.submit_tsne(key, X)
 
     def submit_tsne(self, key: str, X) -> None:
         """Start the t-SNE of ``X`` (reduced here by :func:`tsne_input`) under the name ``key``."""
-        self.submit(key, tsne_coordinates, tsne_input(X, self._seed), self._seed, self._config)
+        self.submit(key, tsne_coordinates, tsne_input(X, self.seed), self.seed, self.config)
 
 
 def subsample_indices(n: int, max_cells: int | None, seed: int = 0) -> np.ndarray:

@@ -24,7 +24,6 @@ from scae.files import (
 )
 from scae.interrupts import raise_if_interrupted
 from scae.models import Autoencoder
-from scae.plots import Panel, figure_png
 from scae.presets import preset
 from scae.report import build_report, figure_plan
 from scae.results import RunSpec, Stopwatch, StudyConfig, StudyResult
@@ -46,8 +45,21 @@ def study_key(dataset: Dataset, config: StudyConfig, spec: RunSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def import_writers() -> None:
+    """Import the libraries that writing the outputs needs: matplotlib (figures), Jinja2 (the
+    report) and anndata (the ``.h5ad`` files), about 1 s. :func:`~scae.study.run_study` calls
+    this just before it waits for its background workers' last jobs, so that the imports overlap
+    their work instead of following it."""
+    import anndata  # noqa: F401
+    import jinja2  # noqa: F401
+
+    import scae.plots  # noqa: F401
+
+
 def figure_inputs(result: StudyResult) -> dict[str, tuple]:
     """Every figure of the study by file stem, as :func:`~scae.plots.figure_png` arguments."""
+    from scae.plots import Panel
+
     inputs = {}
     labels = result.dataset.labels[result.embed_idx]
     for stem, spec in figure_plan(result).items():
@@ -96,6 +108,8 @@ def write_outputs(result: StudyResult, output: OutputDir, watch: Stopwatch, mode
     one as soon as it is trained or reused). With ``jobs`` that run in worker processes, every
     other figure is drawn there, while this process draws the rest and writes the ``.h5ad`` files.
     """
+    from scae.plots import figure_png
+
     staging = output.staging
     figures = figure_inputs(result)
     elsewhere = list(figures)[1::2] if jobs is not None and jobs.workers > 0 else []

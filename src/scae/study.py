@@ -9,7 +9,6 @@ computed without one).
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -18,13 +17,14 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from scae.background import available_cores, background_workers  # noqa: F401 (background_workers re-exported)
 from scae.data import Dataset, stratified_split
-from scae.embeddings import BackgroundTSNE, fit_pca, subsample_indices
+from scae.embeddings import TSNE_WORKERS_FROM_CELLS, BackgroundTSNE, fit_pca, subsample_indices
 from scae.errors import ScaeInputError
 from scae.files import OutputDir
 from scae.metrics import convergence_epoch, epochs_to_near_best, representation_scores
 from scae.models import Autoencoder
-from scae.outputs import save_model, study_key, write_outputs, write_study  # noqa: F401 (write_study re-exported)
+from scae.outputs import import_writers, save_model, study_key, write_outputs, write_study  # noqa: F401 (write_study re-exported)
 from scae.parallel import Distributed, broadcast_from_main, resolve_device
 from scae.results import (  # noqa: F401 (re-exported)
     DEFAULT_RUNS,
@@ -36,30 +36,9 @@ from scae.results import (  # noqa: F401 (re-exported)
 )
 from scae.sources import RowSource, eval_batch_rows, library_sizes
 
-TSNE_WORKERS_FROM_CELLS = 2000
-"""Below this many scored cells the t-SNEs run in the main process (each takes well under a second)."""
 INPUT_PCS = 50
 """Principal components of the input: coordinates for plots, and the space in which the input
 and every reconstruction (projected onto these axes) are scored and embedded by t-SNE."""
-
-
-def available_cores() -> int:
-    """CPU cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def background_workers() -> int:
-    """Worker processes for the study's t-SNEs and scores on this machine: half its cores (the
-    other half trains the models), none on a single core.
-
-    Measured on 2 cores (``benchmarks/study.py``): one worker beside one training thread takes
-    as long as two workers at idle CPU priority (46.8 s), with 440 MiB less memory; two workers
-    at normal priority took 56–58 s, as every process then waits for a core.
-    """
-    return available_cores() // 2
 
 
 def run_study(
@@ -68,6 +47,7 @@ def run_study(
     config: StudyConfig | None = None,
     data_seconds: float | None = None,
     distributed: Distributed | None = None,
+    jobs: BackgroundTSNE | None = None,
 ) -> StudyResult | None:
     """Run the full autoencoder study on ``dataset``; write all outputs to ``out_dir`` if given.
 
@@ -87,19 +67,27 @@ def run_study(
         Under ``torchrun``: every process trains the models together
         (``DistributedDataParallel``); the main process (rank 0) alone computes everything else
         and writes the outputs. The other processes return ``None``.
+    jobs
+        Background workers started by the caller, with the study's seed and t-SNE settings
+        (the command line starts them before its heavy imports, so that the workers' imports
+        overlap its own); the caller stops them. By default the study starts
+        ``config.tsne_workers`` of them itself (none below 2,000 scored cells).
     """
     config = config or StudyConfig()
     _check_config(config, dataset)
+    if jobs is not None and (jobs.seed, jobs.config) != (config.seed, config.tsne):
+        raise ValueError(f"jobs: background t-SNEs with seed {jobs.seed} and {jobs.config}; the study has seed "
+                         f"{config.seed} and {config.tsne}")
     main = distributed is None or distributed.is_main
     output = OutputDir(out_dir).open(keep_models=config.resume) if out_dir is not None and main else None
     with output if output is not None else nullcontext():  # on any failure: staged outputs removed, models kept
-        result = _run(dataset, output, config, data_seconds, distributed)
+        result = _run(dataset, output, config, data_seconds, distributed, jobs)
         if output is not None:
             output.commit()
     return result
 
 
-def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | None:
+def _run(dataset, output, config, data_seconds, distributed, jobs) -> StudyResult | None:
     """:func:`run_study` with the output folder opened (or ``None``).
 
     The main process computes the input's PCA first and hands each t-SNE and each
@@ -147,12 +135,12 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
         sample_rows = np.sort(np.random.default_rng(seed).choice(embed_idx, size, replace=False))
 
     n_tsne = 1 + sum(spec.tsne_latent + spec.tsne_reconstruction for spec in runs_to_train)
-    # worker processes pay off only when a t-SNE takes longer than starting one (~1.5 s of imports)
-    workers = min(config.tsne_workers, n_tsne) if embed_idx.size >= TSNE_WORKERS_FROM_CELLS else 0
     with ExitStack() as stack:
         with watch.stage("tsne_start", f"t-SNE of {n_tsne} representations ({embed_idx.size} cells) and cluster "
                                        "scores, in the background"):
-            jobs = stack.enter_context(BackgroundTSNE(None, seed, config.tsne, workers, config.progress))
+            if jobs is None:  # worker processes started now pay off only when a t-SNE takes longer than starting one
+                workers = min(config.tsne_workers, n_tsne) if embed_idx.size >= TSNE_WORKERS_FROM_CELLS else 0
+                jobs = stack.enter_context(BackgroundTSNE(None, seed, config.tsne, workers, config.progress))
             jobs.submit_tsne("X_tsne", X_pca[embed_idx])
             scoring = _Scoring(jobs, dataset, train_idx, test_idx, embed_idx, config)
             scoring.add_input(X_pca)
@@ -181,7 +169,7 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
                 jobs.submit_tsne(key, matrix[embed_idx])
             scoring.add_run(run)
 
-        with _training_threads(config.device, workers):
+        with _training_threads(config.device, jobs.workers):
             _train_runs(dataset, runs_to_train, train_idx, test_idx, config, output, distributed, watch, reusable, trained)
         runs = {spec.name: runs[spec.name] for spec in runs_to_train}  # the order of the report
 
@@ -193,6 +181,8 @@ def _run(dataset, output, config, data_seconds, distributed) -> StudyResult | No
         with threadpool_limits(1), watch.stage("denoising", "imputation of hidden entries"):
             denoising = _denoising(dataset, runs, train_idx, test_idx, config, all_genes)
         with watch.stage("tsne_wait", "waiting for t-SNE and cluster scores"):
+            if output is not None:
+                import_writers()  # while the workers finish
             done = jobs.results()
         representations = scoring.collect(done, runs)
         views.update({key: value for key, value in done.items() if not key.startswith(_Scoring.PREFIX)})

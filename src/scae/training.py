@@ -26,6 +26,7 @@ from scae.errors import ScaeInputError
 from scae.interrupts import raise_if_interrupted
 from scae.likelihoods import get_likelihood
 from scae.losses import LossTotals
+from scae.optim import Adam, CosineSchedule, PlateauSchedule
 from scae.parallel import Distributed, accumulator_dtype, all_reduce_sum
 from scae.sources import (
     DISK_BLOCK_ROWS,
@@ -195,19 +196,16 @@ def kl_weight(epoch: int, warmup_epochs: int) -> float:
     return min(1.0, (epoch - 1) / warmup_epochs)
 
 
-def _optimizer(net: torch.nn.Module, learning_rate: float, weight_decay: float, device: torch.device):
-    fused = device.type in ("cpu", "cuda")
-    if weight_decay > 0:  # decoupled weight decay (Loshchilov & Hutter), as AdamW defines it
-        return torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=weight_decay, fused=fused)
-    return torch.optim.Adam(net.parameters(), lr=learning_rate, fused=fused)
+def _optimizer(net: torch.nn.Module, learning_rate: float, weight_decay: float, device: torch.device) -> Adam:
+    """Adam (``weight_decay > 0``: AdamW's decoupled decay), fused on the CPU and CUDA."""
+    return Adam(net.parameters(), learning_rate, weight_decay, fused=device.type in ("cpu", "cuda"))
 
 
-def _scheduler(optimizer, lr_schedule: str, epochs: int):
+def _scheduler(optimizer: Adam, lr_schedule: str, epochs: int) -> PlateauSchedule | CosineSchedule | None:
     if lr_schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE)
+        return PlateauSchedule(optimizer, PLATEAU_FACTOR, PLATEAU_PATIENCE)
     if lr_schedule == "cosine":
-        start = optimizer.param_groups[0]["lr"]
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=start * COSINE_FLOOR)
+        return CosineSchedule(optimizer, epochs, optimizer.lr * COSINE_FLOOR)
     if lr_schedule != "none":
         raise ValueError(f"unknown lr_schedule '{lr_schedule}'; expected one of: {', '.join(LR_SCHEDULES)}")
     return None
@@ -362,7 +360,7 @@ def train_network(
                     else:
                         value = err / count.clamp(min=1.0)
                         total += value.detach().to(exact)
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad()
                     value.backward()
                     optimizer.step()
                     steps += 1
@@ -376,7 +374,7 @@ def train_network(
             check_finite_record(history[-1], learning_rate)
             bar.set_postfix({"epoch": epoch, **{k: f"{v:.4g}" for k, v in history[-1].items() if k in ("train_loss", "test_loss")}})
             monitored = history[-1].get("val_loss", train_loss)
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if isinstance(scheduler, PlateauSchedule):
                 scheduler.step(monitored)
             elif scheduler is not None:
                 scheduler.step()
