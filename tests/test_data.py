@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scae import Dataset, ScaeInputError, make_dataset, read_counts_labels, read_h5ad
+from scae import Autoencoder, Dataset, ScaeInputError, make_dataset, read_counts_labels, read_h5ad
 from scae.data import (
     MAX_ABS_VALUE,
     as_matrix,
@@ -139,6 +139,25 @@ def test_directory_instead_of_file(tmp_path, which):
     msg = input_error(read_counts_labels, *args)
     assert str(d) in msg
     assert "is a directory" in msg
+
+
+@pytest.mark.parametrize("which", ["counts", "labels", "h5ad", "model"])
+def test_named_pipe_or_device_is_refused_without_blocking(tmp_path, which):
+    """A named pipe without a writer would block the read for ever: refused up front, as is a device."""
+    counts, lab = write_pair(tmp_path, blob(4, 3), ["a", "b"] * 2)
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    calls = {
+        "counts": lambda p: read_counts_labels(p, lab),
+        "labels": lambda p: read_counts_labels(counts, p),
+        "h5ad": lambda p: read_h5ad(p, "cell_type"),
+        "model": lambda p: Autoencoder.load(p),
+    }
+    msg = input_error(calls[which], pipe)
+    assert str(pipe) in msg and "named pipe" in msg
+    if which == "counts":
+        assert input_error(calls[which], Path("/dev/zero")) == (
+            "/dev/zero: is a device; expected a counts file stored as a regular file (write it to one first)")
 
 
 def test_text_file_instead_of_npy(tmp_path):

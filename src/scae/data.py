@@ -11,6 +11,7 @@ import codecs
 import functools
 import hashlib
 import math
+import stat
 import unicodedata
 import warnings
 from collections.abc import Callable
@@ -1494,10 +1495,18 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
 
 
 def _check_readable(path: Path, what: str) -> None:
+    """Refuse a missing path, a directory, and anything else that is not a regular file: reading a
+    named pipe without a writer (or a device) would block or never end."""
     if not path.exists():
         raise ScaeInputError(f"{path}: {what} not found")
+    article = "an" if what[:1].lower() in "aeiou" else "a"
     if path.is_dir():
-        raise ScaeInputError(f"{path}: is a directory; expected a {what}")
+        raise ScaeInputError(f"{path}: is a directory; expected {article} {what}")
+    if not path.is_file():
+        mode = path.stat().st_mode
+        kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise ScaeInputError(f"{path}: is {kind}; expected {article} {what} stored as a regular file (write it to one first)")
 
 
 def min_cells_for_test(test_fraction: float) -> int:

@@ -569,6 +569,8 @@ def _read_model_file(path: Path) -> dict:
     expected = f"expected a model file written by scae's Autoencoder.save (format {MODEL_FORMAT})"
     if path.is_dir():
         raise ScaeInputError(f"{path}: is a directory; {expected}")
+    if path.exists() and not path.is_file():  # a named pipe without a writer would block the read below
+        raise ScaeInputError(f"{path}: is not a regular file (a named pipe, socket or device); {expected}")
     try:
         with path.open("rb") as handle:
             empty = not handle.read(1)
