@@ -1131,7 +1131,6 @@ def test_a_label_line_longer_than_the_limit_is_refused_without_reading_everythin
 
 
 def test_an_endless_labels_device_is_refused(tmp_path):
-    with pytest.raises(ScaeInputError, match="(longer than 1,000 characters|not UTF-8 text)"):
-        read_labels_txt("/dev/zero")
-    with pytest.raises(ScaeInputError, match="not UTF-8 text"):
-        read_labels_txt("/dev/urandom")
+    for device in ("/dev/zero", "/dev/urandom"):  # refused before a byte is read
+        with pytest.raises(ScaeInputError, match="is a device; expected a labels file stored as a regular file"):
+            read_labels_txt(device)
