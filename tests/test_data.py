@@ -1134,3 +1134,7 @@ def test_an_endless_labels_device_is_refused(tmp_path):
     for device in ("/dev/zero", "/dev/urandom"):  # refused before a byte is read
         with pytest.raises(ScaeInputError, match="is a device; expected a labels file stored as a regular file"):
             read_labels_txt(device)
+    binary = tmp_path / "labels.bin"
+    binary.write_bytes(np.random.default_rng(0).integers(128, 256, 4000, dtype=np.uint8).tobytes())
+    with pytest.raises(ScaeInputError, match="not UTF-8 text"):
+        read_labels_txt(binary)
