@@ -178,3 +178,24 @@ def test_light_jobs_without_workers_run_here_in_submission_order():
         jobs.submit("a", _pid_after, 0.0, light=True)
         jobs.submit("b", pow, 2, 5)
         assert jobs.results() == {"a": os.getpid(), "b": 32}
+
+
+def test_idle_workers_are_killed_at_exit_but_a_restarted_pool_is_shut_down_in_order(monkeypatch):
+    """An idle worker is killed (its interpreter's exit is slow); after a worker died, the fresh
+    pool is shut down in order, since the command line then skips Python's clean-up at exit."""
+    stopped = []
+    real_stop = BackgroundJobs._stop_workers
+    monkeypatch.setattr(BackgroundJobs, "_stop_workers", lambda self: (stopped.append(True), real_stop(self)))
+    with BackgroundJobs(workers=1) as jobs:
+        jobs.submit("a", pow, 3, 2)
+        assert jobs.results() == {"a": 9}
+    assert stopped == [True]
+    stopped.clear()
+    with BackgroundJobs(workers=1) as jobs:
+        jobs.submit("a", pow, 3, 2)
+        jobs.results()
+        _kill_worker(jobs)
+        jobs.submit("b", pow, 2, 3)
+        assert jobs.results() == {"b": 8} and jobs._restarted
+        pool = jobs._pool
+    assert stopped == [] and pool._shutdown_thread

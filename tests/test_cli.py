@@ -763,7 +763,8 @@ def test_fit_nb_on_integer_h5ad_trains_on_the_raw_counts(count_h5ad, tmp_path):
 @pytest.mark.parametrize(("n_cells", "max_embed", "cores", "expected"), [
     (300, 20_000, 2, 1),       # a small input: one worker, whose imports overlap this process's
     (300, 20_000, 16, 1),
-    (5000, 20_000, 16, 8),     # half the cores
+    (5000, 20_000, 16, 7),     # half the cores, at most one per t-SNE
+    (5000, 20_000, 8, 4),
     (5000, 1500, 16, 1),       # few cells scored
     (5000, 20_000, 1, 0),      # one core: no worker
 ])
@@ -778,3 +779,10 @@ def test_the_study_command_starts_its_workers_by_input_size_and_cores(monkeypatc
     with _background_jobs(args, n_cells) as jobs:
         assert jobs.workers == expected and jobs.seed == 4
     assert started == ([expected] if expected else [])
+
+
+def test_the_study_command_knows_how_many_t_snes_its_study_runs():
+    from scae.cli import STUDY_TSNES
+    from scae.results import STUDY_RUNS
+
+    assert STUDY_TSNES == 1 + sum(spec.tsne_latent + spec.tsne_reconstruction for spec in STUDY_RUNS)

@@ -277,8 +277,10 @@ class BackgroundJobs:
 
     def __exit__(self, exc_type, exc_value, traceback) -> None:
         """Shut the workers down: idle ones (every result in) and, after an exception (an interrupt
-        included), busy ones too are killed at once; otherwise wait for their jobs."""
-        if exc_type is None and self._pool is not None and self._unfinished():
+        included), busy ones too are killed at once; otherwise wait for their jobs. A pool that
+        replaced a dead worker's is shut down in order: the command line then leaves without
+        Python's clean-up at exit, so its queues must be released here."""
+        if exc_type is None and self._pool is not None and (self._unfinished() or self._restarted):
             self._pool.shutdown(wait=True, cancel_futures=True)
         else:  # an idle worker only waits for work: killing it spares its interpreter's slow exit
             self._stop_workers()

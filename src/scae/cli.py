@@ -367,15 +367,20 @@ def run_study_command(args: argparse.Namespace) -> int:
     return 0
 
 
+STUDY_TSNES = 7
+"""t-SNEs of the command's study at most: the input's, and the latent's and reconstruction's of
+``ae10``, ``ae10_nonzero`` and ``recommended`` (``scae.results.STUDY_RUNS``, which imports PyTorch)."""
+
+
 def _background_jobs(args: argparse.Namespace, n_cells: int):
     """The study's t-SNE, scoring and figure workers, started before this process imports PyTorch
     and scikit-learn (about 2 s), so that their own imports (openTSNE, scikit-learn, matplotlib)
-    happen meanwhile: half the cores, none on one core, one for a small input (fewer than
-    :data:`~scae.embeddings.TSNE_WORKERS_FROM_CELLS` scored cells)."""
+    happen meanwhile: half the cores but no more than :data:`STUDY_TSNES`, none on one core, one
+    for a small input (fewer than :data:`~scae.embeddings.TSNE_WORKERS_FROM_CELLS` scored cells)."""
     from scae.background import background_workers
     from scae.embeddings import TSNE_WORKERS_FROM_CELLS, BackgroundTSNE, TSNEConfig
 
-    workers = background_workers()
+    workers = min(background_workers(), STUDY_TSNES)
     if min(n_cells, args.max_embed_cells) < TSNE_WORKERS_FROM_CELLS:
         workers = min(workers, 1)
     return BackgroundTSNE(None, args.seed, TSNEConfig(), workers, progress=not args.quiet)
