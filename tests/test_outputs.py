@@ -275,3 +275,34 @@ def test_an_input_symlink_loop_is_named_as_the_input(tmp_path):
     (tmp_path / "b.npy").symlink_to(tmp_path / "a.npy")
     with pytest.raises(ScaeInputError, match=r"a.npy: cannot be read \(a symbolic link loop"):
         refuse_inputs_inside(tmp_path / "out", [tmp_path / "a.npy"])
+
+
+def test_a_named_pipe_or_device_is_never_replaced_by_an_output(tmp_path, capsys):
+    """An atomic write renames a new file over the name: over a named pipe (or ``/dev/null``, as
+    root) that would put a regular file in its place. Every writer refuses, before any work."""
+    import numpy as np
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    assert files.special_file_kind(pipe) == "a named pipe"
+    assert files.special_file_kind("/dev/null") == "a device"
+    assert files.special_file_kind(tmp_path) is None and files.special_file_kind(tmp_path / "new") is None
+    with pytest.raises(ScaeInputError, match="pipe: is a named pipe; expected the path of the output file"):
+        files.write_text(pipe, "x")
+    model = scae.Autoencoder(latent_dim=2, hidden=(4,), epochs=1).fit(np.ones((12, 3), dtype=np.float32))
+    with pytest.raises(ScaeInputError, match="is a named pipe"):
+        model.save(pipe)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 6)).astype(np.float32))
+    (tmp_path / "y.txt").write_text("a\nb\n" * 20)
+    data = ["--counts", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.txt"), "--epochs", "1", "--quiet"]
+    assert main(["fit", *data, "--out", str(pipe)]) == 2
+    assert "pipe: is a named pipe; expected the path of the model file to write" in capsys.readouterr().err
+    assert main(["embed", str(tmp_path / "in.h5ad"), "--out", str(pipe), "--quiet"]) == 2
+    assert "pipe: is a named pipe; expected the path of the .h5ad file to write" in capsys.readouterr().err
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "report.html")
+    assert main(["study", *data, "--out", str(out)]) == 2
+    assert "report.html: is a named pipe, where the output report.html goes" in capsys.readouterr().err
+    assert files.special_file_kind(pipe) == files.special_file_kind(out / "report.html") == "a named pipe"
+    assert sorted(p.name for p in out.iterdir()) == ["report.html"]  # refused before the lock or staging

@@ -429,7 +429,7 @@ def _join_process_group(device_name: str):
 
 def run_fit_command(args: argparse.Namespace) -> int:
     from scae.data import stratified_split
-    from scae.files import check_writable
+    from scae.files import check_replaceable, check_writable
     from scae.likelihoods import get_likelihood
     from scae.models import Autoencoder
     from scae.parallel import init_distributed, resolve_device, shutdown_distributed
@@ -446,6 +446,7 @@ def run_fit_command(args: argparse.Namespace) -> int:
             raise ScaeInputError(f"{out.parent}: cannot write the model file there ({err.strerror or err})") from None
         if out.is_dir():
             raise ScaeInputError(f"{out}: is a directory; expected the path of the model file to write")
+        check_replaceable(out, "the model file")
         for given in (args.h5ad, args.counts, args.labels, args.raw_counts):
             if given is not None and given.resolve() == out.resolve():
                 raise ScaeInputError(f"{given}: is the input, and fit would overwrite it with the model; choose another --out")
@@ -489,7 +490,7 @@ def run_embed_command(args: argparse.Namespace) -> int:
     """``scae embed INPUT --out OUT.h5ad``: fit a preset on every cell, write the AnnData with its
     latent and denoised matrix."""
     from scae.data import read_anndata
-    from scae.files import check_h5ad_key
+    from scae.files import check_h5ad_key, check_replaceable
 
     check_h5ad_key("--latent-key", args.latent_key)
     if args.denoised_layer is not None:
@@ -500,6 +501,7 @@ def run_embed_command(args: argparse.Namespace) -> int:
         raise ScaeInputError(f"{args.out}: is INPUT; scae never modifies its input: choose another --out")
     if args.out.is_dir():
         raise ScaeInputError(f"{args.out}: is a directory; expected the path of the .h5ad file to write")
+    check_replaceable(args.out, "the .h5ad file")
     check_parent_writable(args.out)
     adata = read_anndata(args.input)
     from scae.anndata_embed import embed
@@ -557,6 +559,10 @@ def check_parent_writable(path: Path) -> None:
         raise ScaeInputError(f"{path.parent}: cannot write there ({err.strerror or err})") from None
 
 
+BENCHMARK_OUTPUTS = ("benchmark.json", "benchmark.html", "figures")
+"""What ``scae benchmark`` writes in its output folder."""
+
+
 def run_benchmark_command(args: argparse.Namespace) -> int:
     """``scae benchmark``: every method on every dataset and seed; JSON and HTML in ``--out``."""
     from scae.data import read_counts_labels, read_h5ad
@@ -572,15 +578,14 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     from scae.files import refuse_inputs_inside
 
     methods = [method(name, args.device) for name in dict.fromkeys(args.methods)]  # unknown names refused first
-    refuse_inputs_inside(args.out, [*args.h5ad, *args.counts, *args.labels],
-                         {"benchmark.json", "benchmark.html", "figures"}, "the benchmark")
+    refuse_inputs_inside(args.out, [*args.h5ad, *args.counts, *args.labels], set(BENCHMARK_OUTPUTS), "the benchmark")
     datasets = {}
     for path in args.h5ad:
         datasets[_unique_name(path.stem, datasets)] = read_h5ad(
             path, args.label_key, counts_layer=args.counts_layer, counts_raw=args.counts_raw)
     for counts, labels in zip(args.counts, args.labels):
         datasets[_unique_name(counts.stem, datasets)] = read_counts_labels(counts, labels)
-    check_output_dir(args.out)  # after reading: a refused input leaves no folder behind
+    check_output_dir(args.out, BENCHMARK_OUTPUTS)  # after reading: a refused input leaves no folder behind
     from scae.benchmark import run_benchmark, write_benchmark
 
     log = None if args.quiet else (lambda line: print(f"scae: {line}", file=sys.stderr, flush=True))

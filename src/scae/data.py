@@ -11,7 +11,6 @@ import codecs
 import functools
 import hashlib
 import math
-import stat
 import unicodedata
 import warnings
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import scipy.sparse as sp
 
 from scae import params as rules
 from scae.errors import ScaeInputError
+from scae.files import special_file_kind
 
 Matrix = np.ndarray | sp.csr_matrix
 
@@ -1503,9 +1503,7 @@ def _check_readable(path: Path, what: str) -> None:
     if path.is_dir():
         raise ScaeInputError(f"{path}: is a directory; expected {article} {what}")
     if not path.is_file():
-        mode = path.stat().st_mode
-        kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        kind = special_file_kind(path.resolve()) or "not a regular file"
         raise ScaeInputError(f"{path}: is {kind}; expected {article} {what} stored as a regular file (write it to one first)")
 
 

@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -21,14 +22,41 @@ from scae.errors import ScaeInputError
 from scae.interrupts import Interrupted, raise_if_interrupted, signals_deferred
 
 
+def special_file_kind(path: str | Path) -> str | None:
+    """What ``path`` is when it exists but is neither a regular file nor a folder (nor a link):
+    ``"a named pipe"``, ``"a socket"`` or ``"a device"``; ``None`` otherwise."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return None
+
+
+def check_replaceable(path: str | Path, what: str = "the output file") -> None:
+    """Refuse to write ``path`` over a named pipe, socket or device: an atomic write renames a new
+    file over the name, which would put a regular file where ``/dev/null`` or a pipe was."""
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise ScaeInputError(f"{path}: is {kind}; expected the path of {what} to write (scae replaces "
+                             "regular files only)")
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` when the block succeeds.
 
     If the block raises (or the process dies), the final name is never created or replaced
-    and the temporary file is removed where possible.
+    and the temporary file is removed where possible. A named pipe, socket or device at
+    ``path`` is refused (:func:`check_replaceable`), before anything is written.
     """
     path = Path(path)
+    check_replaceable(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -333,8 +361,10 @@ def _remove(path: Path) -> None:
             pass
 
 
-def check_output_dir(out_dir: str | Path) -> Path:
-    """Create ``out_dir`` if needed and check a file can be written in it (nothing is removed)."""
+def check_output_dir(out_dir: str | Path, written: tuple[str, ...] = MANAGED_NAMES) -> Path:
+    """Create ``out_dir`` if needed and check a file can be written in it (nothing is removed),
+    and that none of the names ``written`` there (by default a study's outputs) is a named
+    pipe, socket or device, which finishing would replace by a regular file."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -343,6 +373,11 @@ def check_output_dir(out_dir: str | Path) -> Path:
         raise ScaeInputError(
             f"{out_dir}: cannot write the output directory ({reason(err)}); expected a writable directory"
         ) from None
+    for name in written:
+        kind = special_file_kind(out_dir / name)
+        if kind is not None:
+            raise ScaeInputError(f"{out_dir / name}: is {kind}, where the output {name} goes (scae replaces regular "
+                                 "files only); move it or choose another output directory")
     return out_dir
 
 
