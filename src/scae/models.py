@@ -492,7 +492,8 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         """Save parameters, weights and history to one file (written atomically).
 
         ``metadata`` (plain strings and numbers) is stored beside them and comes back as
-        ``metadata_`` from :meth:`load`.
+        ``metadata_`` from :meth:`load`. A named pipe, socket or device at ``path`` is refused
+        (:class:`~scae.errors.ScaeInputError`): the atomic write would put a file in its place.
         """
         check_is_fitted(self, "net_")
         params = self.get_params()
