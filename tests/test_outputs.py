@@ -306,3 +306,76 @@ def test_a_named_pipe_or_device_is_never_replaced_by_an_output(tmp_path, capsys)
     assert "report.html: is a named pipe, where the output report.html goes" in capsys.readouterr().err
     assert files.special_file_kind(pipe) == files.special_file_kind(out / "report.html") == "a named pipe"
     assert sorted(p.name for p in out.iterdir()) == ["report.html"]  # refused before the lock or staging
+
+
+def test_files_written_together_replace_the_old_set_or_nothing(tmp_path):
+    old = {name: tmp_path / name for name in ("a.txt", "b.txt")}
+    for name, path in old.items():
+        path.write_text(f"old {name}")
+    with pytest.raises(RuntimeError), files.atomic_paths(list(old.values())) as temps:
+        temps[0].write_text("new a")
+        raise RuntimeError("interrupted between the two files")
+    assert [p.read_text() for p in old.values()] == ["old a.txt", "old b.txt"]
+    with files.atomic_paths(list(old.values())) as temps:
+        for tmp, name in zip(temps, old):
+            tmp.write_text(f"new {name}")
+    assert [p.read_text() for p in old.values()] == ["new a.txt", "new b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]  # no temporary file left
+
+
+def test_commands_refuse_link_loops_and_outputs_of_the_wrong_kind_before_any_work(tmp_path, capsys):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 6)).astype(np.float32))
+    (tmp_path / "y.txt").write_text("a\nb\n" * 20)
+    data = ["--counts", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.txt"), "--quiet"]
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    assert main(["fit", *data, "--epochs", "1", "--out", str(tmp_path / "loop1")]) == 2
+    assert "loop1: is a loop of symbolic links" in capsys.readouterr().err
+    assert main(["embed", str(tmp_path / "loop1"), "--out", str(tmp_path / "e.h5ad"), "--quiet"]) == 2
+    assert "loop1: is a loop of symbolic links" in capsys.readouterr().err
+    bench = [*data, "--methods", "pca10", "--seeds", "1"]
+    out = tmp_path / "bench"
+    assert main(["benchmark", *bench, "--out", str(out)]) == 0
+    assert (out / "benchmark.json").is_file()
+    (out / "figures" / "benchmark.png").unlink()
+    os.mkfifo(out / "figures" / "benchmark.png")
+    assert main(["benchmark", *bench, "--out", str(out)]) == 2  # refused up front
+    assert "benchmark.png: is a named pipe" in capsys.readouterr().err
+    (out / "figures" / "benchmark.png").unlink()
+    (out / "benchmark.html").unlink()
+    (out / "benchmark.html").mkdir()
+    assert main(["benchmark", *bench, "--out", str(out)]) == 2
+    assert "benchmark.html: is a folder, where the output benchmark.html goes" in capsys.readouterr().err
+    shutil_out = tmp_path / "bench2"
+    shutil_out.mkdir()
+    (shutil_out / "figures").write_text("mine")
+    assert main(["benchmark", *bench, "--out", str(shutil_out)]) == 2
+    assert "figures: is a file, where the output figures goes" in capsys.readouterr().err
+    assert (shutil_out / "figures").read_text() == "mine"
+    sim = tmp_path / "sim"
+    sim.mkdir()
+    os.mkfifo(sim / "labels.txt")
+    assert main(["simulate", "--cells", "60", "--genes", "10", "--out", str(sim)]) == 2
+    assert sorted(p.name for p in sim.iterdir()) == ["labels.txt"]  # nothing written beside the pipe
+
+
+def test_a_failed_benchmark_leaves_no_earlier_results(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    import scae.benchmark
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 6)).astype(np.float32))
+    (tmp_path / "y.txt").write_text("a\nb\n" * 20)
+    bench = ["--counts", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.txt"), "--quiet",
+             "--methods", "pca10", "--seeds", "1", "--out", str(tmp_path / "out")]
+    assert main(["benchmark", *bench]) == 0
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "benchmark.html"))
+
+    monkeypatch.setattr(scae.benchmark, "write_benchmark", disk_full)
+    assert main(["benchmark", *bench]) == 2
+    assert "cannot write the benchmark's results" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "benchmark.json").exists() and not (tmp_path / "out" / "benchmark.html").exists()

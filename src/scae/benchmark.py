@@ -212,8 +212,8 @@ def _table_rows(rows: list[dict]) -> list[tuple[str, list[list[str]]]]:
 
 def write_benchmark(out_dir, results: list[dict], skipped: list[dict], settings: dict,
                     data_notes: dict[str, str] | None = None) -> dict:
-    """Write ``benchmark.json``, ``benchmark.html`` and ``figures/benchmark.png`` into ``out_dir``
-    (each file atomically); returns the JSON content.
+    """Write ``figures/benchmark.png``, ``benchmark.html`` and, last, ``benchmark.json`` into
+    ``out_dir`` (each file atomically); returns the JSON content.
 
     ``benchmark.json`` holds ``"results"`` (one record per fit), ``"summary"`` (mean and sd over
     seeds), ``"skipped"`` and ``"settings"``.
@@ -253,8 +253,8 @@ def write_benchmark(out_dir, results: list[dict], skipped: list[dict], settings:
         "data_notes": data_notes or {},
         "skipped": skipped,
     })
-    write_text(out / "benchmark.json", json.dumps(content, indent=2, allow_nan=False) + "\n")
     write_text(out / "benchmark.html", html)
+    write_text(out / "benchmark.json", json.dumps(content, indent=2, allow_nan=False) + "\n")  # last: complete
     return content
 
 

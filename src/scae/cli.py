@@ -427,6 +427,16 @@ def _join_process_group(device_name: str):
     return init_distributed(resolve_device(device_name))
 
 
+def _resolved(path: Path) -> Path:
+    """``path`` with its links resolved; a link loop (or a name the system refuses) is one clean error."""
+    try:
+        return path.resolve()
+    except RuntimeError:  # how Python before 3.13 reports a loop of symbolic links
+        raise ScaeInputError(f"{path}: is a loop of symbolic links; expected a file") from None
+    except OSError as err:
+        raise ScaeInputError(f"{path}: cannot be resolved ({err.strerror or err})") from None
+
+
 def run_fit_command(args: argparse.Namespace) -> int:
     from scae.data import stratified_split
     from scae.files import check_replaceable, check_writable
@@ -448,7 +458,7 @@ def run_fit_command(args: argparse.Namespace) -> int:
             raise ScaeInputError(f"{out}: is a directory; expected the path of the model file to write")
         check_replaceable(out, "the model file")
         for given in (args.h5ad, args.counts, args.labels, args.raw_counts):
-            if given is not None and given.resolve() == out.resolve():
+            if given is not None and _resolved(given) == _resolved(out):
                 raise ScaeInputError(f"{given}: is the input, and fit would overwrite it with the model; choose another --out")
         params = model_params(args)
         dataset = load_input(args)
@@ -497,7 +507,7 @@ def run_embed_command(args: argparse.Namespace) -> int:
         check_h5ad_key("--denoised-layer", args.denoised_layer)
     if args.counts_layer is not None and args.counts_raw:
         raise ScaeInputError("give either --counts-layer or --counts-raw (where the raw counts are), not both")
-    if args.out.resolve() == args.input.resolve():
+    if _resolved(args.out) == _resolved(args.input):
         raise ScaeInputError(f"{args.out}: is INPUT; scae never modifies its input: choose another --out")
     if args.out.is_dir():
         raise ScaeInputError(f"{args.out}: is a directory; expected the path of the .h5ad file to write")
@@ -585,15 +595,24 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
             path, args.label_key, counts_layer=args.counts_layer, counts_raw=args.counts_raw)
     for counts, labels in zip(args.counts, args.labels):
         datasets[_unique_name(counts.stem, datasets)] = read_counts_labels(counts, labels)
-    check_output_dir(args.out, BENCHMARK_OUTPUTS)  # after reading: a refused input leaves no folder behind
+    check_output_dir(args.out, (*BENCHMARK_OUTPUTS, "figures/benchmark.png"))  # after reading: a refused input leaves no folder behind
     from scae.benchmark import run_benchmark, write_benchmark
 
+    try:  # a previous run's results must not look like this run's if it fails
+        for name in ("benchmark.json", "benchmark.html"):
+            (args.out / name).unlink(missing_ok=True)
+    except OSError as err:
+        raise ScaeInputError(f"{args.out}: cannot remove the previous benchmark's results ({err.strerror or err})") from None
     log = None if args.quiet else (lambda line: print(f"scae: {line}", file=sys.stderr, flush=True))
     seeds = list(range(args.seeds))
     results, skipped = run_benchmark(datasets, methods, seeds, top_genes=args.top_genes, log=log)
-    write_benchmark(args.out, results, skipped, {"seeds": seeds, "top_genes": args.top_genes,
-                                                 "methods": [m.name for m in methods], "device": args.device,
-                                                 "datasets": {name: d.name for name, d in datasets.items()}})
+    try:
+        write_benchmark(args.out, results, skipped, {"seeds": seeds, "top_genes": args.top_genes,
+                                                     "methods": [m.name for m in methods], "device": args.device,
+                                                     "datasets": {name: d.name for name, d in datasets.items()}})
+    except OSError as err:
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        raise ScaeInputError(f"{args.out}: cannot write the benchmark's results{where}: {err.strerror or err}") from None
     print(f"scae: benchmark of {len(methods)} method(s) on {len(datasets)} dataset(s), {len(seeds)} seed(s); "
           f"wrote {args.out / 'benchmark.json'} and {args.out / 'benchmark.html'}")
     return 0
@@ -606,21 +625,25 @@ def _unique_name(stem: str, taken: dict) -> str:
     return name
 
 
+SIMULATE_OUTPUTS = ("counts.npy", "raw_counts.npy", "labels.txt")
+"""What ``scae simulate`` writes in its output folder."""
+
+
 def run_simulate_command(args: argparse.Namespace) -> int:
-    from scae.files import atomic_path, write_text
+    from scae.files import atomic_paths, check_output_dir
     from scae.simulate import simulate_dataset
 
+    check_output_dir(args.out, SIMULATE_OUTPUTS)
     dataset = simulate_dataset(args.cells, args.genes, args.populations, args.seed)
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-        for name, matrix in (("counts.npy", dataset.X), ("raw_counts.npy", dataset.raw)):
-            dense = matrix.toarray() if hasattr(matrix, "toarray") else matrix
-            with atomic_path(args.out / name) as tmp:
+    try:  # the three files replace the old ones together (an interrupt leaves one set or the other)
+        with atomic_paths([args.out / name for name in SIMULATE_OUTPUTS]) as temps:
+            for tmp, matrix in zip(temps, (dataset.X, dataset.raw)):
+                dense = matrix.toarray() if hasattr(matrix, "toarray") else matrix
                 buffer = io.BytesIO()
                 np.save(buffer, dense.astype(np.float32), allow_pickle=False)
                 tmp.write_bytes(buffer.getvalue())
-            del dense, buffer
-        write_text(args.out / "labels.txt", "\n".join(dataset.labels) + "\n")
+                del dense, buffer
+            temps[2].write_text("\n".join(dataset.labels) + "\n", encoding="utf-8")
     except OSError as err:
         raise ScaeInputError(f"{args.out}: cannot write the output directory ({err.strerror or err})") from None
     print(f"scae: wrote {args.out / 'counts.npy'} (log-normalized, {dataset.n_cells} × {dataset.n_genes}), "

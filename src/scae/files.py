@@ -55,18 +55,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     and the temporary file is removed where possible. A named pipe, socket or device at
     ``path`` is refused (:func:`check_replaceable`), before anything is written.
     """
-    path = Path(path)
-    check_replaceable(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_paths([path]) as (tmp,):
         yield tmp
-        raise_if_interrupted()  # a signal swallowed while the file was written: not complete
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_paths(paths: list[str | Path]) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for files that belong together: a temporary path beside each, all
+    renamed into place when the block succeeds, with signals held back meanwhile, so that an
+    interrupt leaves the old set or the new one, never a mix."""
+    paths = [Path(path) for path in paths]
+    for path in paths:
+        check_replaceable(path)
+    temps: list[Path] = []
+    try:
+        for path in paths:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+            os.close(fd)
+            temps.append(Path(tmp_name))
+        yield temps
+        raise_if_interrupted()  # a signal swallowed while the files were written: not complete
+        with signals_deferred():
+            for tmp, path in zip(temps, paths):
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
+                os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -201,6 +216,8 @@ def _mib(n: int) -> str:
 MANAGED_NAMES = ("figures", "models", "results.h5ad", "reconstructions.h5ad", "metrics.json", "report.html")
 """What a study writes in its output folder (and replaces when it finishes), in the order
 :meth:`OutputDir.commit` moves them into place: ``metrics.json`` and ``report.html`` last."""
+OUTPUT_FOLDERS = frozenset({"figures", "models"})
+"""The output names that are folders (the others are files)."""
 STAGING_NAME = ".scae-staging"
 LOCK_NAME = ".scae.lock"
 
@@ -374,10 +391,16 @@ def check_output_dir(out_dir: str | Path, written: tuple[str, ...] = MANAGED_NAM
             f"{out_dir}: cannot write the output directory ({reason(err)}); expected a writable directory"
         ) from None
     for name in written:
-        kind = special_file_kind(out_dir / name)
+        path = out_dir / name
+        kind = special_file_kind(path)
+        if kind is None and name in OUTPUT_FOLDERS and path.exists() and not path.is_dir():
+            kind = "a file"
+        elif kind is None and name not in OUTPUT_FOLDERS and path.is_dir():
+            kind = "a folder"
         if kind is not None:
-            raise ScaeInputError(f"{out_dir / name}: is {kind}, where the output {name} goes (scae replaces regular "
-                                 "files only); move it or choose another output directory")
+            raise ScaeInputError(f"{path}: is {kind}, where the output {name} goes (scae replaces regular "
+                                 f"files{' and its own folders' if name in OUTPUT_FOLDERS else ''} only); move it "
+                                 "or choose another output directory")
     return out_dir
 
 
