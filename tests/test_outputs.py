@@ -379,3 +379,12 @@ def test_a_failed_benchmark_leaves_no_earlier_results(tmp_path, capsys, monkeypa
     assert main(["benchmark", *bench]) == 2
     assert "cannot write the benchmark's results" in capsys.readouterr().err
     assert not (tmp_path / "out" / "benchmark.json").exists() and not (tmp_path / "out" / "benchmark.html").exists()
+
+
+def test_a_link_at_the_lock_name_is_replaced_not_followed(tmp_path):
+    out, target = tmp_path / "out", tmp_path / "elsewhere" / "file"
+    out.mkdir()
+    (out / LOCK_NAME).symlink_to(target)  # dangling: following it would create a file outside out
+    with OutputDir(out).open():
+        assert not target.exists() and not target.parent.exists()
+        assert (out / LOCK_NAME).is_file() and not (out / LOCK_NAME).is_symlink()

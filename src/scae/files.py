@@ -283,9 +283,11 @@ class OutputDir:
         import fcntl
 
         lock_path = self.path / LOCK_NAME
+        if lock_path.is_symlink():  # our name made a link: only the name goes, never what it points to
+            _remove(lock_path)
         while True:
             try:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
             except OSError as err:
                 raise ScaeInputError(f"{lock_path}: cannot create the lock file ({reason(err)})") from None
             try:
