@@ -57,7 +57,7 @@ def test_open_keeps_staged_models_for_resume(tmp_path):
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
     with OutputDir(tmp_path).open():
-        with pytest.raises(ScaeInputError, match="another scae study is writing to this directory"):
+        with pytest.raises(ScaeInputError, match="another scae command is writing to this directory"):
             OutputDir(tmp_path).open()
     with OutputDir(tmp_path).open():  # released: a later study may write
         pass
@@ -388,3 +388,13 @@ def test_a_link_at_the_lock_name_is_replaced_not_followed(tmp_path):
     with OutputDir(out).open():
         assert not target.exists() and not target.parent.exists()
         assert (out / LOCK_NAME).is_file() and not (out / LOCK_NAME).is_symlink()
+
+
+def test_simulate_refuses_a_folder_another_command_writes(tmp_path, capsys):
+    with OutputDir(tmp_path).open():
+        assert main(["simulate", "--cells", "60", "--genes", "10", "--out", str(tmp_path)]) == 2
+    assert "another scae command is writing to this directory; wait for it to finish or choose another --out " \
+           "for this simulate" in capsys.readouterr().err
+    assert not (tmp_path / "counts.npy").exists()
+    assert main(["simulate", "--cells", "60", "--genes", "10", "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / LOCK_NAME).exists()  # released

@@ -630,11 +630,12 @@ SIMULATE_OUTPUTS = ("counts.npy", "raw_counts.npy", "labels.txt")
 
 
 def run_simulate_command(args: argparse.Namespace) -> int:
-    from scae.files import atomic_paths, check_output_dir
+    from scae.files import atomic_paths, check_output_dir, lock_folder, unlock_folder
     from scae.simulate import simulate_dataset
 
     check_output_dir(args.out, SIMULATE_OUTPUTS)
     dataset = simulate_dataset(args.cells, args.genes, args.populations, args.seed)
+    lock = lock_folder(args.out, "simulate")  # one writer at a time: never a mix of two runs' files
     try:  # the three files replace the old ones together (an interrupt leaves one set or the other)
         with atomic_paths([args.out / name for name in SIMULATE_OUTPUTS]) as temps:
             for tmp, matrix in zip(temps, (dataset.X, dataset.raw)):
@@ -646,6 +647,8 @@ def run_simulate_command(args: argparse.Namespace) -> int:
             temps[2].write_text("\n".join(dataset.labels) + "\n", encoding="utf-8")
     except OSError as err:
         raise ScaeInputError(f"{args.out}: cannot write the output directory ({err.strerror or err})") from None
+    finally:
+        unlock_folder(args.out, lock)
     print(f"scae: wrote {args.out / 'counts.npy'} (log-normalized, {dataset.n_cells} × {dataset.n_genes}), "
           f"{args.out / 'raw_counts.npy'} (its raw counts) and {args.out / 'labels.txt'}")
     return 0

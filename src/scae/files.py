@@ -222,6 +222,43 @@ STAGING_NAME = ".scae-staging"
 LOCK_NAME = ".scae.lock"
 
 
+def lock_folder(folder: Path, writer: str) -> int:
+    """Take the exclusive lock of an scae output folder (``folder/.scae.lock``), or raise
+    :class:`ScaeInputError` when another scae command holds it; returns the lock's descriptor
+    (:func:`unlock_folder` releases it). A link at the lock's name is replaced, never followed."""
+    import fcntl
+
+    lock_path = folder / LOCK_NAME
+    if lock_path.is_symlink():  # our name made a link: only the name goes, never what it points to
+        _remove(lock_path)
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as err:
+            raise ScaeInputError(f"{lock_path}: cannot create the lock file ({reason(err)})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ScaeInputError(
+                f"{folder}: another scae command is writing to this directory; wait for it to finish or "
+                f"choose another --out for this {writer}"
+            ) from None
+        try:  # the file may have been removed by the previous holder: lock the one on disk
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def unlock_folder(folder: Path, fd: int) -> None:
+    """Release a lock :func:`lock_folder` took (the lock file is removed first, so that a
+    waiting writer that opened it notices and locks a fresh one)."""
+    (folder / LOCK_NAME).unlink(missing_ok=True)
+    os.close(fd)
+
+
 class OutputWriteError(ScaeInputError):
     """An output could not be written (disk full, permissions, ...)."""
 
@@ -280,31 +317,7 @@ class OutputDir:
         return self
 
     def _lock(self) -> None:
-        import fcntl
-
-        lock_path = self.path / LOCK_NAME
-        if lock_path.is_symlink():  # our name made a link: only the name goes, never what it points to
-            _remove(lock_path)
-        while True:
-            try:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-            except OSError as err:
-                raise ScaeInputError(f"{lock_path}: cannot create the lock file ({reason(err)})") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                raise ScaeInputError(
-                    f"{self.path}: another scae study is writing to this directory; "
-                    "wait for it to finish or choose another --out"
-                ) from None
-            try:  # the file may have been removed by the previous holder: lock the one on disk
-                if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        self._lock_fd = fd
+        self._lock_fd = lock_folder(self.path, "study")
 
     def commit(self) -> None:
         """Move the staged outputs into place; ``metrics.json`` and ``report.html`` last.
@@ -350,8 +363,7 @@ class OutputDir:
     def close(self) -> None:
         """Release the lock (the lock file is removed; see :meth:`_lock` for the race this handles)."""
         if self._lock_fd is not None:
-            (self.path / LOCK_NAME).unlink(missing_ok=True)
-            os.close(self._lock_fd)
+            unlock_folder(self.path, self._lock_fd)
             self._lock_fd = None
 
     def __enter__(self) -> OutputDir:
