@@ -361,7 +361,7 @@ class OutputDir:
         return kept
 
     def close(self) -> None:
-        """Release the lock (the lock file is removed; see :meth:`_lock` for the race this handles)."""
+        """Release the lock (:func:`unlock_folder`: the lock file is removed, for the race :func:`lock_folder` handles)."""
         if self._lock_fd is not None:
             unlock_folder(self.path, self._lock_fd)
             self._lock_fd = None
