@@ -118,8 +118,9 @@ class CosineSchedule:
         self.optimizer, self.epochs, self.floor = optimizer, epochs, floor
         self.start, self.epoch = optimizer.lr, 0
 
-    def step(self) -> None:
-        """Move to the next epoch's rate."""
+    def step(self, loss: float | None = None) -> None:
+        """Move to the next epoch's rate (the epoch's loss, which the trainer passes to every
+        schedule, does not matter here)."""
         self.epoch += 1
         cosine = (1.0 + math.cos(math.pi * self.epoch / self.epochs)) / 2.0
         self.optimizer.lr = self.floor + (self.start - self.floor) * cosine

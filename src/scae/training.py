@@ -374,10 +374,8 @@ def train_network(
             check_finite_record(history[-1], learning_rate)
             bar.set_postfix({"epoch": epoch, **{k: f"{v:.4g}" for k, v in history[-1].items() if k in ("train_loss", "test_loss")}})
             monitored = history[-1].get("val_loss", train_loss)
-            if isinstance(scheduler, PlateauSchedule):
+            if scheduler is not None:
                 scheduler.step(monitored)
-            elif scheduler is not None:
-                scheduler.step()
             if stopper is not None and stopper.update(epoch, monitored):
                 break
     check_not_blown_up(history, learning_rate)
