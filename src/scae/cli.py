@@ -634,9 +634,9 @@ def run_simulate_command(args: argparse.Namespace) -> int:
     from scae.simulate import simulate_dataset
 
     check_output_dir(args.out, SIMULATE_OUTPUTS)
-    dataset = simulate_dataset(args.cells, args.genes, args.populations, args.seed)
-    lock = lock_folder(args.out, "simulate")  # one writer at a time: never a mix of two runs' files
+    lock = lock_folder(args.out, "simulate")  # one writer at a time (refused before any work): never a mix
     try:  # the three files replace the old ones together (an interrupt leaves one set or the other)
+        dataset = simulate_dataset(args.cells, args.genes, args.populations, args.seed)
         with atomic_paths([args.out / name for name in SIMULATE_OUTPUTS]) as temps:
             for tmp, matrix in zip(temps, (dataset.X, dataset.raw)):
                 dense = matrix.toarray() if hasattr(matrix, "toarray") else matrix
