@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/study.py [--out benchmarks/results/study.json] [--repeats 1]
-        [--cells 5000] [--genes 1000] [--epochs 50]
+        [--cells 5000] [--genes 1000] [--epochs 50] [--device auto]
 
 Runs the study on the built-in dataset exactly as ``scae study`` does (all outputs written to a
 temporary directory) and writes a JSON file with the wall time of each stage, the total, the
@@ -38,11 +38,12 @@ from scae.background import background_workers
 from scae.study import StudyConfig, run_study
 
 
-def run_once(cells: int, genes: int, epochs: int, seed: int, runs: tuple) -> dict:
+def run_once(cells: int, genes: int, epochs: int, seed: int, runs: tuple, device: str) -> dict:
     started = time.perf_counter()
     dataset = simulate_dataset(cells, genes, 3, 0)
     data_seconds = time.perf_counter() - started
-    config = StudyConfig(epochs=epochs, seed=seed, progress=False, tsne_workers=background_workers(), runs=runs)
+    config = StudyConfig(epochs=epochs, seed=seed, progress=False, tsne_workers=background_workers(), runs=runs,
+                         device=device)
     with tempfile.TemporaryDirectory() as out:
         result = run_study(dataset, out, config, data_seconds)
         sizes = {p.name: p.stat().st_size for p in Path(out).iterdir() if p.is_file()}
@@ -52,6 +53,7 @@ def run_once(cells: int, genes: int, epochs: int, seed: int, runs: tuple) -> dic
         "stages": {k: round(v, 3) for k, v in result.timings.items()},
         "output_bytes": sizes,
         "test_mse": {k: round(r.errors["test"]["mse"], 5) for k, r in result.runs.items()},
+        "environment": result.environment,
     }
 
 
@@ -63,13 +65,14 @@ def main() -> None:
     parser.add_argument("--genes", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="where the models train (auto: a GPU when there is one)")
     parser.add_argument("--assignment-only", action="store_true",
                         help="the assignment's four runs only (without the recommended fifth), to measure what it adds")
     args = parser.parse_args()
     runs = DEFAULT_RUNS if args.assignment_only else STUDY_RUNS
 
     sampler = TreeMemorySampler(os.getpid(), interval=0.05)  # this process and its t-SNE workers
-    results = [run_once(args.cells, args.genes, args.epochs, args.seed, runs) for _ in range(args.repeats)]
+    results = [run_once(args.cells, args.genes, args.epochs, args.seed, runs, args.device) for _ in range(args.repeats)]
     tree = sampler.stop()
     report = {
         "benchmark": "default study, stage by stage",
@@ -81,6 +84,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_rss_tree_mib": tree["peak_rss_tree_mib"],
         "peak_pss_tree_mib": tree["peak_pss_tree_mib"],
@@ -95,7 +99,7 @@ def main() -> None:
     print(f"default study: {best:.1f} s (best of {args.repeats}), peak RSS {report['peak_rss_mib']} MiB "
           f"(process tree, t-SNE workers included: {report['peak_rss_tree_mib']} MiB summed RSS, "
           f"{report['peak_pss_tree_mib']} MiB PSS) "
-          f"on {report['cpu_cores']} cores -> {args.out}")
+          f"on {report['cpu_cores']} cores, training on {results[0]['environment']['device']} -> {args.out}")
     for stage, seconds in sorted(results[0]["stages"].items(), key=lambda kv: -kv[1]):
         print(f"  {stage:45s} {seconds:7.2f} s")
     sys.exit(0)

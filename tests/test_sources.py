@@ -16,14 +16,17 @@ from conftest import write_h5ad
 from scae.data import read_counts_labels, read_h5ad
 from scae.errors import ScaeInputError
 from scae.simulate import simulate_counts
+import scae.training
 from scae.sources import (
     ArraySource,
     BatchLoader,
+    DeviceSource,
     H5CSRSource,
     NpySource,
     epoch_order,
     normalize_counts,
     normalize_counts_tensor,
+    on_device,
 )
 
 CELLS, GENES = 240, 40
@@ -451,3 +454,66 @@ def test_eval_batches_hold_about_a_million_entries(n_cols, rows):
     batches = list(ArraySource(X).batches())
     assert [b.shape[0] for b in batches] == [rows, 3]
     np.testing.assert_array_equal(torch.cat(batches).numpy(), X)
+
+
+# ---------------------------------------------------------------- copies in a GPU's memory
+# DeviceSource works on any device; the trainer makes one only on CUDA (tests/test_cuda.py runs
+# it there), so these tests build it on the CPU to check everything but the device.
+@pytest.mark.parametrize("kind", ["memory", "disk", "subset"])
+def test_a_device_copy_reads_and_batches_like_its_source(counts_h5ad, raw_counts, kind, monkeypatch):
+    monkeypatch.setattr(scae.sources, "DEVICE_COPY_ROWS", 64)  # several copy chunks
+    source = {"memory": ArraySource(raw_counts[0], counts=True), "disk": H5CSRSource(counts_h5ad, counts=True),
+              "subset": H5CSRSource(counts_h5ad, counts=True).subset(np.arange(3, CELLS, 2))}[kind]
+    copy = DeviceSource(source, "cpu")
+    assert copy.shape == source.shape and copy.counts and not copy.on_disk
+    rows = np.array([0, 1, 2, 7, 50, source.n_rows - 1])
+    torch.testing.assert_close(copy.tensor(rows), source.tensor(rows), rtol=0, atol=0)  # normalised
+    torch.testing.assert_close(copy.raw().tensor(slice(5, 90)), source.raw().tensor(slice(5, 90)), rtol=0, atol=0)
+    np.testing.assert_array_equal(copy.matrix(rows), np.asarray(sp.csr_matrix(source.matrix(rows)).toarray()))
+    order = np.random.default_rng(2).permutation(source.n_rows)
+    for window in (32, 96):  # a batch at a time (in memory), and windows of batches (from disk)
+        for (a, na), (b, nb) in zip(BatchLoader(copy, order, 32, window_rows=window),
+                                    BatchLoader(source, order, 32, window_rows=window)):
+            assert na == nb
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sources_are_copied_to_a_gpu_only_when_they_fit(raw_counts, monkeypatch):
+    source = ArraySource(raw_counts[0])
+    sources = [source, source.subset(np.arange(10)), None]
+    assert on_device(sources, torch.device("cpu")) == sources  # only CUDA devices get copies
+    monkeypatch.setattr(scae.sources, "DeviceSource", lambda s, device: DeviceSource(s, "cpu"))
+    needed = 4 * GENES * (CELLS + 10)  # both, dense float32
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * needed, 10**12))
+    copied = on_device(sources, torch.device("cuda"))
+    assert [type(s) for s in copied[:2]] == [DeviceSource, DeviceSource] and copied[2] is None
+    torch.testing.assert_close(copied[1].tensor(slice(None)), sources[1].tensor(slice(None)), rtol=0, atol=0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * needed - 2, 10**12))
+    assert on_device(sources, torch.device("cuda")) == sources  # more than half the free memory
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_training_from_a_device_copy_is_training_from_the_source(counts_h5ad, raw_counts, stream, monkeypatch):
+    """Same batches, same steps: bitwise the same history and weights (on the CPU), in memory
+    and from disk (where the shuffle keeps following the file's blocks)."""
+    for module in (scae.sources, scae.training):  # several blocks and windows of 2 blocks
+        monkeypatch.setattr(module, "DISK_BLOCK_ROWS", 16)
+    monkeypatch.setattr(scae.sources, "DISK_WINDOW_BLOCKS", 2)
+    data = read_h5ad(counts_h5ad, "cell_type", stream=stream).source()
+    train, test = data.subset(np.arange(0, CELLS, 2)), data.subset(np.arange(1, CELLS, 2))
+    params = dict(latent_dim=3, hidden=(8,), loss="nb", epochs=2, batch_size=16, device="cpu",
+                  early_stopping=True, patience=5)
+    plain = scae.Autoencoder(**params).fit(train, eval_X=test)
+    copies = []
+
+    def copying(sources, device):
+        made = [None if s is None else DeviceSource(s, device) for s in sources]
+        copies.extend(m for m in made if m is not None)
+        return made
+
+    monkeypatch.setattr(scae.training, "on_device", copying)
+    copied = scae.Autoencoder(**params).fit(train, eval_X=test)
+    assert len(copies) == 3  # training, test and validation cells
+    assert copied.history_ == plain.history_
+    for a, b in zip(copied.net_.state_dict().values(), plain.net_.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

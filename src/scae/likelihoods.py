@@ -88,12 +88,21 @@ def zinb_log_prob(
     return torch.where(x > 0, log_keep + nb, zero)
 
 
+def _sparse_on(x: torch.Tensor) -> bool:
+    """Whether the NB terms that vanish at zero counts are computed on the nonzero entries only.
+
+    On the CPU, yes: gathering the nonzero entries saves most ``lgamma``/``digamma`` calls. On a
+    GPU they are computed on every entry and masked instead: finding the nonzero entries needs
+    their number on the host (a synchronisation at every step), and their gradients would be
+    added up by atomic (run-to-run nondeterministic) scatter-adds.
+    """
+    return x.device.type == "cpu"
+
+
 def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the true entries of a boolean tensor (NumPy's search on the CPU: about
-    five times faster than ``torch.nonzero`` there)."""
-    if mask.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(mask.numpy()))
-    return mask.reshape(-1).nonzero().squeeze(1)
+    """Flat indices of the true entries of a CPU boolean tensor (NumPy's search: about five
+    times faster than ``torch.nonzero``)."""
+    return torch.from_numpy(np.flatnonzero(mask.numpy()))
 
 
 class _NonzeroEntries(NamedTuple):
@@ -128,10 +137,15 @@ def _nb_sums(x: torch.Tensor, log_mean: torch.Tensor, log_theta: torch.Tensor):
     theta = log_theta.exp()
     log_theta_mean = torch.logaddexp(log_theta, log_mean)  # log(θ + μ), without overflow
     zero_terms = theta * (log_theta - log_theta_mean)
+    rest_sum = (x * (log_mean - log_theta_mean)).sum()
+    if not _sparse_on(x):
+        mask = x > 0
+        lgammas = torch.lgamma(x + theta) - torch.lgamma(x + 1.0) - torch.lgamma(theta)
+        return zero_terms, rest_sum + torch.where(mask, lgammas, 0.0).sum(), mask
     entries = _nonzero_entries(x)
     xn = entries.values
     rest_sum = (
-        (x * (log_mean - log_theta_mean)).sum()
+        rest_sum
         + (torch.lgamma(xn + theta.index_select(0, entries.genes)) - torch.lgamma(xn + 1.0)).sum()
         - (entries.per_gene * torch.lgamma(theta)).sum()
     )
@@ -157,20 +171,31 @@ class _NBLogLikelihoodSum(torch.autograd.Function):
         s = F.softplus(u)
         s_per_gene = s.sum(dim=0)
         dense = torch.dot(x.reshape(-1), u.sub_(s).reshape(-1)) - torch.dot(theta, s_per_gene)
-        entries = _nonzero_entries(x)
-        x_theta = entries.values + theta.index_select(0, entries.genes)
-        total = (dense + (torch.lgamma(x_theta) - torch.lgamma(entries.values + 1.0)).sum()
-                 - torch.dot(entries.per_gene, torch.lgamma(theta)))
-        ctx.save_for_backward(x, log_mean, log_theta, theta, s_per_gene, x_theta, entries.genes, entries.per_gene)
+        ctx.sparse = _sparse_on(x)
+        if ctx.sparse:  # the lgamma terms of the nonzero entries, gathered
+            entries = _nonzero_entries(x)
+            x_theta = entries.values + theta.index_select(0, entries.genes)
+            lgammas = (torch.lgamma(x_theta) - torch.lgamma(entries.values + 1.0)).sum()
+            where, per_gene = entries.genes, entries.per_gene
+        else:  # on every entry, masked (see _sparse_on)
+            where = x > 0
+            x_theta = x + theta
+            lgammas = torch.where(where, torch.lgamma(x_theta) - torch.lgamma(x + 1.0), 0.0).sum()
+            per_gene = where.sum(dim=0, dtype=x.dtype)
+        total = dense + lgammas - torch.dot(per_gene, torch.lgamma(theta))
+        ctx.save_for_backward(x, log_mean, log_theta, theta, s_per_gene, x_theta, where, per_gene)
         return total
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, log_mean, log_theta, theta, s_per_gene, x_theta, genes, per_gene = ctx.saved_tensors
+        x, log_mean, log_theta, theta, s_per_gene, x_theta, where, per_gene = ctx.saved_tensors
         d_mean = torch.addcmul(x, x + theta, torch.sigmoid(log_mean - log_theta), value=-1.0)
         d_theta = None
         if ctx.needs_input_grad[2]:
-            psi = torch.zeros_like(theta).index_add_(0, genes, torch.digamma(x_theta))
+            if ctx.sparse:  # where: the genes of the nonzero entries
+                psi = torch.zeros_like(theta).index_add_(0, where, torch.digamma(x_theta))
+            else:  # where: the nonzero mask
+                psi = torch.where(where, torch.digamma(x_theta), 0.0).sum(dim=0)
             d_theta = (theta * (psi - per_gene * torch.digamma(theta) - s_per_gene) - d_mean.sum(dim=0)).mul_(grad)
         return None, d_mean.mul_(grad), d_theta
 
@@ -191,7 +216,7 @@ def count_reconstruction(x: torch.Tensor, out: Output) -> torch.Tensor:
 
 
 def _entries(x: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)
+    return x.new_full((), float(x.numel()))  # a fill on x's device: no copy from the host
 
 
 # ---------------------------------------------------------------- likelihoods

@@ -18,7 +18,9 @@ LOSSES = ("mse", "nonzero_mse")
 def mse_terms(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared-error sum and entry count over all entries (PyTorch's fused ``mse_loss`` kernel:
     one pass forward and one backward)."""
-    return F.mse_loss(x_hat, x, reduction="sum"), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)
+    # the count as a fill on x's device (torch.tensor(n, device=...) would copy it from the host
+    # and wait for the GPU at every step)
+    return F.mse_loss(x_hat, x, reduction="sum"), x.new_full((), float(x.numel()))
 
 
 def nonzero_mse_terms(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,9 @@ one small protocol, so the trainer never asks which one it has:
 - :class:`ArraySource` — a dense array or SciPy CSR matrix in memory;
 - :class:`H5CSRSource` — a CSR matrix inside an ``.h5ad`` file (``X`` or a layer), read by
   contiguous row ranges with h5py, never loaded whole;
-- :class:`NpySource` — a dense ``.npy`` file, memory-mapped.
+- :class:`NpySource` — a dense ``.npy`` file, memory-mapped;
+- :class:`DeviceSource` — a copy of another source's rows in a GPU's memory, dense
+  (:func:`on_device` makes the trainer's sources so when they fit).
 
 ``source.subset(rows)`` restricts any of them to some cells (the train/test split, the scored
 sample). When ``counts=True`` the rows are raw counts and every read returns
@@ -20,7 +22,8 @@ library over all genes.
 a prefetched window for sources on disk, so reads stay contiguous), this process's shard of
 every global batch under ``torch.distributed``, and a background thread that reads the next
 windows of rows from disk while the current one trains (batches are then densified, pinned and
-copied to a GPU without blocking, and normalised on the device).
+copied to a GPU without blocking, and normalised on the device). On a GPU with room for them,
+the trainer's sources are first copied into its memory, and batches are gathered there.
 """
 
 from __future__ import annotations
@@ -57,6 +60,11 @@ DISK_WINDOW_BLOCKS = 64
 """Most blocks gathered (and shuffled row by row) in one prefetch window of a source on disk."""
 WINDOW_BYTES = 64 * 1024**2
 """Fewer blocks go in a window when its rows, as stored, would take more memory than this."""
+DEVICE_FRACTION = 0.5
+"""Training data is copied to a GPU when, dense in float32, it takes at most this fraction of the
+GPU's free memory (see :func:`on_device`)."""
+DEVICE_COPY_ROWS = 8192
+"""Rows read, densified and copied at a time when a source is copied to a GPU."""
 
 Chunk = np.ndarray | sp.csr_matrix
 
@@ -158,7 +166,7 @@ class RowSource:
         """Rows as a NumPy array or CSR matrix (as stored), normalised when the source holds counts."""
         chunk = self.read(slice(None) if rows is None else rows)
         if isinstance(chunk, torch.Tensor):
-            chunk = chunk.numpy()
+            chunk = chunk.cpu().numpy()
         return normalize_counts(chunk) if self.counts else chunk
 
     def batches(self, batch_size: int | None = None, rows: np.ndarray | None = None) -> Iterator[torch.Tensor]:
@@ -225,6 +233,56 @@ class ArraySource(RowSource):
                 return self._X[int(rows[0]) : int(rows[-1]) + 1]
             return self._X.index_select(0, torch.from_numpy(rows))  # 5x faster than X[rows]
         return self._X[rows]
+
+
+class DeviceSource(RowSource):
+    """Another source's rows held in a GPU's memory as one dense float32 tensor.
+
+    The rows are read from ``source`` :data:`DEVICE_COPY_ROWS` at a time (host memory stays
+    at one such chunk), as stored: raw counts stay raw, and are normalised per batch on the
+    device as before (``counts`` is the source's). Reads gather rows on the device and return
+    device tensors, so a minibatch costs no host-to-device copy but that of its row indices.
+
+    Parameters
+    ----------
+    source
+        The rows to copy (in memory or on disk).
+    device
+        A CUDA device with room for ``4 × n_rows × n_cols`` bytes.
+    """
+
+    def __init__(self, source: RowSource, device: torch.device | str) -> None:
+        self.n_rows, self.n_cols, self.counts = source.n_rows, source.n_cols, source.counts
+        self.device = torch.device(device)
+        self._X = torch.empty((self.n_rows, self.n_cols), dtype=torch.float32, device=self.device)
+        for start in range(0, self.n_rows, DEVICE_COPY_ROWS):
+            stop = min(start + DEVICE_COPY_ROWS, self.n_rows)
+            self._X[start:stop].copy_(_dense_tensor(source.read(slice(start, stop))))
+
+    def _read(self, rows: np.ndarray) -> torch.Tensor:
+        if rows.size and rows[-1] - rows[0] + 1 == rows.size:  # a contiguous range: a view
+            return self._X[int(rows[0]) : int(rows[-1]) + 1]
+        return self._X.index_select(0, torch.from_numpy(rows).to(self.device, non_blocking=True))
+
+
+def on_device(sources: list[RowSource | None], device: torch.device) -> list[RowSource | None]:
+    """``sources`` copied into a CUDA device's memory (:class:`DeviceSource`) when, dense in
+    float32, they take at most :data:`DEVICE_FRACTION` of its free memory together; else (and
+    on any other device) as given. ``None`` entries stay ``None``.
+
+    Training on a GPU from its own memory takes the host out of every step (no densifying,
+    pinning or copying of batches): several times faster for networks this small, whose steps
+    take well under a millisecond there.
+    """
+    device = torch.device(device)
+    present = [s for s in sources if s is not None]
+    if device.type != "cuda" or not present:
+        return list(sources)
+    needed = sum(4 * s.n_rows * s.n_cols for s in present)
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed > DEVICE_FRACTION * free:
+        return list(sources)
+    return [None if s is None else DeviceSource(s, device) for s in sources]
 
 
 class SubsetSource(RowSource):
@@ -545,10 +603,12 @@ class BatchLoader:
             for rows, n_global in shards:
                 if len(shards) == 1:  # a window of one batch: its rows as read, in file order
                     x = _dense_tensor(chunk)
+                elif isinstance(chunk, torch.Tensor):
+                    where = torch.from_numpy(np.searchsorted(wanted, rows))
+                    x = chunk.index_select(0, where.to(chunk.device, non_blocking=True))
                 else:
-                    where = np.searchsorted(wanted, rows)
-                    x = _dense_tensor(chunk.index_select(0, torch.from_numpy(where)) if isinstance(chunk, torch.Tensor) else chunk[where])
-                if pin:
+                    x = _dense_tensor(chunk[np.searchsorted(wanted, rows)])
+                if pin and x.device.type == "cpu":  # rows already on the GPU (a DeviceSource) are not copied
                     x = x.pin_memory()
                 x = x.to(self.device, non_blocking=True)
                 yield (normalize_counts_tensor(x) if self.source.counts else x), n_global

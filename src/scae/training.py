@@ -33,6 +33,7 @@ from scae.sources import (
     BatchLoader,
     RowSource,
     epoch_order,
+    on_device,
     shard_bounds,
 )
 
@@ -308,8 +309,10 @@ def train_network(
     min_rows = 2 * world if _has_batch_norm(net) else 1
     objective = loss_scorers(loss, ("mse",), log_mse_weight)
     exact = accumulator_dtype(device)
+    # the shuffle follows where the rows are stored (by blocks on disk), also when a GPU holds a copy
     block = DISK_BLOCK_ROWS if train.on_disk else None
     window_blocks = max(1, train.window_rows() // DISK_BLOCK_ROWS)
+    train, test, validation = on_device([train, test, validation], device)
     stopper = _EarlyStopping(net, patience) if validation is not None and patience is not None else None
 
     def record(epoch: int, train_loss: float) -> dict:
