@@ -133,7 +133,8 @@ def test_output_shapes(fitted, small_dense):
     assert np.all(np.isfinite(Z)) and np.all(np.isfinite(R))
     # the latent really is what the decoder reconstructs from
     with torch.no_grad():
-        np.testing.assert_allclose(fitted.net_.decoder(torch.from_numpy(Z2)).numpy(), R2, rtol=1e-5, atol=1e-5)
+        decoded = fitted.net_.decoder(torch.from_numpy(Z2).to(fitted.device_)).cpu().numpy()
+    np.testing.assert_allclose(decoded, R2, rtol=1e-5, atol=1e-5)
 
 
 def test_fit_transform(small_dense):
@@ -607,7 +608,7 @@ def test_early_stopping_keeps_the_best_epoch(small_dense):
     assert last == model.best_epoch_ + 3 < 60  # stopped after 3 epochs without improvement
     # the kept weights are the best epoch's: the validation cells score exactly its loss again
     _, validation = scae.models._validation_split(ArraySource(small_dense), 0.2, 0)
-    score = scae.training.evaluate_losses(model.net_, validation, ("mse",))["mse"]
+    score = scae.training.evaluate_losses(model.net_, validation, ("mse",), model.device_)["mse"]
     assert score == pytest.approx(val[model.best_epoch_], rel=1e-6)
 
 
@@ -669,6 +670,24 @@ def test_count_vae_with_batch_norm_round_trips_through_a_file(small_counts, tmp_
     assert loaded.get_params() == model.get_params() and loaded.best_epoch_ == model.best_epoch_
     np.testing.assert_array_equal(loaded.transform(small_counts), model.transform(small_counts))
     np.testing.assert_array_equal(loaded.reconstruct(small_counts), model.reconstruct(small_counts))
+
+
+def test_load_puts_the_network_where_its_device_parameter_says_when_it_can(fitted, small_dense, tmp_path):
+    path = tmp_path / "m.pt"
+    fitted.save(path)  # device "auto"
+    assert Autoencoder.load(path).device_ == scae.parallel.resolve_device("auto")
+    assert Autoencoder.load(path, device="cpu").device_.type == "cpu"
+    state = torch.load(path, weights_only=True)
+    state["params"]["device"] = "mps" if torch.cuda.is_available() else "cuda"  # a device this machine lacks
+    torch.save(state, path)
+    if not torch.backends.mps.is_available():
+        loaded = Autoencoder.load(path)
+        assert loaded.device_.type == "cpu" and loaded.device == state["params"]["device"]
+        np.testing.assert_allclose(loaded.transform(small_dense), fitted.transform(small_dense), rtol=1e-5, atol=1e-6)
+        with pytest.raises(ScaeInputError, match=f"--device {loaded.device}: "):
+            Autoencoder.load(path, device=loaded.device)  # asked for explicitly: refused
+    with pytest.raises(ScaeInputError, match="unknown device 'tpu'"):
+        Autoencoder.load(path, device="tpu")
 
 
 def test_format_1_files_still_load(fitted, small_dense, tmp_path):

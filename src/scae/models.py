@@ -516,8 +516,14 @@ class Autoencoder(TransformerMixin, BaseEstimator):
             tmp.write_bytes(buffer.getbuffer())
 
     @classmethod
-    def load(cls, path: str | Path) -> Autoencoder:
+    def load(cls, path: str | Path, device: str | None = None) -> Autoencoder:
         """Load a model written by :meth:`save` (weights-only loading: no code is executed).
+
+        ``device`` is where the network goes: ``None`` (default) the model's own ``device``
+        parameter as on this machine (``auto``: a GPU when there is one; a GPU that is not here:
+        the CPU), else as ``--device`` (``auto``, ``cpu``, ``cuda``, ``mps``; one that is not
+        here raises :class:`~scae.errors.ScaeInputError`). A model saved from a GPU then predicts
+        on the GPU again where there is one, with the same numbers.
 
         Any file that is not such a model — missing, empty, truncated, not a PyTorch file,
         another kind of PyTorch file, unknown entries or parameters, weights that do not fit the
@@ -562,7 +568,19 @@ class Autoencoder(TransformerMixin, BaseEstimator):
             raise ScaeInputError(f"{path}: best_epoch must be an integer or None; got {best_epoch!r}")
         model.metadata_ = dict(metadata)
         model.best_epoch_ = best_epoch
+        net.to(_load_device(checked["device"] if device is None else device, strict=device is not None))
         return model
+
+
+def _load_device(name: str, strict: bool) -> torch.device:
+    """Where a loaded network goes: ``name`` resolved (:func:`~scae.parallel.resolve_device`);
+    unless ``strict``, the CPU when that device is not on this machine."""
+    try:
+        return resolve_device(name)
+    except ScaeInputError:
+        if strict:
+            raise
+        return torch.device("cpu")
 
 
 def _read_model_file(path: Path) -> dict:

@@ -350,7 +350,7 @@ def _reusable_models(dataset: Dataset, config: StudyConfig, output: OutputDir | 
         else:
             continue
         try:
-            model = Autoencoder.load(path)
+            model = Autoencoder.load(path, device=config.device)  # predicts where this study trains
         except ScaeInputError as err:  # a damaged file: say so rather than train over it silently
             raise ScaeInputError(f"{err}; --resume cannot reuse it: remove it to retrain") from None
         if model.metadata_.get("study_key") != study_key(dataset, config, spec):
