@@ -1138,3 +1138,22 @@ def test_an_endless_labels_device_is_refused(tmp_path):
     binary.write_bytes(np.random.default_rng(0).integers(128, 256, 4000, dtype=np.uint8).tobytes())
     with pytest.raises(ScaeInputError, match="not UTF-8 text"):
         read_labels_txt(binary)
+
+
+@pytest.mark.parametrize("n_cols", [7, 70_000])  # a radix sort by column up to 65,536 columns, a plain one above
+def test_column_extremes_of_scattered_values_match_ufunc_at(n_cols):
+    from scae.data import _column_extremes
+
+    rng = np.random.default_rng(n_cols)
+    columns = rng.integers(0, n_cols, 5000).astype(np.int32)
+    columns[:3] = n_cols - 1  # the last column, which a narrow key would wrap
+    low, high = rng.normal(0, 5, 5000).astype(np.float32), rng.normal(0, 5, 5000).astype(np.float32)
+    expected_low, expected_high = np.full(n_cols, np.inf), np.full(n_cols, -np.inf)
+    np.minimum.at(expected_low, columns, low)
+    np.maximum.at(expected_high, columns, high)
+    got_low, got_high = _column_extremes(low, high, columns, n_cols)
+    np.testing.assert_array_equal(got_low, expected_low)
+    np.testing.assert_array_equal(got_high, expected_high)
+    assert np.isinf(got_low).any() == (np.unique(columns).size < n_cols)  # columns without values stay ±inf
+    empty = _column_extremes(low[:0], high[:0], columns[:0], n_cols)
+    assert np.all(empty[0] == np.inf) and np.all(empty[1] == -np.inf)

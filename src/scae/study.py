@@ -268,8 +268,7 @@ def _train_runs(dataset, specs, train_idx, test_idx, config, output, distributed
     for spec in _training_order(specs):
         if spec.name in reusable:
             if main:
-                model, found_at = reusable[spec.name]
-                model.net_.to(resolve_device(config.device))
+                model, found_at = reusable[spec.name]  # loaded onto the study's device
                 if output is not None and found_at.parent != output.models:
                     save_model(model, dataset, config, spec, output.models)
                 if config.progress:
