@@ -61,3 +61,33 @@ def test_cuda_without_gpu_is_one_line(raw_h5ad, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "scae: error: --device cuda: no CUDA GPU is available to PyTorch here; use --device cpu or auto"
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_each_torchrun_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """Under torchrun, the process with LOCAL_RANK 3 joins NCCL on GPU 3 (the command line resolves
+    --device without being told the rank: it comes from the environment)."""
+    import torch
+    import torch.distributed as dist
+
+    from scae.parallel import init_distributed, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert resolve_device("cuda") == torch.device("cuda", 0)  # not under torchrun
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("cuda") == torch.device("cuda", 0)  # LOCAL_RANK alone is not torchrun
+    for key, value in {"RANK": "7", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(key, value)
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 3)
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    current, joined = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: joined.append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 7)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 8)
+    group = init_distributed(resolve_device("cuda"))
+    assert current == [torch.device("cuda", 3)] and joined == ["nccl"]
+    assert (group.rank, group.world_size, group.local_rank) == (7, 8, 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU visible to this process
+    assert resolve_device("cuda") == torch.device("cuda", 0)

@@ -20,10 +20,13 @@ from scae.errors import ScaeInputError
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
     """The ``torch.device`` for ``--device``: ``auto`` takes a CUDA GPU, then Apple's MPS, then the CPU.
 
-    Raises :class:`~scae.errors.ScaeInputError` when the device asked for is not available.
+    A CUDA device is GPU ``local_rank`` (default: this process's ``LOCAL_RANK`` under torchrun,
+    else 0) modulo the GPUs PyTorch sees, so that every process of a machine has its own GPU
+    (and a process that sees only its own, through ``CUDA_VISIBLE_DEVICES``, takes it). Raises
+    :class:`~scae.errors.ScaeInputError` when the device asked for is not available.
     """
     if name not in DEVICES:
         raise ScaeInputError(f"unknown device '{name}'; expected one of: {', '.join(DEVICES)}")
@@ -34,7 +37,8 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "cuda":
         if not cuda:
             raise ScaeInputError("--device cuda: no CUDA GPU is available to PyTorch here; use --device cpu or auto")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        rank = _local_rank() if local_rank is None else local_rank
+        return torch.device("cuda", rank % torch.cuda.device_count())
     if name == "mps" and not mps:
         raise ScaeInputError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto")
     return torch.device(name)
@@ -57,7 +61,10 @@ class Distributed:
 
 def local_rank() -> int:
     """This process's index on its machine under ``torchrun`` (0 otherwise)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    return int(os.environ.get("LOCAL_RANK", "0")) if launched_by_torchrun() else 0
+
+
+_local_rank = local_rank  # resolve_device's parameter has the same name
 
 
 def accumulator_dtype(device: torch.device) -> torch.dtype:
