@@ -490,6 +490,23 @@ def test_sources_are_copied_to_a_gpu_only_when_they_fit(raw_counts, monkeypatch)
     torch.testing.assert_close(copied[1].tensor(slice(None)), sources[1].tensor(slice(None)), rtol=0, atol=0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * needed - 2, 10**12))
     assert on_device(sources, torch.device("cuda")) == sources  # more than half the free memory
+    # memory PyTorch keeps cached for reuse (an earlier model's data) counts as free
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 1000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 996)
+    assert type(on_device(sources, torch.device("cuda"))[0]) is DeviceSource
+
+
+def test_a_device_copy_reads_at_most_a_window_of_memory_at_a_time(raw_counts, monkeypatch):
+    source = ArraySource(raw_counts[0])
+    reads = []
+    original = source.read
+    monkeypatch.setattr(source, "read", lambda rows: reads.append(rows) or original(rows))
+    monkeypatch.setattr(scae.sources, "WINDOW_BYTES", 4 * GENES * 50)  # 50 rows of GENES float32
+    copy = DeviceSource(source, "cpu")
+    assert [r.stop - r.start for r in reads] == [50] * (CELLS // 50) + ([CELLS % 50] if CELLS % 50 else [])
+    torch.testing.assert_close(copy.tensor(slice(None)), source.tensor(slice(None)), rtol=0, atol=0)
+    rows = np.array([5, 0, 3, 3])  # any order, repeats
+    torch.testing.assert_close(copy.take(rows), source.tensor(slice(None))[rows], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -193,3 +193,17 @@ def test_count_run_on_selected_genes_is_scored_on_the_mse_runs_scale():
     np.testing.assert_allclose(run.reconstruction, expected, rtol=1e-4, atol=1e-5)
     test = result.test_idx
     assert run.errors["test"]["mse"] == pytest.approx(float(np.mean((target[test] - expected[test]) ** 2)), rel=1e-4)
+
+
+def test_resume_onto_a_device_that_is_not_here_blames_the_device_not_the_models(small_dataset, tmp_path):
+    import types
+
+    from scae.errors import ScaeInputError
+    from scae.study import _reusable_models
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    output = types.SimpleNamespace(models=tmp_path / "staging", path=tmp_path)
+    with pytest.raises(ScaeInputError) as err:
+        _reusable_models(small_dataset, StudyConfig(resume=True, device="cuda"), output)
+    assert str(err.value) == "--device cuda: no CUDA GPU is available to PyTorch here; use --device cpu or auto"

@@ -175,14 +175,14 @@ class _NBLogLikelihoodSum(torch.autograd.Function):
         if ctx.sparse:  # the lgamma terms of the nonzero entries, gathered
             entries = _nonzero_entries(x)
             x_theta = entries.values + theta.index_select(0, entries.genes)
-            lgammas = (torch.lgamma(x_theta) - torch.lgamma(entries.values + 1.0)).sum()
+            total = (dense + (torch.lgamma(x_theta) - torch.lgamma(entries.values + 1.0)).sum()
+                     - torch.dot(entries.per_gene, torch.lgamma(theta)))
             where, per_gene = entries.genes, entries.per_gene
-        else:  # on every entry, masked (see _sparse_on)
-            where = x > 0
+        else:  # on every entry, masked (see _sparse_on); lgamma(x + θ) − lgamma(θ) entry by entry,
+            where = x > 0  # which keeps its precision where θ is large
             x_theta = x + theta
-            lgammas = torch.where(where, torch.lgamma(x_theta) - torch.lgamma(x + 1.0), 0.0).sum()
-            per_gene = where.sum(dim=0, dtype=x.dtype)
-        total = dense + lgammas - torch.dot(per_gene, torch.lgamma(theta))
+            total = dense + torch.where(where, torch.lgamma(x_theta) - torch.lgamma(theta) - torch.lgamma(x + 1.0), 0.0).sum()
+            per_gene = None
         ctx.save_for_backward(x, log_mean, log_theta, theta, s_per_gene, x_theta, where, per_gene)
         return total
 
@@ -192,11 +192,11 @@ class _NBLogLikelihoodSum(torch.autograd.Function):
         d_mean = torch.addcmul(x, x + theta, torch.sigmoid(log_mean - log_theta), value=-1.0)
         d_theta = None
         if ctx.needs_input_grad[2]:
-            if ctx.sparse:  # where: the genes of the nonzero entries
-                psi = torch.zeros_like(theta).index_add_(0, where, torch.digamma(x_theta))
-            else:  # where: the nonzero mask
-                psi = torch.where(where, torch.digamma(x_theta), 0.0).sum(dim=0)
-            d_theta = (theta * (psi - per_gene * torch.digamma(theta) - s_per_gene) - d_mean.sum(dim=0)).mul_(grad)
+            if ctx.sparse:  # where: the genes of the nonzero entries; Σ ψ(x + θ) − n·ψ(θ) per gene
+                psi = torch.zeros_like(theta).index_add_(0, where, torch.digamma(x_theta)) - per_gene * torch.digamma(theta)
+            else:  # where: the nonzero mask; ψ(x + θ) − ψ(θ) entry by entry, summed per gene
+                psi = torch.where(where, torch.digamma(x_theta) - torch.digamma(theta), 0.0).sum(dim=0)
+            d_theta = (theta * (psi - s_per_gene) - d_mean.sum(dim=0)).mul_(grad)
         return None, d_mean.mul_(grad), d_theta
 
 

@@ -64,7 +64,8 @@ DEVICE_FRACTION = 0.5
 """Training data is copied to a GPU when, dense in float32, it takes at most this fraction of the
 GPU's free memory (see :func:`on_device`)."""
 DEVICE_COPY_ROWS = 8192
-"""Rows read, densified and copied at a time when a source is copied to a GPU."""
+"""Most rows read, densified and copied at a time when a source is copied to a GPU (fewer when
+they would take more than :data:`WINDOW_BYTES` dense)."""
 
 Chunk = np.ndarray | sp.csr_matrix
 
@@ -238,10 +239,11 @@ class ArraySource(RowSource):
 class DeviceSource(RowSource):
     """Another source's rows held in a GPU's memory as one dense float32 tensor.
 
-    The rows are read from ``source`` :data:`DEVICE_COPY_ROWS` at a time (host memory stays
-    at one such chunk), as stored: raw counts stay raw, and are normalised per batch on the
-    device as before (``counts`` is the source's). Reads gather rows on the device and return
-    device tensors, so a minibatch costs no host-to-device copy but that of its row indices.
+    The rows are read from ``source`` at most :data:`DEVICE_COPY_ROWS` and
+    :data:`WINDOW_BYTES` (dense) at a time, so host memory stays at one such chunk, as stored:
+    raw counts stay raw, and are normalised per batch on the device as before (``counts`` is
+    the source's). Reads gather rows on the device and return device tensors, so a minibatch
+    costs no host-to-device copy but that of its row indices.
 
     Parameters
     ----------
@@ -255,14 +257,19 @@ class DeviceSource(RowSource):
         self.n_rows, self.n_cols, self.counts = source.n_rows, source.n_cols, source.counts
         self.device = torch.device(device)
         self._X = torch.empty((self.n_rows, self.n_cols), dtype=torch.float32, device=self.device)
-        for start in range(0, self.n_rows, DEVICE_COPY_ROWS):
-            stop = min(start + DEVICE_COPY_ROWS, self.n_rows)
+        step = max(1, min(DEVICE_COPY_ROWS, WINDOW_BYTES // (4 * max(self.n_cols, 1))))
+        for start in range(0, self.n_rows, step):
+            stop = min(start + step, self.n_rows)
             self._X[start:stop].copy_(_dense_tensor(source.read(slice(start, stop))))
 
     def _read(self, rows: np.ndarray) -> torch.Tensor:
         if rows.size and rows[-1] - rows[0] + 1 == rows.size:  # a contiguous range: a view
             return self._X[int(rows[0]) : int(rows[-1]) + 1]
-        return self._X.index_select(0, torch.from_numpy(rows).to(self.device, non_blocking=True))
+        return self.take(rows)
+
+    def take(self, rows: np.ndarray) -> torch.Tensor:
+        """Rows in the given order (not necessarily sorted), raw, gathered on the device."""
+        return self._X.index_select(0, torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.device, non_blocking=True))
 
 
 def on_device(sources: list[RowSource | None], device: torch.device) -> list[RowSource | None]:
@@ -280,6 +287,7 @@ def on_device(sources: list[RowSource | None], device: torch.device) -> list[Row
         return list(sources)
     needed = sum(4 * s.n_rows * s.n_cols for s in present)
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # PyTorch's cache is free to us
     if needed > DEVICE_FRACTION * free:
         return list(sources)
     return [None if s is None else DeviceSource(s, device) for s in sources]
@@ -359,7 +367,7 @@ class ColumnSubsetSource(RowSource):
     def _read(self, rows: np.ndarray) -> Chunk:
         chunk = self._parent._read(rows)  # whole rows, as stored
         if isinstance(chunk, torch.Tensor):
-            chunk = chunk.numpy()
+            chunk = chunk.cpu().numpy()
         if sp.issparse(chunk):
             chunk = sp.csr_matrix(chunk, dtype=np.float32)
             chunk.sum_duplicates()  # a file may repeat an entry; scipy's meaning is their sum
@@ -584,9 +592,9 @@ class BatchLoader:
     def __len__(self) -> int:
         return math.ceil(self.order.size / self.batch_size)
 
-    def _windows(self) -> Iterator[tuple[object, np.ndarray, list[tuple[np.ndarray, int]]]]:
-        """Per window of the order: the rows read (``chunk``, for the sorted ``wanted`` rows)
-        and this process's rows of each global batch in it."""
+    def _window_shards(self) -> Iterator[list[tuple[np.ndarray, int]]]:
+        """Per window of the order: this process's rows of each global batch in it, and that
+        batch's global size."""
         for w0 in range(0, self.order.size, self.window):
             window = self.order[w0 : w0 + self.window]
             shards = []
@@ -594,8 +602,23 @@ class BatchLoader:
                 batch = window[b0 : b0 + self.batch_size]
                 bounds = shard_bounds(batch.size, self.world_size)
                 shards.append((batch[bounds[self.rank] : bounds[self.rank + 1]], batch.size))
+            yield shards
+
+    def _windows(self) -> Iterator[tuple[object, np.ndarray, list[tuple[np.ndarray, int]]]]:
+        """Per window of the order: the rows read (``chunk``, for the sorted ``wanted`` rows)
+        and this process's rows of each global batch in it."""
+        for shards in self._window_shards():
             wanted = np.unique(np.concatenate([s for s, _ in shards]))
             yield self.source.read(wanted), wanted, shards
+
+    def _gathered_batches(self) -> Iterator[tuple[torch.Tensor, int]]:
+        """The batches of a source in a GPU's memory, each gathered there directly: the rows, in
+        the order, that reading windows would give (a window of one batch comes sorted, as
+        read), without holding a window's copy."""
+        for shards in self._window_shards():
+            for rows, n_global in shards:
+                x = self.source.take(np.sort(rows) if len(shards) == 1 else rows)
+                yield (normalize_counts_tensor(x) if self.source.counts else x), n_global
 
     def _batches(self, windows) -> Iterator[tuple[torch.Tensor, int]]:
         pin = self.device.type == "cuda"
@@ -614,6 +637,9 @@ class BatchLoader:
                 yield (normalize_counts_tensor(x) if self.source.counts else x), n_global
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        if isinstance(self.source, DeviceSource):
+            yield from self._gathered_batches()
+            return
         windows = self._windows() if self.prefetch <= 0 else self._prefetched_windows()
         yield from self._batches(windows)
 

@@ -340,6 +340,7 @@ def _reusable_models(dataset: Dataset, config: StudyConfig, output: OutputDir | 
     """
     if not config.resume or output is None:
         return {}
+    resolve_device(config.device)  # a device that is not here is the problem, not the models
     found = {}
     for spec in config.runs:
         for folder in (output.models, output.path / "models"):
