@@ -199,3 +199,52 @@ def test_idle_workers_are_killed_at_exit_but_a_restarted_pool_is_shut_down_in_or
         assert jobs.results() == {"b": 8} and jobs._restarted
         pool = jobs._pool
     assert stopped == [] and pool._shutdown_thread
+
+
+HALF_A_RESULT_SCRIPT = '''
+import os, struct, sys, threading, time
+from scae.background import BackgroundJobs
+
+
+def half_a_result(marker):
+    """Write the start of a result message, as a worker killed while sending one leaves it."""
+    frame = sys._getframe()
+    while "result_queue" not in frame.f_locals:
+        frame = frame.f_back
+    os.write(frame.f_locals["result_queue"]._writer.fileno(), struct.pack("!i", 1 << 20) + b"partial")
+    open(marker, "w").close()
+    time.sleep(120)
+
+
+if __name__ == "__main__":
+    marker = sys.argv[1]
+    try:
+        with BackgroundJobs(workers=1) as jobs:
+            jobs.submit("job", half_a_result, marker)
+            while not os.path.exists(marker):
+                time.sleep(0.02)
+            time.sleep(0.5)  # the pool's thread is now reading the rest of the message
+            raise RuntimeError("stop")  # an error in the caller: the busy worker is killed
+    except RuntimeError:
+        pass
+    managers = [t for t in threading.enumerate() if type(t).__name__ == "_ExecutorManagerThread"]
+    for thread in managers:
+        thread.join(10)
+    print("pool thread stopped" if not any(t.is_alive() for t in managers) else "pool thread stuck", flush=True)
+'''
+
+
+def test_a_worker_killed_while_sending_a_result_does_not_hang_the_interpreter_at_exit(tmp_path):
+    """The pool's thread, left reading the rest of a half-sent result, is released when the
+    workers are killed: Python's exit waits for that thread (a test run once never ended so)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, scae_env
+
+    script = tmp_path / "half_a_result.py"
+    script.write_text(HALF_A_RESULT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "started")], cwd=REPO, env=scae_env(),
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "pool thread stopped"

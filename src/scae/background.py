@@ -147,6 +147,7 @@ class BackgroundJobs:
         self._inline: dict[str, tuple[Callable, tuple]] = {}
         self._pool = None
         self._processes: list = []
+        self._results_writer = None  # this process's end of the pool's results pipe
         self._futures: dict = {}
         self._submitted: dict[str, tuple[Callable, tuple]] = {}  # pool jobs, kept until their result is in
         self.seconds: dict[str, float] = {}
@@ -166,8 +167,10 @@ class BackgroundJobs:
                 )
                 for _ in range(self.workers):  # one task each starts every worker now
                     self._pool.submit(_import, self._warm_up)
-            # kept: a broken pool forgets its processes, and their exit codes say what happened
+            # kept: a broken pool forgets its processes, and their exit codes say what happened;
+            # and shutdown() forgets its results pipe, which _kill_workers may have to close
             self._processes = list((getattr(self._pool, "_processes", None) or {}).values())
+            self._results_writer = getattr(getattr(self._pool, "_result_queue", None), "_writer", None)
         except BaseException:
             self._stop_workers()
             raise
@@ -330,4 +333,10 @@ class BackgroundJobs:
             process.kill()
         for process in processes:
             process.join(timeout)
-        self._pool, self._processes = None, []
+        # A worker killed while sending a result leaves the pool's thread reading the rest of it
+        # for ever, and Python's exit waits for that thread (an interpreter that never ends).
+        # The workers held the results pipe's other ends; with this process's closed too, the
+        # read ends (EOF), and the thread stops.
+        if self._results_writer is not None and all(not process.is_alive() for process in processes):
+            self._results_writer.close()
+        self._pool, self._processes, self._results_writer = None, [], None
