@@ -176,6 +176,8 @@ def test_benchmark_html_escapes_a_hostile_dataset_name(files, tmp_path, no_scvi)
     ("unknown_method", "unknown method 'umap'; expected one of: pca<k>, ae10, ae50, ae2, ae10_nonzero, "
                        + ", ".join(PRESETS) + ", recommended, scvi"),
     ("pca0", "unknown method 'pca0'"),
+    ("pca05", "method 'pca05': write it pca5"),
+    ("few_cells", "small19.npy + "),
     ("no_label_key", "--label-key is required with --h5ad (the obs column of cell labels)"),
     ("unknown_label_key", "no obs column 'celltype'"),
     ("unpaired", "--counts and --labels go in pairs: one labels file after each counts file"),
@@ -191,10 +193,33 @@ def test_benchmark_bad_input_is_one_line_and_writes_nothing(files, tmp_path, cap
         "unknown_label_key": ["--h5ad", str(files.h5ad), "--label-key", "celltype"],
         "unpaired": ["--counts", str(files.npy), "--labels", str(files.labels_file), "--counts", str(files.npy)],
         "no_dataset": [],
+        "pca05": ["--h5ad", str(files.h5ad), "--label-key", "ct", "--methods", "pca05"],
+        "few_cells": ["--counts", str(tmp_path / "small19.npy"), "--labels", str(tmp_path / "small19.txt")],
     }[case]
+    _small(tmp_path, 19)
     assert main([*base, *args]) == 2
     assert_one_line_error(capsys, needle)
     assert not out.exists() or not any(out.rglob("*"))
+
+
+def _small(folder: Path, cells: int) -> tuple[Path, Path]:
+    """small<cells>.npy + small<cells>.txt: ``cells`` cells × 12 genes, two labels."""
+    rng = np.random.default_rng(cells)
+    np.save(folder / f"small{cells}.npy", _lognorm(rng.poisson(2.0, (cells, 12)).astype(np.float32) + 1))
+    (folder / f"small{cells}.txt").write_text("\n".join("ab"[i % 2] for i in range(cells)) + "\n")
+    return folder / f"small{cells}.npy", folder / f"small{cells}.txt"
+
+
+def test_benchmark_names_the_files_and_skips_pca_beyond_the_genes(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    counts, labels = _small(tmp_path, 20)  # the fewest cells it scores
+    assert main(["benchmark", "--counts", str(counts), "--labels", str(labels), "--methods", "pca5", "pca13",
+                 "--seeds", "1", "--out", str(out), "--quiet"]) == 0
+    content = json.loads((out / "benchmark.json").read_text())
+    assert content["settings"]["paths"] == {"small20": f"{counts.resolve()} + {labels.resolve()}"}
+    assert [r["method"] for r in content["results"]] == ["pca5"]
+    assert content["skipped"] == [{"dataset": "small20", "method": "pca13",
+                                   "reason": "13 principal components of 20 cells × 12 genes (at most 12)"}]
 
 
 def test_benchmark_seeds_out_of_range_is_a_usage_error(tmp_path, capsys):

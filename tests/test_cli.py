@@ -103,7 +103,7 @@ def test_simulate_bad_arguments_exit_2(tmp_path, capsys):
     rc = main(["simulate", "--out", str(tmp_path / "s"), "--cells", "3", "--populations", "3"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert err.startswith("scae: error: ") and "n_cells=3" in err
+    assert err.startswith("scae: error: ") and "n_cells (--cells) = 3; expected at least 2 cells per population" in err
     assert not (tmp_path / "s" / "counts.npy").exists()
 
 
@@ -786,3 +786,56 @@ def test_the_study_command_knows_how_many_t_snes_its_study_runs():
     from scae.results import STUDY_RUNS
 
     assert STUDY_TSNES == 1 + sum(spec.tsne_latent + spec.tsne_reconstruction for spec in STUDY_RUNS)
+
+
+def test_a_file_name_too_long_for_the_system_is_one_line(sim_dir, tmp_path, capsys):
+    long = "x" * 300  # above the 255 bytes a name may have
+    cases = [
+        (["fit", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+          "--epochs", "1", "--quiet", "--out", str(tmp_path / f"{long}.pt")], f"{long[:20]}"),
+        (["study", "--counts", str(tmp_path / f"{long}.npy"), "--labels", str(sim_dir / "labels.txt"),
+          "--epochs", "1", "--quiet", "--out", str(tmp_path / "s")], ".npy: File name too long"),
+        (["study", "--counts", str(sim_dir / "counts.npy"), "--labels", str(tmp_path / long),
+          "--epochs", "1", "--quiet", "--out", str(tmp_path / "s")], "File name too long"),
+        (["embed", str(tmp_path / f"{long}.h5ad"), "--out", str(tmp_path / "o.h5ad")], "File name too long"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("scae: error: ") and err.count("\n") == 1 and needle in err, err
+        assert "…" in err and len(err) < 200  # the name shortened in the middle
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
+
+
+def test_a_study_runs_with_its_error_stream_closed(sim_dir, tmp_path):
+    """``2>&-``: the progress bars and messages go nowhere instead of failing the run."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, scae_env
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "scae.cli", *study_args(sim_dir, out)]
+    command.remove("--quiet")  # progress bars on: they write to standard error
+    proc = subprocess.run(command, cwd=REPO, env=scae_env(), stdout=subprocess.PIPE, text=True, timeout=300,
+                          preexec_fn=lambda: __import__("os").close(2))
+    assert proc.returncode == 0
+    assert "study finished" in proc.stdout and (out / "report.html").is_file()
+
+
+def test_repeated_cell_and_gene_names_are_kept_without_warnings(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    X = sp.csr_matrix(rng.poisson(1.0, (120, 30)).astype(np.float32))
+    obs = pd.DataFrame({"ct": pd.Categorical(np.repeat(["a", "b", "c"], 40))}, index=[f"c{i % 100}" for i in range(120)])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{j % 25}" for j in range(30)])).write_h5ad(tmp_path / "d.h5ad")
+    assert main(["embed", str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "o.h5ad"), "--epochs", "1",
+                 "--device", "cpu", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's, reading the names back here
+        out = ad.read_h5ad(tmp_path / "o.h5ad")
+    assert list(out.obs_names) == list(obs.index) and out.var_names[25] == "g0"

@@ -369,6 +369,16 @@ def test_read_h5ad_missing_labels_refused(tmp_path):
     assert msg.startswith(f"{path}: obs column 'ct' leaves 1 cell(s) without a label, first at cell 1;")
 
 
+@pytest.mark.parametrize("blank", ["", "   ", "\u00a0"])
+def test_read_h5ad_blank_labels_refused_as_a_labels_file_refuses_empty_lines(tmp_path, blank):
+    obs = pd.DataFrame({"ct": pd.Categorical(["a", "b", blank, "a"])}, index=list("wxyz"))
+    path = tmp_path / "m.h5ad"
+    ad.AnnData(X=blob(4, 3), obs=obs).write_h5ad(path)
+    msg = input_error(read_h5ad, path, "ct")
+    assert msg.startswith(f"{path}: obs column 'ct' leaves 1 cell(s) with a blank label (empty or only spaces), "
+                          "first at cell 2; expected a label for every cell")
+
+
 @pytest.mark.parametrize("content", ["not an h5ad file\n", ""])
 def test_read_h5ad_corrupt_file(tmp_path, content):
     path = tmp_path / "bad.h5ad"

@@ -174,6 +174,15 @@ def test_embed_top_genes_keeps_that_many(files, tmp_path):
     assert json.loads(adata.uns["scae"]["params"])["loss"] == "nb"
 
 
+@pytest.mark.parametrize("n", [GENES, GENES + 1, 10**6])
+def test_embed_top_genes_at_or_above_the_gene_count_keeps_them_all(files, tmp_path, n):
+    out = tmp_path / "all.h5ad"
+    assert _embed(files.dir / "counts.h5ad", out, "--top-genes", str(n)) == 0
+    adata = ad.read_h5ad(out)
+    assert list(adata.var_names) == list(files.names)
+    np.testing.assert_array_equal(adata.X.toarray(), files.counts)
+
+
 def test_embed_top_genes_match_scanpy_seurat_v3(files):
     sc = pytest.importorskip("scanpy")
     pytest.importorskip("skmisc")
@@ -312,4 +321,15 @@ def test_embed_api_names_the_parameter_of_a_bad_key():
     adata = ad.AnnData(np.ones((5, 3), dtype=np.float32))
     with pytest.raises(scae.ScaeInputError, match="latent_key must be a non-empty name without '/'"):
         scae.embed(adata, latent_key="a/b")
+    assert "X_scae" not in adata.obsm
+
+
+def test_the_denoised_matrix_never_replaces_the_counts_it_was_fitted_on(files, tmp_path, capsys):
+    out = tmp_path / "o.h5ad"
+    assert _embed(files.dir / "layered.h5ad", out, "--counts-layer", "umi", "--denoised-layer", "umi") == 2
+    assert_one_line_error(capsys, "--denoised-layer umi: is the layer --counts-layer reads the raw counts from")
+    assert not out.exists()
+    adata = ad.read_h5ad(files.dir / "layered.h5ad")
+    with pytest.raises(scae.ScaeInputError, match="denoised_layer .umi. is the layer the raw counts are read from"):
+        scae.embed(adata, counts_layer="umi", denoised_layer="umi", epochs=EPOCHS, device="cpu")
     assert "X_scae" not in adata.obsm

@@ -326,7 +326,7 @@ def test_files_written_together_replace_the_old_set_or_nothing(tmp_path):
 def test_commands_refuse_link_loops_and_outputs_of_the_wrong_kind_before_any_work(tmp_path, capsys):
     import numpy as np
 
-    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 6)).astype(np.float32))
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 12)).astype(np.float32))
     (tmp_path / "y.txt").write_text("a\nb\n" * 20)
     data = ["--counts", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.txt"), "--quiet"]
     (tmp_path / "loop1").symlink_to(tmp_path / "loop2")

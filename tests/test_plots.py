@@ -58,6 +58,17 @@ def test_labels_with_dollar_signs_do_not_break_figures():
     assert png_bytes(fig)[:8] == PNG_MAGIC
 
 
+def test_labels_with_characters_the_font_lacks_draw_without_warnings():
+    import warnings
+
+    rng = np.random.default_rng(2)
+    labels = np.array(["T cells \U0001F9EC"] * 10 + ["B cells \u2603\U0001F52C"] * 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warned once per missing glyph
+        fig = scatter_panels([Panel("p", rng.normal(size=(20, 2)))], labels, "title \U0001F9EC")
+        assert png_bytes(fig)[:8] == PNG_MAGIC
+
+
 @pytest.mark.parametrize("epochs", [1, 3])
 def test_loss_curves_have_whole_number_epoch_ticks(epochs):
     history = [{"epoch": e, "test_mse": 2.0 / (e + 1)} for e in range(epochs + 1)]

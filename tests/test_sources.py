@@ -534,3 +534,19 @@ def test_training_from_a_device_copy_is_training_from_the_source(counts_h5ad, ra
     assert copied.history_ == plain.history_
     for a, b in zip(copied.net_.state_dict().values(), plain.net_.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_read_only_rows_become_tensors_without_a_warning(tmp_path):
+    """A memory-mapped float32 .npy is read-only; torch.from_numpy warned about it on every batch."""
+    import warnings
+
+    from scae.sources import _dense_tensor
+
+    np.save(tmp_path / "m.npy", np.arange(12, dtype=np.float32).reshape(3, 4))
+    mapped = np.load(tmp_path / "m.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = _dense_tensor(mapped[1:])
+    torch.testing.assert_close(x, torch.arange(4, 12, dtype=torch.float32).reshape(2, 4), rtol=0, atol=0)
+    x += 1  # a copy: the file is untouched
+    assert float(np.load(tmp_path / "m.npy")[1, 0]) == 4.0

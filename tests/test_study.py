@@ -162,7 +162,7 @@ def test_study_on_few_genes_sparse():
 
 def test_too_small_embed_sample_is_refused_before_training(tmp_path):
     ds = scae.simulate_dataset(120, 30, 3, seed=0)
-    with pytest.raises(scae.ScaeInputError, match="max_embed_cells 20 is too small for 3 labels"):
+    with pytest.raises(scae.ScaeInputError, match=r"max_embed_cells \(--max-embed-cells\) 20 is too small for 3 labels"):
         scae.run_study(ds, tmp_path / "out", fast_config(max_embed_cells=20))
     assert not (tmp_path / "out").exists()
 

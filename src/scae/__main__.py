@@ -18,10 +18,27 @@ def _while_starting(signum: int, frame) -> None:
     os._exit(128 + signum)
 
 
+def open_closed_standard_streams() -> None:
+    """Give a closed standard input, output or error (``2>&-``) the null device.
+
+    Python sets such a stream to ``None``, and the first progress bar or message written to it
+    would fail; worse, the first file opened would take its descriptor and receive what C
+    libraries print there. Opening the null device takes the lowest free descriptor: the
+    closed one.
+    """
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # becomes descriptor fd: every lower one is open
+            setattr(sys, name, open(fd, mode, closefd=False))
+
+
 def console() -> None:
     """Entry point of the ``scae`` console script."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _while_starting)
+    open_closed_standard_streams()
     from scae.cli import main
 
     sys.exit(main())

@@ -49,7 +49,9 @@ def embed(
         ``obsm`` key of the latent (cells × latent size).
     denoised_layer
         ``layers`` key of the denoised expression, on the log-normalised scale
-        (``log1p(expected proportion × 10⁴)`` for a count model); ``None``: not written.
+        (``log1p(expected proportion × 10⁴)`` for a count model); ``None``: not written. An
+        existing entry of that name (or of ``latent_key`` in ``obsm``) is replaced, except the
+        layer the counts are read from, which is refused.
     random_state, device, progress
         As for :class:`~scae.models.Autoencoder`.
     **params
@@ -63,6 +65,11 @@ def embed(
     check_h5ad_key("latent_key", latent_key)
     if denoised_layer is not None:
         check_h5ad_key("denoised_layer", denoised_layer)
+        if denoised_layer == counts_layer:
+            raise ScaeInputError(
+                f"denoised_layer '{denoised_layer}' is the layer the raw counts are read from; writing the "
+                "denoised matrix there would replace them: choose another name"
+            )
     model = Autoencoder.from_preset(preset, random_state=random_state, device=device, progress=progress, **params)
     model._check_params()
     counts = anndata_counts(adata, counts_layer, counts_raw)

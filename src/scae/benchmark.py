@@ -50,6 +50,8 @@ class Method:
     """Whether the method models raw counts (it is skipped on datasets without them)."""
     peer: bool = False
     """An external tool (skipped with a note when it is not installed)."""
+    components: int | None = None
+    """PCA: the number of principal components (skipped on datasets with fewer genes or cells)."""
 
 
 def _pca_method(name: str, k: int) -> Method:
@@ -57,7 +59,7 @@ def _pca_method(name: str, k: int) -> Method:
         X = dataset.source().matrix()
         return fit_pca(X, k, seed).transform(X).astype(np.float32)
 
-    return Method(name, fit)
+    return Method(name, fit, components=k)
 
 
 def autoencoder_method(name: str, params: dict, counts: bool, device: str = "auto") -> Method:
@@ -96,7 +98,10 @@ def method(name: str, device: str = "auto") -> Method:
     from scae.likelihoods import get_likelihood
 
     if name.startswith("pca") and name[3:].isdigit() and int(name[3:]) >= 1:
-        return _pca_method(name, int(name[3:]))
+        k = int(name[3:])
+        if name != f"pca{k}":  # pca010 would be a second name of pca10
+            raise ScaeInputError(f"method '{name}': write it pca{k}")
+        return _pca_method(name, k)
     if name in ASSIGNMENT_RUNS:
         return autoencoder_method(name, _assignment_params(name), counts=False, device=device)
     if name == "recommended" or name in PRESETS:
@@ -120,6 +125,22 @@ def score_latent(latent: np.ndarray, labels: np.ndarray, seed: int, max_cells: i
     scores = cluster_scores(Z, y, seed=seed)
     return {"ari": scores["ari"], "nmi": scores["nmi"], "silhouette": scores["silhouette"],
             "knn_accuracy": knn_accuracy(Z, y, k=15, folds=5, seed=seed)}
+
+
+MIN_CELLS = 20
+"""Fewest cells a benchmark dataset may have: 15-NN accuracy is cross-validated in 5 folds, so
+each fold's training cells must hold 15 neighbours."""
+
+
+def check_scorable(dataset: Dataset, name: str) -> None:
+    """Refuse a dataset whose latents cannot be scored meaningfully: fewer than :data:`MIN_CELLS`
+    cells, or a single label (nothing to keep apart)."""
+    if dataset.n_cells < MIN_CELLS:
+        raise ScaeInputError(f"{name}: {dataset.n_cells} cells; the scores need at least {MIN_CELLS} "
+                             "(15-nearest-neighbour accuracy in 5 folds)")
+    if len(dataset.classes) < 2:
+        raise ScaeInputError(f"{name}: every cell has the label '{dataset.classes[0]}'; the scores need "
+                             "at least 2 labels (cell types to keep apart)")
 
 
 def prepare(dataset: Dataset, top_genes: int | None) -> Dataset:
@@ -146,6 +167,8 @@ def run_benchmark(
     a peer tool that is not installed).
     """
     resolved = [m if isinstance(m, Method) else method(m) for m in methods]
+    for data_name, dataset in datasets.items():
+        check_scorable(dataset, data_name)
     results, skipped = [], []
     for data_name, dataset in datasets.items():
         dataset = prepare(dataset, top_genes)
@@ -173,6 +196,9 @@ def run_benchmark(
 def _why_not(m: Method, dataset: Dataset) -> str | None:
     if m.needs_counts and not dataset.has_counts:
         return "needs raw counts; the dataset has none"
+    if m.components is not None and m.components > min(dataset.n_genes, dataset.n_cells):
+        return (f"{m.components} principal components of {dataset.n_cells} cells × {dataset.n_genes} genes "
+                f"(at most {min(dataset.n_genes, dataset.n_cells)})")
     if m.peer:
         from scae.peers import scvi_available
 

@@ -13,6 +13,7 @@ import io
 import os
 import signal
 import sys
+import warnings
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -156,10 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="write the built-in dataset as counts.npy (log-normalized) + "
                               "raw_counts.npy + labels.txt")
     simulate.add_argument("--out", type=Path, required=True, help="output directory")
-    simulate.add_argument("--cells", type=_option(SIMULATE_CELLS), default=5000)
-    simulate.add_argument("--genes", type=_option(SIMULATE_GENES), default=1000)
-    simulate.add_argument("--populations", type=_option(SIMULATE_POPULATIONS), default=3)
-    simulate.add_argument("--seed", type=_option(rules.SEED), default=0)
+    simulate.add_argument("--cells", type=_option(SIMULATE_CELLS), default=5000,
+                          help="cells, at least 2 per population (default 5000)")
+    simulate.add_argument("--genes", type=_option(SIMULATE_GENES), default=1000, help="genes, at least 10 (default 1000)")
+    simulate.add_argument("--populations", type=_option(SIMULATE_POPULATIONS), default=3,
+                          help="cell populations (labels), at least 2 (default 3)")
+    simulate.add_argument("--seed", type=_option(rules.SEED), default=0,
+                          help="seed: the same one gives the same files, bit for bit (default 0)")
     return parser
 
 
@@ -505,6 +509,11 @@ def run_embed_command(args: argparse.Namespace) -> int:
     check_h5ad_key("--latent-key", args.latent_key)
     if args.denoised_layer is not None:
         check_h5ad_key("--denoised-layer", args.denoised_layer)
+        if args.denoised_layer == args.counts_layer:
+            raise ScaeInputError(
+                f"--denoised-layer {args.denoised_layer}: is the layer --counts-layer reads the raw counts from; "
+                "the denoised matrix would replace them in OUT: choose another name"
+            )
     if args.counts_layer is not None and args.counts_raw:
         raise ScaeInputError("give either --counts-layer or --counts-raw (where the raw counts are), not both")
     if _resolved(args.out) == _resolved(args.input):
@@ -517,8 +526,7 @@ def run_embed_command(args: argparse.Namespace) -> int:
     from scae.anndata_embed import embed
     from scae.files import write_h5ad
 
-    check_top_genes(args.top_genes, adata.n_vars)
-    if args.top_genes is not None and args.top_genes < adata.n_vars:
+    if args.top_genes is not None and args.top_genes < adata.n_vars:  # N at or above the genes: all kept
         adata = _top_genes_of(adata, args)
     from scae.likelihoods import get_likelihood
     from scae.presets import preset
@@ -539,7 +547,7 @@ def run_embed_command(args: argparse.Namespace) -> int:
     except OSError as err:
         raise ScaeInputError(f"{args.out}: cannot write ({err.strerror or err})") from None
     print(f"scae: {args.preset} fitted on {adata.n_obs} cells × {adata.n_vars} genes in "
-          f"{time.perf_counter() - started:.1f} s ({model.history_[-1]['epoch']} epochs); wrote {args.out} with "
+          f"{time.perf_counter() - started:.1f} s ({model.history_[-1]['epoch']} epoch(s)); wrote {args.out} with "
           f"obsm['{args.latent_key}'] and layers['{args.denoised_layer}']")
     return 0
 
@@ -589,12 +597,19 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
 
     methods = [method(name, args.device) for name in dict.fromkeys(args.methods)]  # unknown names refused first
     refuse_inputs_inside(args.out, [*args.h5ad, *args.counts, *args.labels], set(BENCHMARK_OUTPUTS), "the benchmark")
-    datasets = {}
+    from scae.benchmark import check_scorable
+
+    datasets, paths = {}, {}
     for path in args.h5ad:
-        datasets[_unique_name(path.stem, datasets)] = read_h5ad(
-            path, args.label_key, counts_layer=args.counts_layer, counts_raw=args.counts_raw)
+        name = _unique_name(path.stem, datasets)
+        datasets[name] = read_h5ad(path, args.label_key, counts_layer=args.counts_layer, counts_raw=args.counts_raw)
+        paths[name] = str(path.resolve())
     for counts, labels in zip(args.counts, args.labels):
-        datasets[_unique_name(counts.stem, datasets)] = read_counts_labels(counts, labels)
+        name = _unique_name(counts.stem, datasets)
+        datasets[name] = read_counts_labels(counts, labels)
+        paths[name] = f"{counts.resolve()} + {labels.resolve()}"
+    for name, dataset in datasets.items():  # before any output is touched
+        check_scorable(dataset, paths[name])
     check_output_dir(args.out, (*BENCHMARK_OUTPUTS, "figures/benchmark.png"))  # after reading: a refused input leaves no folder behind
     from scae.benchmark import run_benchmark, write_benchmark
 
@@ -609,7 +624,8 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     try:
         write_benchmark(args.out, results, skipped, {"seeds": seeds, "top_genes": args.top_genes,
                                                      "methods": [m.name for m in methods], "device": args.device,
-                                                     "datasets": {name: d.name for name, d in datasets.items()}})
+                                                     "datasets": {name: d.name for name, d in datasets.items()},
+                                                     "paths": paths})
     except OSError as err:
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
         raise ScaeInputError(f"{args.out}: cannot write the benchmark's results{where}: {err.strerror or err}") from None
@@ -695,6 +711,17 @@ def main(argv: list[str] | None = None) -> int:
         return status
 
 
+def _os_error_line(err: OSError) -> str:
+    """``path: reason`` of an operating-system error, a very long path shortened in the middle."""
+    reason = err.strerror or str(err) or type(err).__name__
+    if err.filename is None:
+        return reason
+    name = os.fsdecode(err.filename) if isinstance(err.filename, bytes) else str(err.filename)
+    if len(name) > 120:
+        name = f"{name[:60]}…{name[-40:]}"
+    return f"{name}: {reason}"
+
+
 _NOT_WRITTEN_WHEN_INTERRUPTED = {
     "study": "; no report.html or metrics.json was written for this run",
     "fit": "; no model file was written",
@@ -705,6 +732,14 @@ _NOT_WRITTEN_WHEN_INTERRUPTED = {
 
 def _run_command(args: argparse.Namespace) -> int:
     """Run the parsed command; problems the user can fix become one line and exit status 2."""
+    with warnings.catch_warnings():
+        # repeated cell or gene names are the user's to keep: anndata's warning for every
+        # AnnData made from them (input, results.h5ad, embed's output) would repeat itself
+        warnings.filterwarnings("ignore", message=r"(Observation|Variable) names are not unique", category=UserWarning)
+        return _run_command_checked(args)
+
+
+def _run_command_checked(args: argparse.Namespace) -> int:
     try:
         if args.command == "study":
             return run_study_command(args)
@@ -717,6 +752,9 @@ def _run_command(args: argparse.Namespace) -> int:
         return run_simulate_command(args)
     except ScaeInputError as err:
         print(f"scae: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:  # a path the system refuses (a name too long, an I/O error, …): one line
+        print(f"scae: error: {_os_error_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as err:
         if not _in_process_group():
@@ -752,4 +790,7 @@ def _in_process_group() -> bool:
 
 
 if __name__ == "__main__":
+    from scae.__main__ import open_closed_standard_streams
+
+    open_closed_standard_streams()
     sys.exit(main())

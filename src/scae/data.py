@@ -699,6 +699,13 @@ def _as_labels(labels, origin: _LabelOrigin) -> np.ndarray:
     if reason is not None:
         raise origin.refuse(f"holds {reason}, not cell labels", "expected one cell-type label per cell", numbers=True)
     strings = series.astype(str)
+    blank = (strings.str.strip() == "").to_numpy()  # as a labels file's empty line: no label
+    if blank.any():
+        raise origin.refuse(
+            f"leaves {int(blank.sum())} cell(s) with a blank label (empty or only spaces), first at cell "
+            f"{int(np.flatnonzero(blank)[0])}",
+            "expected a label for every cell",
+        )
     distinct = strings.unique()  # Python strings: a NUL inside survives (NumPy strings drop trailing ones)
     with_nul = [label for label in distinct if "\0" in label]
     if with_nul:
@@ -1297,7 +1304,8 @@ def _read_h5ad_in_memory(
     else:
         X = adata.X
     if X is None:
-        raise ScaeInputError(f"{path}: X is empty; expected an expression matrix (or pass --layer)")
+        raise ScaeInputError(f"{path}: X is empty; expected an expression matrix there "
+                             "(scae study and fit can read a layer instead: --layer NAME)")
     _check_matrix_type(X, where)
     given = None
     if counts is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,7 +62,8 @@ def scatter_panels(panels: Sequence[Panel], labels: np.ndarray, title: str) -> F
     legend = fig.legend(handles=handles, loc="center left", fontsize=8, frameon=False, title="label",
                         ncols=1 if len(classes) <= 20 else 2)
     # the figure widens to the legend's measured width (one text layout, not every text's)
-    legend_in = legend.get_window_extent(FigureCanvasAgg(fig).get_renderer()).width / fig.dpi
+    with _missing_glyphs_quiet():
+        legend_in = legend.get_window_extent(FigureCanvasAgg(fig).get_renderer()).width / fig.dpi
     layout.right_in = legend_in + 0.35
     layout.place(fig, axes)
     legend.set_bbox_to_anchor((1 - (legend_in + 0.2) / fig.get_size_inches()[0], 0.5))
@@ -137,8 +140,18 @@ def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
     """Render a figure to PNG (zlib level 1: 7% larger files than the default level 6, a
     quarter less time to write)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, pil_kwargs={"compress_level": 1})
+    with _missing_glyphs_quiet():
+        fig.savefig(buffer, format="png", dpi=dpi, pil_kwargs={"compress_level": 1})
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _missing_glyphs_quiet() -> Iterator[None]:
+    """A character the font lacks (an emoji in a label) is drawn as a box, without matplotlib's
+    warning for each one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
+        yield
 
 
 def benchmark_bars(rows: Sequence[dict], scores: Sequence[tuple[str, str]], title: str) -> Figure:

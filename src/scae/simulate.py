@@ -42,22 +42,30 @@ DISPERSION, DISPERSION_LOG_SD = 0.3, 0.5  # NB dispersion: global × gene-wise l
 DROPOUT_MID, DROPOUT_SLOPE = 1.0, 1.0
 
 
+_OPTIONS = {"n_cells": "--cells", "n_genes": "--genes", "n_populations": "--populations", "seed": "--seed"}
+"""The command-line option of each parameter, named in messages beside it."""
+
+
 def _check_args(n_cells: int, n_genes: int, n_populations: int, seed: int) -> None:
     args = {"n_cells": n_cells, "n_genes": n_genes, "n_populations": n_populations, "seed": seed}
+
+    def named(name: str) -> str:
+        return f"{name} ({_OPTIONS[name]}) = {args[name]!r}"
+
     for name, value in args.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ScaeInputError(f"{name}={value!r}; expected an integer")
+            raise ScaeInputError(f"{named(name)}; expected an integer")
     if n_populations < 2:
-        raise ScaeInputError(f"n_populations={n_populations}; expected at least 2 populations")
+        raise ScaeInputError(f"{named('n_populations')}; expected at least 2 populations")
     if n_cells < 2 * n_populations:
         raise ScaeInputError(
-            f"n_cells={n_cells}; expected at least 2 cells per population "
+            f"{named('n_cells')}; expected at least 2 cells per population "
             f"({2 * n_populations} for {n_populations} populations)"
         )
     if n_genes < 10:
-        raise ScaeInputError(f"n_genes={n_genes}; expected at least 10 genes")
+        raise ScaeInputError(f"{named('n_genes')}; expected at least 10 genes")
     if seed < 0:
-        raise ScaeInputError(f"seed={seed}; expected a non-negative integer")
+        raise ScaeInputError(f"{named('seed')}; expected a non-negative integer")
 
 
 def _population_model(

@@ -120,7 +120,10 @@ def _dense_tensor(chunk: Chunk | torch.Tensor) -> torch.Tensor:
         rows = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))
         out[rows, chunk.indices] = chunk.data
         return torch.from_numpy(out)
-    return torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
+    array = np.ascontiguousarray(chunk, dtype=np.float32)
+    if not array.flags.writeable:  # a read-only memory map: torch wants memory it may write
+        array = array.copy()
+    return torch.from_numpy(array)
 
 
 class RowSource:

@@ -609,7 +609,7 @@ def _check_config(config: StudyConfig, dataset: Dataset) -> None:
     least = max(50, 10 * n_labels)
     if config.max_embed_cells < least:
         raise ScaeInputError(
-            f"max_embed_cells {config.max_embed_cells} is too small for {n_labels} labels; "
+            f"max_embed_cells (--max-embed-cells) {config.max_embed_cells} is too small for {n_labels} labels; "
             f"expected at least {least} (50, and 10 per label)"
         )
 
