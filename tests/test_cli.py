@@ -839,3 +839,14 @@ def test_repeated_cell_and_gene_names_are_kept_without_warnings(tmp_path, capsys
         warnings.simplefilter("ignore")  # anndata's, reading the names back here
         out = ad.read_h5ad(tmp_path / "o.h5ad")
     assert list(out.obs_names) == list(obs.index) and out.var_names[25] == "g0"
+
+
+def test_a_refused_study_leaves_no_folder_it_made(sim_dir, tmp_path, capsys):
+    base = ["study", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+            "--epochs", "1", "--quiet", "--max-embed-cells", "20"]  # refused once the input is read
+    assert main([*base, "--out", str(tmp_path / "new" / "out")]) == 2
+    assert "--max-embed-cells" in capsys.readouterr().err
+    assert not (tmp_path / "new" / "out").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made stays
+    assert main([*base, "--out", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())

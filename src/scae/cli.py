@@ -350,7 +350,19 @@ def run_study_command(args: argparse.Namespace) -> int:
     from scae.files import check_output_dir, refuse_inputs_inside
 
     refuse_inputs_inside(args.out, [args.h5ad, args.counts, args.labels, args.raw_counts])  # before anything is removed
+    created = not os.path.lexists(args.out)
     check_output_dir(args.out)  # fail fast (every process), before loading or training
+    try:
+        return _run_study_into(args)
+    except BaseException:
+        if created:  # a folder this run made and left empty is not left behind
+            with contextlib.suppress(OSError):
+                args.out.rmdir()
+        raise
+
+
+def _run_study_into(args: argparse.Namespace) -> int:
+    """:func:`run_study_command` once ``--out`` is checked (and made)."""
     distributed = None
     if _in_process_group():  # join the group first, so that no process is left waiting for one that stopped
         distributed = _join_process_group(args.device)
