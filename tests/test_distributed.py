@@ -86,8 +86,50 @@ def test_each_torchrun_process_takes_the_gpu_of_its_local_rank(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: joined.append(backend))
     monkeypatch.setattr(dist, "get_rank", lambda: 7)
     monkeypatch.setattr(dist, "get_world_size", lambda: 8)
+    monkeypatch.setattr(dist, "new_group", lambda backend: backend)
+    monkeypatch.setattr("scae.parallel.gpu_identity", lambda device: ("host", f"GPU-{device.index}", device.index))
+    monkeypatch.setattr(dist, "all_gather_object",  # the 8 processes: 2 machines × 4 GPUs
+                        lambda out, obj, group: out.__setitem__(slice(None), [(f"h{r // 4}", f"GPU-{r % 4}", r % 4) for r in range(8)]))
     group = init_distributed(resolve_device("cuda"))
     assert current == [torch.device("cuda", 3)] and joined == ["nccl"]
     assert (group.rank, group.world_size, group.local_rank) == (7, 8, 3)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU visible to this process
     assert resolve_device("cuda") == torch.device("cuda", 0)
+
+
+def test_processes_sharing_a_gpu_are_named_before_nccl_fails():
+    from scae.parallel import shared_gpu
+
+    assert shared_gpu([("a", "GPU-1", 0), ("a", "GPU-2", 1), ("b", "GPU-1", 0)]) is None  # another machine's
+    assert shared_gpu([("a", "0:0", 0), ("a", "1:0", 0)]) is None  # CUDA_VISIBLE_DEVICES apart
+    message = shared_gpu([("a", "GPU-1", 0), ("a", "GPU-2", 1), ("a", "GPU-1", 0), ("a", "GPU-2", 1)])
+    assert message == ("torchrun: processes 0 and 2 both use GPU 0 of a; NCCL needs a GPU per process, and 4 "
+                       "processes there have 2 GPU(s): start at most as many processes per machine as it has GPUs "
+                       "(--nproc_per_node), or use --device cpu")
+
+
+def test_torchrun_processes_on_one_gpu_stop_with_one_line_each(monkeypatch):
+    """Under torchrun on CUDA the processes compare their GPUs over gloo before any NCCL collective."""
+    import torch
+    import torch.distributed as dist
+
+    from scae.errors import ScaeInputError
+    from scae.parallel import init_distributed
+
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "new_group", lambda backend: backend)
+    gathered = []
+
+    def all_gather_object(out, obj, group):
+        gathered.append((obj, group))
+        out[:] = [obj, obj]  # both processes on the same GPU
+
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr("scae.parallel.gpu_identity", lambda device: ("host", "GPU-x", 0))
+    with pytest.raises(ScaeInputError, match="torchrun: processes 0 and 1 both use GPU 0 of host"):
+        init_distributed(torch.device("cuda", 0))
+    assert gathered == [(("host", "GPU-x", 0), "gloo")]

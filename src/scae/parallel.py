@@ -103,11 +103,44 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> Distrib
         torch.cuda.set_device(device)  # each process owns its GPU; collectives use the current one
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    if device.type == "cuda":
+        # NCCL refuses two processes on one GPU, with an error of its own at the first collective;
+        # the processes compare their GPUs over gloo first (NCCL connects lazily) and stop alike
+        identities: list = [None] * dist.get_world_size()
+        dist.all_gather_object(identities, gpu_identity(device), group=dist.new_group(backend="gloo"))
+        problem = shared_gpu(identities)
+        if problem is not None:
+            raise ScaeInputError(problem)
     return Distributed(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=local_rank(),
     )
+
+
+def gpu_identity(device: torch.device) -> tuple[str, str, int]:
+    """This process's GPU: its machine's name, the GPU's UUID (or, without one, the visible
+    devices and the index among them) and its index in this process."""
+    import socket
+
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    which = str(uuid) if uuid is not None else f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}:{device.index}"
+    return socket.gethostname(), which, int(device.index or 0)
+
+
+def shared_gpu(identities: list[tuple[str, str, int]]) -> str | None:
+    """Why the processes of a group (their :func:`gpu_identity`, in rank order) cannot use NCCL:
+    two of them share a GPU. ``None`` when each has its own."""
+    first: dict[tuple[str, str], int] = {}
+    for rank, (host, which, index) in enumerate(identities):
+        if (host, which) in first:
+            processes = sum(1 for h, _, _ in identities if h == host)
+            gpus = len({w for h, w, _ in identities if h == host})
+            return (f"torchrun: processes {first[host, which]} and {rank} both use GPU {index} of {host}; NCCL needs "
+                    f"a GPU per process, and {processes} processes there have {gpus} GPU(s): start at most as many "
+                    "processes per machine as it has GPUs (--nproc_per_node), or use --device cpu")
+        first[host, which] = rank
+    return None
 
 
 def shutdown_distributed() -> None:
