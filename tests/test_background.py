@@ -216,7 +216,23 @@ def half_a_result(marker):
     time.sleep(120)
 
 
-if __name__ == "__main__":
+def half_a_result_then_die(_):
+    import signal
+
+    frame = sys._getframe()
+    while "result_queue" not in frame.f_locals:
+        frame = frame.f_back
+    os.write(frame.f_locals["result_queue"]._writer.fileno(), struct.pack("!i", 1 << 20) + b"partial")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__" and sys.argv[2:] == ["unfinished"]:
+    with BackgroundJobs(workers=1) as jobs:  # left with jobs unfinished and their worker dead
+        jobs.submit("dies", half_a_result_then_die, 1)
+        jobs.submit("other", time.sleep, 0.1)
+        time.sleep(2)
+    print("pool left", flush=True)
+elif __name__ == "__main__":
     marker = sys.argv[1]
     try:
         with BackgroundJobs(workers=1) as jobs:
@@ -248,3 +264,19 @@ def test_a_worker_killed_while_sending_a_result_does_not_hang_the_interpreter_at
                           capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "pool thread stopped"
+
+
+def test_a_pool_left_with_unfinished_jobs_and_a_dead_worker_does_not_hang(tmp_path):
+    """Leaving the block without results() shuts the pool down in order, except when a worker is
+    dead: its half-sent result would keep that shutdown waiting for ever."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, scae_env
+
+    script = tmp_path / "half_a_result.py"
+    script.write_text(HALF_A_RESULT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "unused"), "unfinished"], cwd=REPO,
+                          env=scae_env(), capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "pool left"

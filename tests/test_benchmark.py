@@ -177,6 +177,7 @@ def test_benchmark_html_escapes_a_hostile_dataset_name(files, tmp_path, no_scvi)
                        + ", ".join(PRESETS) + ", recommended, scvi"),
     ("pca0", "unknown method 'pca0'"),
     ("pca05", "method 'pca05': write it pca5"),
+    ("pca_superscript", "unknown method 'pca²'"),
     ("few_cells", "small19.npy + "),
     ("no_label_key", "--label-key is required with --h5ad (the obs column of cell labels)"),
     ("unknown_label_key", "no obs column 'celltype'"),
@@ -194,6 +195,7 @@ def test_benchmark_bad_input_is_one_line_and_writes_nothing(files, tmp_path, cap
         "unpaired": ["--counts", str(files.npy), "--labels", str(files.labels_file), "--counts", str(files.npy)],
         "no_dataset": [],
         "pca05": ["--h5ad", str(files.h5ad), "--label-key", "ct", "--methods", "pca05"],
+        "pca_superscript": ["--h5ad", str(files.h5ad), "--label-key", "ct", "--methods", "pca²"],
         "few_cells": ["--counts", str(tmp_path / "small19.npy"), "--labels", str(tmp_path / "small19.txt")],
     }[case]
     _small(tmp_path, 19)

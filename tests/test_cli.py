@@ -844,9 +844,27 @@ def test_repeated_cell_and_gene_names_are_kept_without_warnings(tmp_path, capsys
 def test_a_refused_study_leaves_no_folder_it_made(sim_dir, tmp_path, capsys):
     base = ["study", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
             "--epochs", "1", "--quiet", "--max-embed-cells", "20"]  # refused once the input is read
-    assert main([*base, "--out", str(tmp_path / "new" / "out")]) == 2
+    assert main([*base, "--out", str(tmp_path / "new" / "deeper" / "out")]) == 2
     assert "--max-embed-cells" in capsys.readouterr().err
-    assert not (tmp_path / "new" / "out").exists()
+    assert not (tmp_path / "new").exists()  # every folder it made
     (tmp_path / "mine").mkdir()  # a folder the user made stays
     assert main([*base, "--out", str(tmp_path / "mine")]) == 2
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
+def test_the_last_line_lost_to_a_full_or_closed_output_does_not_fail_the_command(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, scae_env
+
+    command = [sys.executable, "-m", "scae.cli", "simulate", "--cells", "60", "--genes", "10"]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([*command, "--out", str(tmp_path / "a")], cwd=REPO, env=scae_env(), stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["counts.npy", "labels.txt", "raw_counts.npy"]
+    piped = subprocess.Popen([*command, "--out", str(tmp_path / "b")], cwd=REPO, env=scae_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    piped.stdout.close()  # the reader is gone (| head, | true)
+    assert piped.wait(timeout=120) == 0 and piped.stderr.read() == ""

@@ -86,7 +86,8 @@ def test_each_torchrun_process_takes_the_gpu_of_its_local_rank(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: joined.append(backend))
     monkeypatch.setattr(dist, "get_rank", lambda: 7)
     monkeypatch.setattr(dist, "get_world_size", lambda: 8)
-    monkeypatch.setattr(dist, "new_group", lambda backend: backend)
+    monkeypatch.setattr(dist, "new_group", lambda backend, timeout: backend)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: None)
     monkeypatch.setattr("scae.parallel.gpu_identity", lambda device: ("host", f"GPU-{device.index}", device.index))
     monkeypatch.setattr(dist, "all_gather_object",  # the 8 processes: 2 machines × 4 GPUs
                         lambda out, obj, group: out.__setitem__(slice(None), [(f"h{r // 4}", f"GPU-{r % 4}", r % 4) for r in range(8)]))
@@ -116,12 +117,14 @@ def test_torchrun_processes_on_one_gpu_stop_with_one_line_each(monkeypatch):
     from scae.errors import ScaeInputError
     from scae.parallel import init_distributed
 
-    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(dist, "new_group", lambda backend: backend)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "new_group", lambda backend, timeout: backend)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: None)
     gathered = []
 
     def all_gather_object(out, obj, group):
@@ -133,3 +136,14 @@ def test_torchrun_processes_on_one_gpu_stop_with_one_line_each(monkeypatch):
     with pytest.raises(ScaeInputError, match="torchrun: processes 0 and 1 both use GPU 0 of host"):
         init_distributed(torch.device("cuda", 0))
     assert gathered == [(("host", "GPU-x", 0), "gloo")]
+    gathered.clear()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # several machines: gloo may need network set-up there,
+    assert init_distributed(torch.device("cuda", 0)).world_size == 2  # so NCCL is left to say it
+    assert gathered == []
+
+    def broken(out, obj, group):
+        raise RuntimeError("gloo: connection refused")
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "all_gather_object", broken)  # a comparison that fails is skipped
+    assert init_distributed(torch.device("cuda", 0)).world_size == 2

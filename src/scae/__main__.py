@@ -14,7 +14,10 @@ import sys
 
 
 def _while_starting(signum: int, frame) -> None:
-    os.write(2, f"scae: interrupted ({signal.Signals(signum).name}) while starting; nothing was written\n".encode())
+    try:
+        os.write(2, f"scae: interrupted ({signal.Signals(signum).name}) while starting; nothing was written\n".encode())
+    except OSError:  # no standard error to say it on
+        pass
     os._exit(128 + signum)
 
 
@@ -36,9 +39,9 @@ def open_closed_standard_streams() -> None:
 
 def console() -> None:
     """Entry point of the ``scae`` console script."""
+    open_closed_standard_streams()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _while_starting)
-    open_closed_standard_streams()
     from scae.cli import main
 
     sys.exit(main())

@@ -283,8 +283,9 @@ class BackgroundJobs:
         included), busy ones too are killed at once; otherwise wait for their jobs. A pool that
         replaced a dead worker's is shut down in order: the command line then leaves without
         Python's clean-up at exit, so its queues must be released here."""
-        if exc_type is None and self._pool is not None and (self._unfinished() or self._restarted):
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        orderly = exc_type is None and self._pool is not None and (self._unfinished() or self._restarted)
+        if orderly and all(process.is_alive() for process in self._processes):  # a dead one may have left
+            self._pool.shutdown(wait=True, cancel_futures=True)  # the pool's thread waiting for ever
         else:  # an idle worker only waits for work: killing it spares its interpreter's slow exit
             self._stop_workers()
 

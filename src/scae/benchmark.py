@@ -97,7 +97,7 @@ def method(name: str, device: str = "auto") -> Method:
     autoencoders train on ``device``."""
     from scae.likelihoods import get_likelihood
 
-    if name.startswith("pca") and name[3:].isdigit() and int(name[3:]) >= 1:
+    if name.startswith("pca") and name[3:].isascii() and name[3:].isdigit() and int(name[3:]) >= 1:
         k = int(name[3:])
         if name != f"pca{k}":  # pca010 would be a second name of pca10
             raise ScaeInputError(f"method '{name}': write it pca{k}")

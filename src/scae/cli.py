@@ -350,14 +350,20 @@ def run_study_command(args: argparse.Namespace) -> int:
     from scae.files import check_output_dir, refuse_inputs_inside
 
     refuse_inputs_inside(args.out, [args.h5ad, args.counts, args.labels, args.raw_counts])  # before anything is removed
-    created = not os.path.lexists(args.out)
+    made = []  # the folders this run makes for --out, deepest first
+    folder = Path(args.out)
+    while not os.path.lexists(folder) and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
     check_output_dir(args.out)  # fail fast (every process), before loading or training
     try:
         return _run_study_into(args)
     except BaseException:
-        if created:  # a folder this run made and left empty is not left behind
-            with contextlib.suppress(OSError):
-                args.out.rmdir()
+        for folder in made:  # folders this run made and left empty are not left behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
 
 
@@ -433,7 +439,7 @@ def _study(args: argparse.Namespace, dataset, load_seconds: float, distributed, 
     )
     run_study(dataset, args.out, config, data_seconds=load_seconds, distributed=distributed, jobs=jobs)
     if main:
-        print(f"scae: study finished in {time.perf_counter() - started:.1f} s; report: {args.out / 'report.html'}")
+        _say_done(f"scae: study finished in {time.perf_counter() - started:.1f} s; report: {args.out / 'report.html'}")
 
 
 def _join_process_group(device_name: str):
@@ -504,8 +510,8 @@ def run_fit_command(args: argparse.Namespace) -> int:
                 raise ScaeInputError(f"{out}: cannot write the model file ({err.strerror or err})") from None
             last = model.history_[-1]
             stopped = f" (best epoch {model.best_epoch_})" if model.best_epoch_ is not None else ""
-            print(f"scae: trained {dataset.n_cells} cells × {dataset.n_genes} genes for {last['epoch']} epoch(s){stopped} "
-                  f"at {model.train_cells_per_second_:.0f} cells/s; test loss {last['test_loss']:.5g}; model: {out}")
+            _say_done(f"scae: trained {dataset.n_cells} cells × {dataset.n_genes} genes for {last['epoch']} epoch(s){stopped} "
+                      f"at {model.train_cells_per_second_:.0f} cells/s; test loss {last['test_loss']:.5g}; model: {out}")
     finally:
         if sys.exc_info()[0] is None:  # after a failure the group may be broken: leave it unjoined
             shutdown_distributed()
@@ -558,9 +564,9 @@ def run_embed_command(args: argparse.Namespace) -> int:
         write_h5ad(adata, args.out)
     except OSError as err:
         raise ScaeInputError(f"{args.out}: cannot write ({err.strerror or err})") from None
-    print(f"scae: {args.preset} fitted on {adata.n_obs} cells × {adata.n_vars} genes in "
-          f"{time.perf_counter() - started:.1f} s ({model.history_[-1]['epoch']} epoch(s)); wrote {args.out} with "
-          f"obsm['{args.latent_key}'] and layers['{args.denoised_layer}']")
+    _say_done(f"scae: {args.preset} fitted on {adata.n_obs} cells × {adata.n_vars} genes in "
+              f"{time.perf_counter() - started:.1f} s ({model.history_[-1]['epoch']} epoch(s)); wrote {args.out} with "
+              f"obsm['{args.latent_key}'] and layers['{args.denoised_layer}']")
     return 0
 
 
@@ -641,8 +647,8 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     except OSError as err:
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
         raise ScaeInputError(f"{args.out}: cannot write the benchmark's results{where}: {err.strerror or err}") from None
-    print(f"scae: benchmark of {len(methods)} method(s) on {len(datasets)} dataset(s), {len(seeds)} seed(s); "
-          f"wrote {args.out / 'benchmark.json'} and {args.out / 'benchmark.html'}")
+    _say_done(f"scae: benchmark of {len(methods)} method(s) on {len(datasets)} dataset(s), {len(seeds)} seed(s); "
+              f"wrote {args.out / 'benchmark.json'} and {args.out / 'benchmark.html'}")
     return 0
 
 
@@ -677,8 +683,8 @@ def run_simulate_command(args: argparse.Namespace) -> int:
         raise ScaeInputError(f"{args.out}: cannot write the output directory ({err.strerror or err})") from None
     finally:
         unlock_folder(args.out, lock)
-    print(f"scae: wrote {args.out / 'counts.npy'} (log-normalized, {dataset.n_cells} × {dataset.n_genes}), "
-          f"{args.out / 'raw_counts.npy'} (its raw counts) and {args.out / 'labels.txt'}")
+    _say_done(f"scae: wrote {args.out / 'counts.npy'} (log-normalized, {dataset.n_cells} × {dataset.n_genes}), "
+              f"{args.out / 'raw_counts.npy'} (its raw counts) and {args.out / 'labels.txt'}")
     return 0
 
 
@@ -728,10 +734,22 @@ def _os_error_line(err: OSError) -> str:
     reason = err.strerror or str(err) or type(err).__name__
     if err.filename is None:
         return reason
-    name = os.fsdecode(err.filename) if isinstance(err.filename, bytes) else str(err.filename)
-    if len(name) > 120:
-        name = f"{name[:60]}…{name[-40:]}"
-    return f"{name}: {reason}"
+    names = [os.fsdecode(n) if isinstance(n, bytes) else str(n) for n in (err.filename, err.filename2) if n is not None]
+    names = [f"{n[:60]}…{n[-40:]}" if len(n) > 120 else n for n in names]
+    return f"{' → '.join(names)}: {reason}"
+
+
+def _say_done(message: str) -> None:
+    """A command's last line, on standard output. Its work is done and written, so an output that
+    cannot take the line (a closed pipe, a full disk) loses only the line: the status stays 0, and
+    the output is pointed at the null device so that Python's exit does not fail on it again."""
+    try:
+        print(message, flush=True)
+    except OSError:
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
 
 
 _NOT_WRITTEN_WHEN_INTERRUPTED = {

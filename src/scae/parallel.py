@@ -103,19 +103,34 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> Distrib
         torch.cuda.set_device(device)  # each process owns its GPU; collectives use the current one
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    if device.type == "cuda":
-        # NCCL refuses two processes on one GPU, with an error of its own at the first collective;
-        # the processes compare their GPUs over gloo first (NCCL connects lazily) and stop alike
-        identities: list = [None] * dist.get_world_size()
-        dist.all_gather_object(identities, gpu_identity(device), group=dist.new_group(backend="gloo"))
-        problem = shared_gpu(identities)
-        if problem is not None:
-            raise ScaeInputError(problem)
+    if device.type == "cuda" and int(os.environ.get("LOCAL_WORLD_SIZE", "0")) == dist.get_world_size():
+        _check_one_gpu_each(device, timeout_s)
     return Distributed(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=local_rank(),
     )
+
+
+def _check_one_gpu_each(device: torch.device, timeout_s: float) -> None:
+    """On one machine, refuse processes that share a GPU (:func:`shared_gpu`), all alike.
+
+    NCCL refuses them with an error of its own at the first collective; it connects lazily, so
+    the processes can first compare their GPUs over a gloo group (on one machine gloo needs no
+    network set-up). If that comparison itself fails, it is skipped, and NCCL says what it says.
+    """
+    import torch.distributed as dist
+
+    try:
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        identities: list = [None] * dist.get_world_size()
+        dist.all_gather_object(identities, gpu_identity(device), group=group)
+        dist.destroy_process_group(group)
+    except RuntimeError:
+        return
+    problem = shared_gpu(identities)
+    if problem is not None:
+        raise ScaeInputError(problem)
 
 
 def gpu_identity(device: torch.device) -> tuple[str, str, int]:
