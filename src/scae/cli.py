@@ -377,9 +377,8 @@ def _run_study_into(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         dataset = load_input(args)  # input errors come before the heavy imports below
         load_seconds = time.perf_counter() - started
-        with contextlib.ExitStack() as stack:
-            # the study's background workers start now, so that their imports overlap this process's
-            jobs = stack.enter_context(_background_jobs(args, dataset.n_cells)) if main else None
+        # the study's background workers start now, so that their imports overlap this process's
+        with _background_jobs(args, dataset.n_cells) if main else contextlib.nullcontext() as jobs:
             _study(args, dataset, load_seconds, distributed, jobs, started)
     finally:
         if distributed is not None and sys.exc_info()[0] is None:  # after a failure the group may be broken
@@ -479,8 +478,9 @@ def run_fit_command(args: argparse.Namespace) -> int:
         if out.is_dir():
             raise ScaeInputError(f"{out}: is a directory; expected the path of the model file to write")
         check_replaceable(out, "the model file")
+        out_resolved = _resolved(out)
         for given in (args.h5ad, args.counts, args.labels, args.raw_counts):
-            if given is not None and _resolved(given) == _resolved(out):
+            if given is not None and _resolved(given) == out_resolved:
                 raise ScaeInputError(f"{given}: is the input, and fit would overwrite it with the model; choose another --out")
         params = model_params(args)
         dataset = load_input(args)

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from scae import params as rules
 from scae.errors import ScaeInputError
-from scae.files import special_file_kind
+from scae.files import irregular_kind
 
 Matrix = np.ndarray | sp.csr_matrix
 
@@ -1530,8 +1530,8 @@ def _check_readable(path: Path, what: str) -> None:
     article = "an" if what[:1].lower() in "aeiou" else "a"
     if path.is_dir():
         raise ScaeInputError(f"{path}: is a directory; expected {article} {what}")
-    if not path.is_file():
-        kind = special_file_kind(path.resolve()) or "not a regular file"
+    kind = irregular_kind(path)
+    if kind is not None:
         raise ScaeInputError(f"{path}: is {kind}; expected {article} {what} stored as a regular file (write it to one first)")
 
 

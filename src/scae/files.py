@@ -38,6 +38,16 @@ def special_file_kind(path: str | Path) -> str | None:
     return None
 
 
+def irregular_kind(path: str | Path) -> str | None:
+    """What ``path`` is when it exists (links followed) but is neither a regular file nor a
+    folder: :func:`special_file_kind`'s answer, or ``"not a regular file"``; ``None`` otherwise.
+    Readers refuse such a path: a named pipe without a writer (or a device) would block or never end."""
+    path = Path(path)
+    if not path.exists() or path.is_file() or path.is_dir():
+        return None
+    return special_file_kind(path.resolve()) or "not a regular file"
+
+
 def check_replaceable(path: str | Path, what: str = "the output file") -> None:
     """Refuse to write ``path`` over a named pipe, socket or device: an atomic write renames a new
     file over the name, which would put a regular file where ``/dev/null`` or a pipe was."""

@@ -18,7 +18,7 @@ from torch import nn
 from scae import params as rules
 from scae.data import as_matrix, dense_if_small, not_counts
 from scae.errors import ScaeInputError
-from scae.files import atomic_path, special_file_kind
+from scae.files import atomic_path, irregular_kind
 from scae.likelihoods import LOG_EPS, Output, get_likelihood
 from scae.parallel import Distributed, resolve_device
 from scae.presets import preset
@@ -588,8 +588,9 @@ def _read_model_file(path: Path) -> dict:
     expected = f"expected a model file written by scae's Autoencoder.save (format {MODEL_FORMAT})"
     if path.is_dir():
         raise ScaeInputError(f"{path}: is a directory; {expected}")
-    if path.exists() and not path.is_file():  # a named pipe without a writer would block the read below
-        raise ScaeInputError(f"{path}: is {special_file_kind(path.resolve()) or 'not a regular file'}; {expected}")
+    kind = irregular_kind(path)  # a named pipe without a writer would block the read below
+    if kind is not None:
+        raise ScaeInputError(f"{path}: is {kind}; {expected}")
     try:
         with path.open("rb") as handle:
             empty = not handle.read(1)
