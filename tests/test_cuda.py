@@ -154,8 +154,13 @@ def test_training_data_goes_to_the_gpu_once_when_it_fits(small_dataset, monkeypa
         return result
 
     monkeypatch.setattr(scae.training, "on_device", recording)
-    fitted({"loss": "mse", "early_stopping": True}, small_dataset.X, "cuda")
+    copies = []
+    init = scae.sources.DeviceSource.__init__
+    monkeypatch.setattr(scae.sources.DeviceSource, "__init__",
+                        lambda self, source, device: copies.append(source) or init(self, source, device))
+    fitted({"loss": "mse", "early_stopping": True, "scale_input": True}, small_dataset.X, "cuda")
     assert made == ["DeviceSource"] * 3  # training, test and validation cells
+    assert len(copies) == 3  # copied once, before the input moments, and kept by the trainer
     made.clear()
     monkeypatch.setattr(scae.sources, "DEVICE_FRACTION", 0.0)  # no room: batches are copied as before
     fitted({"loss": "mse"}, small_dataset.X, "cuda")

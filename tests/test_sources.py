@@ -16,6 +16,7 @@ from conftest import write_h5ad
 from scae.data import read_counts_labels, read_h5ad
 from scae.errors import ScaeInputError
 from scae.simulate import simulate_counts
+import scae.models
 import scae.training
 from scae.sources import (
     ArraySource,
@@ -534,6 +535,65 @@ def test_training_from_a_device_copy_is_training_from_the_source(counts_h5ad, ra
     assert copied.history_ == plain.history_
     for a, b in zip(copied.net_.state_dict().values(), plain.net_.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_fit_copies_to_the_device_before_the_input_moments_pass(counts_h5ad, stream, monkeypatch):
+    """With ``scale_input`` the per-gene moments are read from the device copy: the stored rows
+    are read once, to copy them, and the model is bitwise the one trained without copies (the
+    shuffle still follows the file's blocks)."""
+    for module in (scae.sources, scae.training):
+        monkeypatch.setattr(module, "DISK_BLOCK_ROWS", 16)
+    monkeypatch.setattr(scae.sources, "DISK_WINDOW_BLOCKS", 2)
+    data = read_h5ad(counts_h5ad, "cell_type", stream=stream).count_source()
+    train, test = data.subset(np.arange(0, CELLS, 2)), data.subset(np.arange(1, CELLS, 2))
+    params = dict(latent_dim=3, hidden=(8,), loss="nb", epochs=2, batch_size=16, device="cpu",
+                  scale_input=True, early_stopping=True, patience=5)
+    plain = scae.Autoencoder(**params).fit(train, eval_X=test)
+    stored = train.parent
+    rows_read = []
+    original = type(stored)._read
+    monkeypatch.setattr(type(stored), "_read", lambda self, rows: rows_read.append(rows.size) or original(self, rows))
+    monkeypatch.setattr(scae.models, "on_device",
+                        lambda sources, device: [None if s is None else DeviceSource(s, "cpu") for s in sources])
+    copied = scae.Autoencoder(**params).fit(train, eval_X=test)
+    assert sum(rows_read) == CELLS  # the training (with its validation part) and test cells, once
+    assert copied.history_ == plain.history_
+    for a, b in zip(copied.net_.state_dict().values(), plain.net_.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_copies_already_on_the_device_are_kept(raw_counts, monkeypatch):
+    source = ArraySource(raw_counts[0])
+    made = []
+    monkeypatch.setattr(scae.sources, "DeviceSource",
+                        lambda s, device: made.append(s) or DeviceSource(s, "cpu"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10**12, 10**12))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
+    kept = DeviceSource(source.subset(np.arange(5)), "cpu")
+    monkeypatch.setattr(kept, "device", torch.device("cuda"))  # as if made on the GPU
+    result = on_device([kept, source, None], torch.device("cuda"))
+    assert result[0] is kept and type(result[1]) is DeviceSource and result[2] is None
+    assert made == [source]  # only the source that was not copied yet
+
+
+def test_a_device_copy_of_a_memory_map_reads_it_without_a_warning(tmp_path):
+    import warnings
+
+    np.save(tmp_path / "m.npy", np.arange(12, dtype=np.float32).reshape(3, 4))
+    mapped = np.load(tmp_path / "m.npy", mmap_mode="r")
+
+    class Mapped(scae.sources.RowSource):
+        n_rows, n_cols = mapped.shape
+
+        def _read(self, rows):
+            return mapped[rows[0] : rows[-1] + 1]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        copy = DeviceSource(Mapped(), "cpu")
+    torch.testing.assert_close(copy.tensor(slice(None)), torch.from_numpy(np.load(tmp_path / "m.npy")), rtol=0, atol=0)
 
 
 def test_read_only_rows_become_tensors_without_a_warning(tmp_path):

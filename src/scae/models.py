@@ -22,7 +22,7 @@ from scae.files import atomic_path, irregular_kind
 from scae.likelihoods import LOG_EPS, Output, get_likelihood
 from scae.parallel import Distributed, resolve_device
 from scae.presets import preset
-from scae.sources import TARGET_SUM, ArraySource, RowSource, normalize_counts_tensor
+from scae.sources import TARGET_SUM, ArraySource, RowSource, normalize_counts_tensor, on_device
 from scae.training import encode, evaluate_losses, predict, train_network
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -420,6 +420,9 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         device = resolve_device(checked["device"], 0 if distributed is None else distributed.local_rank)
         net = self._build(int(train.n_cols)).to(device)
         started = time.perf_counter()
+        # into a GPU's memory now when they fit (train_network keeps such copies), so that the
+        # input moments are read from there rather than in a pass of their own on the host
+        train, test, validation = on_device([train, test, validation], device)
         if checked["scale_input"]:
             net.set_input_scaling(*_input_moments(net, train, device))
         run = train_network(

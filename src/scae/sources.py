@@ -32,6 +32,7 @@ import copy
 import math
 import queue
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,7 +112,10 @@ def normalize_counts_tensor(x: torch.Tensor) -> torch.Tensor:
     return torch.log1p(x * scale)
 
 
-def _dense_tensor(chunk: Chunk | torch.Tensor) -> torch.Tensor:
+def _dense_tensor(chunk: Chunk | torch.Tensor, copy_read_only: bool = True) -> torch.Tensor:
+    """``chunk`` as a dense float32 tensor. Read-only memory (a memory-mapped ``.npy``) is
+    copied, since the tensor may be written to; with ``copy_read_only=False`` (a caller that
+    only reads it, such as a copy to a GPU) it is shared, and PyTorch's warning about it silenced."""
     if isinstance(chunk, torch.Tensor):
         return chunk
     if sp.issparse(chunk):
@@ -121,9 +125,13 @@ def _dense_tensor(chunk: Chunk | torch.Tensor) -> torch.Tensor:
         out[rows, chunk.indices] = chunk.data
         return torch.from_numpy(out)
     array = np.ascontiguousarray(chunk, dtype=np.float32)
-    if not array.flags.writeable:  # a read-only memory map: torch wants memory it may write
-        array = array.copy()
-    return torch.from_numpy(array)
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    if copy_read_only:
+        return torch.from_numpy(array.copy())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 class RowSource:
@@ -141,12 +149,15 @@ class RowSource:
     on_disk
         Whether reads go to a file; then shuffles keep reads contiguous and a background
         thread prefetches.
+    device
+        Where the rows are held: the host's memory or files, or a GPU (:class:`DeviceSource`).
     """
 
     n_rows: int
     n_cols: int
     counts: bool = False
     on_disk: bool = False
+    device: torch.device = torch.device("cpu")
 
     def _read(self, rows: np.ndarray) -> Chunk | torch.Tensor:
         raise NotImplementedError
@@ -207,6 +218,11 @@ class RowSource:
         blocks = int(WINDOW_BYTES // max(self.bytes_per_row() * DISK_BLOCK_ROWS, 1.0))
         return DISK_BLOCK_ROWS * min(DISK_WINDOW_BLOCKS, max(1, blocks))
 
+    def storage(self) -> tuple[bool, int]:
+        """``(on_disk, window_rows())`` of where the rows are stored, which the training
+        shuffle follows (a copy in a GPU's memory answers for its source)."""
+        return self.on_disk, self.window_rows()
+
 
 class ArraySource(RowSource):
     """A dense array or CSR matrix held in memory.
@@ -259,11 +275,15 @@ class DeviceSource(RowSource):
     def __init__(self, source: RowSource, device: torch.device | str) -> None:
         self.n_rows, self.n_cols, self.counts = source.n_rows, source.n_cols, source.counts
         self.device = torch.device(device)
+        self._storage = source.storage()
         self._X = torch.empty((self.n_rows, self.n_cols), dtype=torch.float32, device=self.device)
         step = max(1, min(DEVICE_COPY_ROWS, WINDOW_BYTES // (4 * max(self.n_cols, 1))))
         for start in range(0, self.n_rows, step):
             stop = min(start + step, self.n_rows)
-            self._X[start:stop].copy_(_dense_tensor(source.read(slice(start, stop))))
+            self._X[start:stop].copy_(_dense_tensor(source.read(slice(start, stop)), copy_read_only=False))
+
+    def storage(self) -> tuple[bool, int]:
+        return self._storage
 
     def _read(self, rows: np.ndarray) -> torch.Tensor:
         if rows.size and rows[-1] - rows[0] + 1 == rows.size:  # a contiguous range: a view
@@ -285,7 +305,7 @@ def on_device(sources: list[RowSource | None], device: torch.device) -> list[Row
     take well under a millisecond there.
     """
     device = torch.device(device)
-    present = [s for s in sources if s is not None]
+    present = [s for s in sources if s is not None and not _copied_to(s, device)]
     if device.type != "cuda" or not present:
         return list(sources)
     needed = sum(4 * s.n_rows * s.n_cols for s in present)
@@ -293,7 +313,12 @@ def on_device(sources: list[RowSource | None], device: torch.device) -> list[Row
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # PyTorch's cache is free to us
     if needed > DEVICE_FRACTION * free:
         return list(sources)
-    return [None if s is None else DeviceSource(s, device) for s in sources]
+    return [s if s is None or _copied_to(s, device) else DeviceSource(s, device) for s in sources]
+
+
+def _copied_to(source: RowSource, device: torch.device) -> bool:
+    """Whether ``source`` is already held in ``device``'s memory (then :func:`on_device` keeps it)."""
+    return source.device == device
 
 
 class SubsetSource(RowSource):
@@ -307,7 +332,7 @@ class SubsetSource(RowSource):
             raise ValueError(f"subset rows must lie in 0…{parent.n_rows - 1}")
         self._parent, self._rows = parent, rows
         self.n_rows, self.n_cols = int(rows.size), parent.n_cols
-        self.counts, self.on_disk = parent.counts, parent.on_disk
+        self.counts, self.on_disk, self.device = parent.counts, parent.on_disk, parent.device
 
     def _read(self, rows: np.ndarray):
         return self._parent._read(self._rows[rows])
@@ -357,7 +382,7 @@ class ColumnSubsetSource(RowSource):
             raise ValueError("columns must be distinct")
         self._parent, self.columns = parent, columns
         self.n_rows, self.n_cols = parent.n_rows, int(columns.size)
-        self.on_disk = parent.on_disk
+        self.on_disk, self.device = parent.on_disk, parent.device
         self.library_normalized = bool(parent.counts)
         """Whether reads are normalised by each cell's library over all the parent's genes."""
         self.counts = False
