@@ -1167,3 +1167,24 @@ def test_column_extremes_of_scattered_values_match_ufunc_at(n_cols):
     assert np.isinf(got_low).any() == (np.unique(columns).size < n_cols)  # columns without values stay ±inf
     empty = _column_extremes(low[:0], high[:0], columns[:0], n_cols)
     assert np.all(empty[0] == np.inf) and np.all(empty[1] == -np.inf)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_file_with_graphs_in_the_old_uns_place_reads_without_warnings(tmp_path, stream, recwarn):
+    """scanpy's example files keep the neighbour graphs in uns["neighbors"], where anndata warns
+    that it moves them to obsp; the file reads fine, so the user sees no warning."""
+    import warnings
+
+    X = sp.csr_matrix(blob(30, 8, seed=3))
+    adata = ad.AnnData(X=X, obs=pd.DataFrame({"cell_type": labels_for(30)}, index=[f"c{i}" for i in range(30)]))
+    graph = sp.csr_matrix(np.eye(30, dtype=np.float32))
+    adata.uns["neighbors"] = {"distances": graph, "connectivities": graph, "params": {"n_neighbors": 1}}
+    adata.write_h5ad(tmp_path / "old.h5ad")
+    with warnings.catch_warnings(record=True) as direct:  # the warning this test is about does happen
+        warnings.simplefilter("always")
+        ad.read_h5ad(tmp_path / "old.h5ad")
+    assert any("Moving element from .uns" in str(w.message) for w in direct)
+    recwarn.clear()
+    dataset = read_h5ad(tmp_path / "old.h5ad", "cell_type", stream=stream)
+    assert (dataset.n_cells, dataset.n_genes) == (30, 8)
+    assert [str(w.message) for w in recwarn] == []

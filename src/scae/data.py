@@ -14,6 +14,7 @@ import math
 import unicodedata
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1286,8 +1287,7 @@ def _read_h5ad_in_memory(
     import anndata as ad
 
     try:
-        with warnings.catch_warnings():  # files from old anndata versions read fine but warn per element
-            warnings.simplefilter("ignore", getattr(ad, "OldFormatWarning", UserWarning))
+        with _old_formats_quietly():
             adata = ad.read_h5ad(path)
     except Exception as err:  # anndata raises many types for a corrupt or foreign file
         raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file ({_one_line(err)})") from None
@@ -1336,6 +1336,19 @@ def _h5ad_counts_in_memory(adata, counts: _H5Counts, shape: tuple[int, int]) -> 
     return _as_counts(matrix, counts.where, shape, columns=columns)
 
 
+@contextmanager
+def _old_formats_quietly():
+    """Read files written by older anndata versions without its warnings: they read fine, but
+    anndata warns per element (``OldFormatWarning``) and about graphs it moves from ``uns`` to
+    ``obsp`` (scanpy's own example files have both)."""
+    import anndata as ad
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", getattr(ad, "OldFormatWarning", UserWarning))
+        warnings.filterwarnings("ignore", message=r"Moving element from \.uns", category=FutureWarning)
+        yield
+
+
 def read_anndata(path: str | Path):
     """A whole ``.h5ad`` file as an :class:`anndata.AnnData`, or one line saying why it cannot be read
     (its HDF5 structure is walked in a child process first, as :func:`read_h5ad` does)."""
@@ -1345,8 +1358,7 @@ def read_anndata(path: str | Path):
     _check_readable(path, "AnnData file")
     _probe_h5ad(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", getattr(ad, "OldFormatWarning", UserWarning))
+        with _old_formats_quietly():
             return ad.read_h5ad(path)
     except Exception as err:  # anndata raises many types for a corrupt or foreign file
         raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file ({_one_line(err)})") from None
