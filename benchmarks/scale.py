@@ -6,13 +6,13 @@ Usage::
     .venv/bin/python benchmarks/scale.py [--cells 100000 1000000] [--genes 2000] [--epochs 5]
         [--workdir /tmp/scae-scale] [--scae-args "--batch-size 256"] [--skip-study]
         [--scvi-python /path/to/venv-with-scvi/bin/python] [--scvi-epochs 1]
-        [--seed 0] [--chunk-cells 10000] [--timeout-seconds 0]
+        [--seed 0] [--chunk-cells 10000] [--timeout-seconds 0] [--dense]
 
 For each size N in ``--cells``:
 
 ``input``
     A simulated AnnData file ``<workdir>/sim_<N>x<G>_seed<S>.h5ad`` of raw integer counts
-    (about 90 % zeros, CSR, labels in ``obs["cell_type"]``), written chunk by chunk with h5py in
+    (about 90 % zeros, CSR, or dense with ``--dense``, labels in ``obs["cell_type"]``), written chunk by chunk with h5py in
     AnnData's on-disk format, never dense and in memory proportional to ``--chunk-cells`` (plus
     the cell names and labels, ~70 bytes a cell). Eight populations with differential expression
     on 10 % of the genes each, gamma-distributed gene means, log-normal library sizes and
@@ -237,10 +237,12 @@ class SimParams:
     """Median negative-binomial dispersion (variance = mu + dispersion * mu^2)."""
     version: int = 1
     """Bump when the generator changes, so cached files are remade."""
+    dense: bool = False
+    """Store X as a dense 2-D array (as anndata writes a dense X) instead of CSR: the same counts."""
 
     @property
     def name(self) -> str:
-        return f"sim_{self.cells}x{self.genes}_seed{self.seed}"
+        return f"sim_{self.cells}x{self.genes}_seed{self.seed}" + ("_dense" if self.dense else "")
 
 
 @dataclass
@@ -343,22 +345,32 @@ def write_counts_h5ad(path: Path, p: SimParams) -> dict:
     with h5py.File(path, "w") as f:
         f.attrs["encoding-type"] = "anndata"
         f.attrs["encoding-version"] = "0.1.0"
-        X = f.create_group("X")
-        X.attrs["encoding-type"] = "csr_matrix"
-        X.attrs["encoding-version"] = "0.1.0"
-        X.attrs["shape"] = np.array([p.cells, p.genes], dtype=np.int64)
-        data = X.create_dataset("data", (0,), np.float32, maxshape=(None,), chunks=(H5_CHUNK,))
-        indices = X.create_dataset("indices", (0,), np.int32, maxshape=(None,), chunks=(H5_CHUNK,))
-        indptr = X.create_dataset("indptr", (p.cells + 1,), np.int64)
+        if p.dense:  # one contiguous float32 array, as anndata writes a dense X
+            X = f.create_dataset("X", (p.cells, p.genes), np.float32)
+            X.attrs["encoding-type"] = "array"
+            X.attrs["encoding-version"] = "0.2.0"
+        else:
+            X = f.create_group("X")
+            X.attrs["encoding-type"] = "csr_matrix"
+            X.attrs["encoding-version"] = "0.1.0"
+            X.attrs["shape"] = np.array([p.cells, p.genes], dtype=np.int64)
+            data = X.create_dataset("data", (0,), np.float32, maxshape=(None,), chunks=(H5_CHUNK,))
+            indices = X.create_dataset("indices", (0,), np.int32, maxshape=(None,), chunks=(H5_CHUNK,))
+            indptr = X.create_dataset("indptr", (p.cells + 1,), np.int64)
+            indptr[0] = 0
         nnz = 0
-        indptr[0] = 0
         for start in range(0, p.cells, p.chunk_cells):
             n = min(p.chunk_cells, p.cells - start)
             labels, row_nnz, cols, values = sampler.sample(rng, n, p.library_sigma)
             codes[start:start + n] = labels
-            indptr[start + 1:start + n + 1] = nnz + np.cumsum(row_nnz)
-            _append(indices, cols)
-            _append(data, values)
+            if p.dense:
+                block = np.zeros((n, p.genes), np.float32)
+                block[np.repeat(np.arange(n), row_nnz), cols] = values
+                X[start:start + n] = block
+            else:
+                indptr[start + 1:start + n + 1] = nnz + np.cumsum(row_nnz)
+                _append(indices, cols)
+                _append(data, values)
             nnz += values.size
             total_counts += float(values.sum(dtype=np.float64))
             max_count = max(max_count, float(values.max(initial=0)))
@@ -613,7 +625,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def benchmark_size(n: int, args: argparse.Namespace, scvi_version: str | None) -> dict:
-    params = SimParams(cells=n, genes=args.genes, seed=args.seed, chunk_cells=args.chunk_cells)
+    params = SimParams(cells=n, genes=args.genes, seed=args.seed, chunk_cells=args.chunk_cells, dense=args.dense)
     path, info = ensure_dataset(args.workdir, params)
     row: dict = {"cells": n, "input": info}
     timeout = args.timeout_seconds or None
@@ -653,6 +665,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-study", action="store_true", help="only generate data (and run SCVI)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk-cells", type=int, default=10_000, help="cells generated per chunk")
+    parser.add_argument("--dense", action="store_true",
+                        help="store X dense (streamed by row ranges) instead of CSR: the same counts")
     parser.add_argument("--timeout-seconds", type=float, default=0, help="per subprocess; 0: none")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()

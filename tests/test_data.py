@@ -621,7 +621,8 @@ def no_variation_matrices():
 
 
 @pytest.mark.parametrize("case", list(no_variation_matrices()))
-@pytest.mark.parametrize("how", ["memory", "memory sparse", "npy", "npy streamed", "h5ad", "h5ad streamed"])
+@pytest.mark.parametrize("how", ["memory", "memory sparse", "npy", "npy streamed", "h5ad", "h5ad streamed",
+                                 "h5ad dense streamed"])
 def test_matrix_without_variation_is_refused_up_front(tmp_path, case, how):
     X, problem = no_variation_matrices()[case]
     labels = labels_for(10, 2)
@@ -635,7 +636,7 @@ def test_matrix_without_variation_is_refused_up_front(tmp_path, case, how):
     else:
         path = tmp_path / "d.h5ad"
         obs = pd.DataFrame({"ct": pd.Categorical(labels)}, index=[f"c{i}" for i in range(10)])
-        ad.AnnData(X=sp.csr_matrix(X), obs=obs).write_h5ad(path)
+        ad.AnnData(X=X if "dense" in how else sp.csr_matrix(X), obs=obs).write_h5ad(path)
         source = f"{path} X"
         read = lambda: read_h5ad(path, "ct", stream=True if "streamed" in how else None)
     assert input_error(read) == f"{source}: {problem}; expected expression values that differ between cells"
@@ -651,7 +652,7 @@ def test_zero_variance_genes_are_counted_not_refused(tmp_path):
     assert read_counts_labels(counts, lab, stream=True).summary()["constant_genes"] == 4
 
 
-@pytest.mark.parametrize("how", ["memory", "sparse", "npy", "npy streamed", "h5ad streamed"])
+@pytest.mark.parametrize("how", ["memory", "sparse", "npy", "npy streamed", "h5ad streamed", "h5ad dense streamed"])
 def test_huge_values_are_refused_with_position_and_value(tmp_path, how):
     X = blob(6, 4).astype(np.float64)
     X[2, 3], X[4, 1] = 1e300, -3e13  # 1e300 overflows float32 to infinity; both overflow squared errors
@@ -664,7 +665,7 @@ def test_huge_values_are_refused_with_position_and_value(tmp_path, how):
     else:
         path = tmp_path / "d.h5ad"
         obs = pd.DataFrame({"ct": pd.Categorical(labels_for(6, 2))}, index=[f"c{i}" for i in range(6)])
-        ad.AnnData(X=sp.csr_matrix(X), obs=obs).write_h5ad(path)
+        ad.AnnData(X=X if "dense" in how else sp.csr_matrix(X), obs=obs).write_h5ad(path)
         source, read = f"{path} X", lambda: read_h5ad(path, "ct", stream=True)
     count = "" if "streamed" in how else "2 "  # a streamed check stops at the first block with one
     assert input_error(read) == (
@@ -968,8 +969,10 @@ def test_read_h5ad_refuses_counts_it_cannot_use(counts_h5ad, tmp_path):
     assert input_error(read_h5ad, path, "cell_type", counts_layer="counts", counts_raw=True).startswith(
         f"{path}: raw counts from a layer ('counts') and from adata.raw both asked for"
     )
-    assert "streaming from disk needs a CSR" in input_error(read_h5ad, path, "cell_type", stream=True, counts_layer="dense_counts")
-    assert read_h5ad(path, "cell_type", counts_layer="dense_counts").raw.shape == (40, 9)  # loaded, any storage
+    for stream in (False, True):  # a dense layer of counts, loaded or streamed by row ranges
+        raw = read_h5ad(path, "cell_type", stream=stream, counts_layer="dense_counts").raw
+        assert raw.shape == (40, 9)
+        np.testing.assert_array_equal(raw.matrix() if stream else np.asarray(raw.todense() if sp.issparse(raw) else raw), counts)
     bad = counts.copy()
     bad[5, 2] = 1.5
     obs = pd.DataFrame({"cell_type": pd.Categorical(labels_for(40))}, index=[f"c{i}" for i in range(40)])
@@ -977,11 +980,12 @@ def test_read_h5ad_refuses_counts_it_cannot_use(counts_h5ad, tmp_path):
     ad.AnnData(X=lognorm, obs=obs, layers={"counts": sp.csr_matrix(bad)}).write_h5ad(noraw)
     for stream in (False, True):
         if stream:
-            ad.AnnData(X=sp.csr_matrix(lognorm), obs=obs, layers={"counts": sp.csr_matrix(bad)}).write_h5ad(noraw)
-        assert input_error(read_h5ad, noraw, "cell_type", stream=stream, counts_layer="counts") == (
-            f"{noraw} layer 'counts': holds 1.5 at row 5, column 2, which is not a count; "
-            "expected raw counts (non-negative whole numbers)"
-        )
+            ad.AnnData(X=sp.csr_matrix(lognorm), obs=obs, layers={"counts": sp.csr_matrix(bad), "dense": bad}).write_h5ad(noraw)
+        for layer in ("counts", "dense") if stream else ("counts",):
+            assert input_error(read_h5ad, noraw, "cell_type", stream=stream, counts_layer=layer) == (
+                f"{noraw} layer '{layer}': holds 1.5 at row 5, column 2, which is not a count; "
+                "expected raw counts (non-negative whole numbers)"
+            )
         assert input_error(read_h5ad, noraw, "cell_type", stream=stream, counts_raw=True) == (
             f"{noraw}: has no adata.raw for the raw counts; expected a file whose adata.raw.X holds raw counts, "
             "or a layer of counts (--counts-layer)"
@@ -1005,6 +1009,27 @@ def test_read_h5ad_raw_must_hold_every_gene_of_x_as_counts(tmp_path, stream):
     adata.write_h5ad(path)
     assert input_error(read_h5ad, path, "cell_type", stream=stream, counts_raw=True) == (  # column as stored in raw.X
         f"{path} raw.X: holds -2 at row 3, column 3, which is not a count; expected raw counts (non-negative whole numbers)"
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_dense_adata_raw_with_more_genes_is_checked_on_x_genes_only(tmp_path, stream):
+    counts, lognorm = counts_and_lognorm(20, 5)
+    obs = pd.DataFrame({"cell_type": pd.Categorical(labels_for(20))}, index=[f"c{i}" for i in range(20)])
+    adata = ad.AnnData(X=sp.csr_matrix(lognorm), obs=obs, var=pd.DataFrame(index=["A", "B", "C", "D", "E"]))
+    extra = np.full((20, 1), 0.5)  # a gene X does not have, and not counts: not checked, not used
+    adata.raw = ad.AnnData(X=np.hstack([extra, counts[:, ::-1]]), var=pd.DataFrame(index=["x", "E", "D", "C", "B", "A"]))
+    path = tmp_path / "dense_raw.h5ad"
+    adata.write_h5ad(path)
+    ds = read_h5ad(path, "cell_type", stream=stream, counts_raw=True)
+    np.testing.assert_array_equal(np.asarray(ds.count_source().tensor(slice(None))), counts)
+    bad = np.hstack([extra, counts[:, ::-1]])
+    bad[3, 2] = 1.25
+    adata.raw = ad.AnnData(X=bad, var=pd.DataFrame(index=["x", "E", "D", "C", "B", "A"]))
+    path = tmp_path / "bad_raw.h5ad"
+    adata.write_h5ad(path)
+    assert input_error(read_h5ad, path, "cell_type", stream=stream, counts_raw=True) == (  # column as stored in raw.X
+        f"{path} raw.X: holds 1.25 at row 3, column 2, which is not a count; expected raw counts (non-negative whole numbers)"
     )
 
 

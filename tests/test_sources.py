@@ -4,6 +4,7 @@ loaders, and streamed inputs through the readers, the estimator and the study.""
 from __future__ import annotations
 
 import json
+import pickle
 
 import anndata as ad
 import numpy as np
@@ -16,6 +17,7 @@ from conftest import write_h5ad
 from scae.data import read_counts_labels, read_h5ad
 from scae.errors import ScaeInputError
 from scae.simulate import simulate_counts
+import scae.data
 import scae.models
 import scae.training
 from scae.sources import (
@@ -212,16 +214,46 @@ def test_lognormalized_input_is_not_taken_for_counts(tmp_path):
         scae.make_dataset(-ds.X.toarray(), ds.labels, normalize="log1p")
 
 
-@pytest.mark.parametrize("store, needle", [
-    (lambda X: X.toarray(), "is stored dense; streaming from disk needs a CSR"),
-    (lambda X: sp.csc_matrix(X), "is stored as CSC"),
-])
-def test_stream_refuses_non_csr(tmp_path, raw_counts, store, needle):
+def test_stream_refuses_csc(tmp_path, raw_counts):
     path = tmp_path / "x.h5ad"
-    write_h5ad(path, store(raw_counts[0]), raw_counts[1])
-    with pytest.raises(ScaeInputError, match=needle):
+    write_h5ad(path, sp.csc_matrix(raw_counts[0]), raw_counts[1])
+    with pytest.raises(ScaeInputError, match="is stored as CSC .column-compressed.; streaming from disk needs a CSR"):
         read_h5ad(path, "cell_type", stream=True)
     assert read_h5ad(path, "cell_type").n_cells == CELLS  # without streaming it loads
+
+
+def test_a_dense_h5ad_streams_like_a_csr_one(tmp_path, raw_counts, monkeypatch):
+    """Read by row ranges from the HDF5 dataset: the same rows, the same checks, the same
+    training as the CSR file of the same matrix."""
+    for module in (scae.sources, scae.training):  # several blocks and windows of 2 blocks
+        monkeypatch.setattr(module, "DISK_BLOCK_ROWS", 16)
+    monkeypatch.setattr(scae.sources, "DISK_WINDOW_BLOCKS", 2)
+    write_h5ad(tmp_path / "dense.h5ad", raw_counts[0].toarray(), raw_counts[1])
+    write_h5ad(tmp_path / "csr.h5ad", raw_counts[0], raw_counts[1])
+    dense = read_h5ad(tmp_path / "dense.h5ad", "cell_type", stream=True)
+    csr = read_h5ad(tmp_path / "csr.h5ad", "cell_type", stream=True)
+    assert type(dense.X).__name__ == "H5DenseSource" and dense.on_disk and dense.counts
+    assert dense.summary()["storage"] == f"dense, streamed from {tmp_path / 'dense.h5ad'}"
+    assert dense.summary()["zero_fraction"] == csr.summary()["zero_fraction"]
+    assert dense.summary()["constant_genes"] == csr.summary()["constant_genes"]
+    rows = np.array([0, 1, 2, 40, 41, 200, CELLS - 1])  # runs and gaps
+    np.testing.assert_array_equal(dense.X.read(rows), raw_counts[0][rows].toarray())
+    assert dense.X.read(np.array([], dtype=np.int64)).shape == (0, GENES)
+    again = pickle.loads(pickle.dumps(dense.X))  # a worker process opens the file again
+    np.testing.assert_array_equal(again.read(slice(5, 9)), raw_counts[0][5:9].toarray())
+    params = dict(latent_dim=3, hidden=(8,), loss="nb", epochs=2, batch_size=16, device="cpu")
+    split = np.arange(0, CELLS, 2)
+    a = scae.Autoencoder(**params).fit(dense.count_source().subset(split))
+    b = scae.Autoencoder(**params).fit(csr.count_source().subset(split))
+    assert a.history_ == b.history_
+
+
+def test_a_dense_h5ad_above_the_stream_size_is_streamed(tmp_path, raw_counts, monkeypatch):
+    monkeypatch.setattr(scae.data, "STREAM_BYTES", 4 * CELLS * GENES - 1)
+    write_h5ad(tmp_path / "dense.h5ad", raw_counts[0].toarray(), raw_counts[1])
+    assert read_h5ad(tmp_path / "dense.h5ad", "cell_type").on_disk
+    monkeypatch.setattr(scae.data, "STREAM_BYTES", 4 * CELLS * GENES)
+    assert not read_h5ad(tmp_path / "dense.h5ad", "cell_type").on_disk
 
 
 def test_stream_refuses_damaged_files(tmp_path, counts_h5ad, raw_counts):

@@ -17,6 +17,7 @@ _EXPORTS = {
     "Autoencoder": "scae.models",
     "ArraySource": "scae.sources",
     "H5CSRSource": "scae.sources",
+    "H5DenseSource": "scae.sources",
     "NpySource": "scae.sources",
     "RowSource": "scae.sources",
     "TSNEConfig": "scae.embeddings",

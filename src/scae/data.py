@@ -29,8 +29,8 @@ from scae.files import irregular_kind
 Matrix = np.ndarray | sp.csr_matrix
 
 STREAM_BYTES = 1024**3
-"""An input whose dense float32 form is larger than this is streamed from disk (a CSR ``.h5ad``)
-or memory-mapped (a ``.npy``) instead of being loaded; see :mod:`scae.sources`."""
+"""An input whose dense float32 form is larger than this is streamed from disk (an ``.h5ad``
+stored as CSR or dense) or memory-mapped (a ``.npy``) instead of being loaded; see :mod:`scae.sources`."""
 VALIDATE_CHUNK = 8 * 1024**2
 """Values checked at a time when an input on disk is validated in one streamed pass."""
 NORMALIZE_CHOICES = ("auto", "log1p", "none")
@@ -224,10 +224,11 @@ class Dataset:
         """Plain-number description for the report and ``metrics.json``."""
         classes, counts = np.unique(self.labels, return_counts=True)
         if self.on_disk:
-            from scae.sources import stored_source
+            from scae.sources import H5DenseSource, stored_source
 
             stored = stored_source(self.X)
-            kind = "sparse CSR" if hasattr(stored, "indptr") else "dense, memory-mapped"
+            kind = ("sparse CSR" if hasattr(stored, "indptr") else "dense" if isinstance(stored, H5DenseSource)
+                    else "dense, memory-mapped")
             storage = f"{kind}, streamed from {getattr(stored, 'path', 'disk')}"
             low, high = self._measured["value_min"], self._measured["value_max"]
         else:
@@ -807,17 +808,28 @@ def _read_npy_counts(path: Path, stream: bool, shape: tuple[int, int], against: 
     return matrix
 
 
-def _scan_dense(source, where: str, counts_only: bool = False) -> tuple[dict, tuple[bool, bool]]:
-    """One streamed pass over a memory-mapped matrix: finite and bounded values, range, zeros,
-    constant genes, counts (with ``counts_only``, a value that is not a count is refused)."""
+def _scan_dense(source, where: str, counts_only: bool = False,
+                counts_in: np.ndarray | None = None) -> tuple[dict, tuple[bool, bool]]:
+    """One streamed pass over a dense matrix on disk (memory-mapped ``.npy``, or HDF5): numbers,
+    shape, finite and bounded values, range, zeros, constant genes, counts (with
+    ``counts_only``, a value that is not a count is refused; ``counts_in``, a mask of the
+    columns that must hold counts, narrows that to them)."""
+    stored = source.stored  # checked as stored: a float64 value beyond float32's range is not "infinite"
+    if stored.dtype.kind not in "biuf":
+        raise ScaeInputError(f"{where}: matrix has dtype {stored.dtype}; expected numbers (float or int)")
+    if source.n_rows == 0 or source.n_cols < 2:
+        raise ScaeInputError(f"{where}: matrix has shape {source.shape}; expected at least 1 cell and 2 genes")
+    checked = None if counts_in is None else np.flatnonzero(counts_in)
     step = max(1, VALIDATE_CHUNK // max(source.n_cols, 1))
     scan = _ValueScan(source.n_cols)
-    stored = source.stored  # checked as stored: a float64 value beyond float32's range is not "infinite"
     for start in range(0, source.n_rows, step):
         block = np.asarray(stored[start : min(start + step, source.n_rows)])
         _check_values(block, where, row_offset=start)
         if counts_only:
-            _check_count_values(block, where, row_offset=start)
+            if checked is None:
+                _check_count_values(block, where, row_offset=start)
+            else:
+                _check_count_values(block[:, checked], where, row_offset=start, columns=checked)
         scan.add(block)
         as_trained = block.astype(np.float32, copy=False)  # the variation check sees what training sees:
         scan.add_columns(as_trained.min(axis=0), as_trained.max(axis=0))  # float64 denormals become 0
@@ -1091,8 +1103,9 @@ def read_h5ad(
     normalize
         Raw-count handling, see :func:`make_dataset`.
     stream
-        Leave the matrix on disk and stream it (:class:`~scae.sources.H5CSRSource`); it must be
-        stored as CSR. ``None``: stream a CSR matrix larger than :data:`STREAM_BYTES` as dense
+        Leave the matrix on disk and stream it (:class:`~scae.sources.H5CSRSource`, or
+        :class:`~scae.sources.H5DenseSource` for a dense one); it must be stored as CSR or dense.
+        ``None``: stream such a matrix when it is larger than :data:`STREAM_BYTES` as dense
         float32, load anything else.
     counts_layer
         Take the raw counts of the cells from ``layers[counts_layer]`` (kept as
@@ -1117,10 +1130,10 @@ def read_h5ad(
         raise ScaeInputError(f"{path}: no layer '{layer}'; available layers: {_h5ad_layers(path) or 'none'}")
     counts = _h5ad_counts_place(path, counts_layer, counts_raw)
     if stream is None:
-        stream = encoding == "csr_matrix" and len(shape) == 2 and shape[0] * shape[1] * 4 > STREAM_BYTES
+        stream = encoding in STREAMABLE and len(shape) == 2 and shape[0] * shape[1] * 4 > STREAM_BYTES
     if stream and encoding != "missing":
-        _check_streamable(encoding, where)
-        return _read_h5ad_streamed(path, key, label_key, layer, normalize, where, counts)
+        _check_streamable(encoding, shape, where)
+        return _read_h5ad_streamed(path, key, encoding, label_key, layer, normalize, where, counts)
     return _read_h5ad_in_memory(path, label_key, layer, normalize, where, counts)
 
 
@@ -1133,6 +1146,7 @@ class _H5Counts:
     where: str
     origin: str
     encoding: str
+    shape: tuple[int, ...]
     var_key: str | None = None
 
 
@@ -1140,31 +1154,45 @@ def _h5ad_counts_place(path: Path, counts_layer: str | None, counts_raw: bool) -
     """The place of the raw counts asked for, refusing a layer or ``adata.raw`` the file lacks."""
     if counts_layer is not None:
         key = f"layers/{counts_layer}"
-        encoding, _ = _h5ad_matrix_kind(path, key)
+        encoding, shape = _h5ad_matrix_kind(path, key)
         if encoding == "missing":
             raise ScaeInputError(
                 f"{path}: no layer '{counts_layer}' for the raw counts; available layers: {_h5ad_layers(path) or 'none'}"
             )
-        return _H5Counts(key, f"{path} layer '{counts_layer}'", f"layer '{counts_layer}'", encoding)
+        return _H5Counts(key, f"{path} layer '{counts_layer}'", f"layer '{counts_layer}'", encoding, shape)
     if counts_raw:
-        encoding, _ = _h5ad_matrix_kind(path, "raw/X")
+        encoding, shape = _h5ad_matrix_kind(path, "raw/X")
         if encoding == "missing":
             raise ScaeInputError(
                 f"{path}: has no adata.raw for the raw counts; expected a file whose adata.raw.X holds "
                 "raw counts, or a layer of counts (--counts-layer)"
             )
-        return _H5Counts("raw/X", f"{path} raw.X", "adata.raw", encoding, var_key="raw/var")
+        return _H5Counts("raw/X", f"{path} raw.X", "adata.raw", encoding, shape, var_key="raw/var")
     return None
 
 
-def _check_streamable(encoding: str, where: str) -> None:
-    """Refuse to stream a matrix that is not stored as CSR, with the remedy."""
-    if encoding != "csr_matrix":
-        stored = {"csc_matrix": "as CSC (column-compressed)", "array": "dense"}.get(encoding, f"as '{encoding}'")
+STREAMABLE = ("csr_matrix", "array")
+"""Encodings of an ``.h5ad`` matrix that can be streamed: CSR, and dense (read by row ranges)."""
+
+
+def _check_streamable(encoding: str, shape: tuple[int, ...], where: str) -> None:
+    """Refuse to stream a matrix that is stored neither as CSR nor dense by rows, with the remedy."""
+    if encoding not in STREAMABLE or len(shape) != 2:
+        stored = {"csc_matrix": "as CSC (column-compressed)"}.get(
+            encoding, f"as a {len(shape)}-D array" if encoding == "array" else f"as '{encoding}'")
         raise ScaeInputError(
             f"{where}: is stored {stored}; streaming from disk needs a CSR (row-compressed) sparse "
-            "matrix (write it with adata.X = scipy.sparse.csr_matrix(adata.X)), or load it without streaming"
+            "matrix (write it with adata.X = scipy.sparse.csr_matrix(adata.X)) or a dense 2-D one, "
+            "or load it without streaming"
         )
+
+
+def _h5_source(path: Path, key: str, encoding: str):
+    """The row source of the matrix at ``key``: :class:`~scae.sources.H5CSRSource` for CSR,
+    :class:`~scae.sources.H5DenseSource` for a dense array."""
+    from scae.sources import H5CSRSource, H5DenseSource
+
+    return H5CSRSource(path, key) if encoding == "csr_matrix" else H5DenseSource(path, key)
 
 
 def _raw_columns(raw_names, x_names, where: str) -> np.ndarray | None:
@@ -1378,13 +1406,13 @@ def anndata_counts(adata, counts_layer: str | None = None, counts_raw: bool = Fa
         if counts_layer not in adata.layers:
             available = ", ".join(adata.layers.keys()) or "none"
             raise ScaeInputError(f"{where}: no layer '{counts_layer}' for the raw counts; available layers: {available}")
-        place = _H5Counts(f"layers/{counts_layer}", f"{where} layer '{counts_layer}'", f"layer '{counts_layer}'", "")
+        place = _H5Counts(f"layers/{counts_layer}", f"{where} layer '{counts_layer}'", f"layer '{counts_layer}'", "", ())
         return _h5ad_counts_in_memory(adata, place, shape)
     if counts_raw:
         if adata.raw is None:
             raise ScaeInputError(f"{where}: has no adata.raw for the raw counts; expected adata.raw.X to hold raw "
                                  "counts, or a layer of counts (counts_layer)")
-        return _h5ad_counts_in_memory(adata, _H5Counts("raw/X", f"{where} raw.X", "adata.raw", "", "raw/var"), shape)
+        return _h5ad_counts_in_memory(adata, _H5Counts("raw/X", f"{where} raw.X", "adata.raw", "", (), "raw/var"), shape)
     if adata.X is None:
         return None
     _check_matrix_type(adata.X, f"{where} X")
@@ -1398,19 +1426,17 @@ def _h5ad_name(path: Path, label_key: str, layer: str | None) -> str:
 
 
 def _read_h5ad_streamed(
-    path: Path, key: str, label_key: str, layer: str | None, normalize: str, where: str,
+    path: Path, key: str, encoding: str, label_key: str, layer: str | None, normalize: str, where: str,
     counts: _H5Counts | None = None,
 ) -> Dataset:
-    """obs and var are read; the CSR matrix stays on disk and is validated in one streamed pass
-    (the raw counts, when given and needed, likewise)."""
+    """obs and var are read; the matrix (CSR or dense) stays on disk and is validated in one
+    streamed pass (the raw counts, when given and needed, likewise)."""
     import h5py
 
     try:
         from anndata.io import read_elem
     except ImportError:  # anndata < 0.11
         from anndata.experimental import read_elem
-
-    from scae.sources import H5CSRSource
 
     try:
         with h5py.File(path, "r") as handle:
@@ -1419,9 +1445,9 @@ def _read_h5ad_streamed(
         if label_key not in obs.columns:
             available = ", ".join(map(str, obs.columns)) or "none"
             raise ScaeInputError(f"{path}: no obs column '{label_key}' for --label-key; available columns: {available}")
-        source = H5CSRSource(path, key)
+        source = _h5_source(path, key, encoding)
         try:
-            stats, profile = _scan_csr(source, where)
+            stats, profile = _scan_csr(source, where) if encoding == "csr_matrix" else _scan_dense(source, where)
         finally:
             source.close()
     except ScaeInputError:
@@ -1454,11 +1480,11 @@ def _h5ad_counts_streamed(path: Path, counts: _H5Counts, shape: tuple[int, int],
     except ImportError:  # anndata < 0.11
         from anndata.experimental import read_elem
 
-    from scae.sources import ColumnSubsetSource, H5CSRSource
+    from scae.sources import ColumnSubsetSource
 
-    _check_streamable(counts.encoding, counts.where)
+    _check_streamable(counts.encoding, counts.shape, counts.where)
     try:
-        source = H5CSRSource(path, counts.key)
+        source = _h5_source(path, counts.key, counts.encoding)
         columns = None
         if counts.var_key is not None:
             with h5py.File(path, "r") as handle:
@@ -1476,7 +1502,10 @@ def _h5ad_counts_streamed(path: Path, counts: _H5Counts, shape: tuple[int, int],
             checked[:] = False
             checked[columns] = True
         try:
-            _scan_csr(source, counts.where, counts_in=checked)
+            if counts.encoding == "csr_matrix":
+                _scan_csr(source, counts.where, counts_in=checked)
+            else:
+                _scan_dense(source, counts.where, counts_only=True, counts_in=checked)
         finally:
             source.close()
     except ScaeInputError:

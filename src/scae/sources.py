@@ -1,11 +1,12 @@
 """Row sources: where training, evaluation and prediction read cells from.
 
-A :class:`RowSource` is a cells × genes matrix that hands out rows. Three implementations share
+A :class:`RowSource` is a cells × genes matrix that hands out rows. Its implementations share
 one small protocol, so the trainer never asks which one it has:
 
 - :class:`ArraySource` — a dense array or SciPy CSR matrix in memory;
 - :class:`H5CSRSource` — a CSR matrix inside an ``.h5ad`` file (``X`` or a layer), read by
-  contiguous row ranges with h5py, never loaded whole;
+  contiguous row ranges with h5py, never loaded whole; :class:`H5DenseSource` likewise for a
+  dense one;
 - :class:`NpySource` — a dense ``.npy`` file, memory-mapped;
 - :class:`DeviceSource` — a copy of another source's rows in a GPU's memory, dense
   (:func:`on_device` makes the trainer's sources so when they fit).
@@ -428,21 +429,12 @@ def _runs(rows: np.ndarray, max_gap: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-class H5CSRSource(RowSource):
-    """A CSR matrix in an HDF5 (``.h5ad``) group, read by contiguous row ranges.
+class _H5Matrix(RowSource):
+    """A matrix at ``key`` of an HDF5 (``.h5ad``) file, read by contiguous row ranges
+    (:meth:`read_range`; rows close together are read as one range).
 
-    Only ``indptr`` (one integer per cell) is held in memory; ``data`` and ``indices`` are read
-    for the ranges asked for. The file is opened lazily in each process (so a source can be
-    handed to another process) and read only, never modified.
-
-    Parameters
-    ----------
-    path
-        The ``.h5ad`` file.
-    key
-        Path of the CSR group inside the file, ``"X"`` or ``"layers/<name>"``.
-    counts
-        Whether the matrix holds raw counts to normalise per batch.
+    The file is opened lazily in each process (so a source can be handed to another process)
+    and read only, never modified.
     """
 
     on_disk = True
@@ -450,16 +442,8 @@ class H5CSRSource(RowSource):
     """Rows this close together are read as one range (reading a few unused rows is cheaper
     than another HDF5 call)."""
 
-    def __init__(self, path: str | Path, key: str = "X", counts: bool = False) -> None:
-        import h5py
-
+    def __init__(self, path: str | Path, key: str, counts: bool) -> None:
         self.path, self.key, self.counts = Path(path), key, counts
-        with h5py.File(self.path, "r") as handle:
-            group = handle[key]
-            self.n_rows, self.n_cols = (int(v) for v in group.attrs["shape"])
-            self.indptr = group["indptr"][:].astype(np.int64)
-            self.nnz = int(self.indptr[-1])
-            self.stored_dtype = group["data"].dtype
         self._handle = None
         self._lock = threading.Lock()
 
@@ -473,22 +457,66 @@ class H5CSRSource(RowSource):
         self._lock = threading.Lock()
 
     def group(self):
-        """The open HDF5 group of the matrix (opened on first use, in this process)."""
+        """The open HDF5 group (CSR) or dataset (dense) of the matrix (opened on first use, in this process)."""
         if self._handle is None:
             import h5py
 
             self._handle = h5py.File(self.path, "r")
         return self._handle[self.key]
 
-    def bytes_per_row(self) -> float:
-        """Stored bytes of an average row (a value and a column index per nonzero)."""
-        return 8.0 * max(self.nnz / max(self.n_rows, 1), 1.0)
-
     def close(self) -> None:
         """Close the file handle (it reopens on the next read)."""
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+    def read_range(self, start: int, stop: int) -> Chunk:
+        raise NotImplementedError
+
+    def _read(self, rows: np.ndarray) -> Chunk:
+        if rows.size == 0:
+            return self.read_range(0, 0)
+        parts = []
+        for a, b in _runs(rows, self.MAX_GAP):
+            first, last = int(rows[a]), int(rows[b - 1])
+            block = self.read_range(first, last + 1)
+            wanted = rows[a:b] - first
+            parts.append(block if wanted.size == last - first + 1 else block[wanted])
+        if len(parts) == 1:
+            return parts[0]
+        return sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)
+
+
+class H5CSRSource(_H5Matrix):
+    """A CSR matrix in an HDF5 (``.h5ad``) group, read by contiguous row ranges.
+
+    Only ``indptr`` (one integer per cell) is held in memory; ``data`` and ``indices`` are read
+    for the ranges asked for.
+
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` file.
+    key
+        Path of the CSR group inside the file, ``"X"`` or ``"layers/<name>"``.
+    counts
+        Whether the matrix holds raw counts to normalise per batch.
+    """
+
+    def __init__(self, path: str | Path, key: str = "X", counts: bool = False) -> None:
+        import h5py
+
+        super().__init__(path, key, counts)
+        with h5py.File(self.path, "r") as handle:
+            group = handle[key]
+            self.n_rows, self.n_cols = (int(v) for v in group.attrs["shape"])
+            self.indptr = group["indptr"][:].astype(np.int64)
+            self.nnz = int(self.indptr[-1])
+            self.stored_dtype = group["data"].dtype
+
+    def bytes_per_row(self) -> float:
+        """Stored bytes of an average row (a value and a column index per nonzero)."""
+        return 8.0 * max(self.nnz / max(self.n_rows, 1), 1.0)
 
     def read_range(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``start … stop - 1`` as a float32 CSR matrix."""
@@ -502,16 +530,43 @@ class H5CSRSource(RowSource):
             shape=(stop - start, self.n_cols),
         )
 
-    def _read(self, rows: np.ndarray) -> sp.csr_matrix:
-        if rows.size == 0:
-            return sp.csr_matrix((0, self.n_cols), dtype=np.float32)
-        parts = []
-        for a, b in _runs(rows, self.MAX_GAP):
-            first, last = int(rows[a]), int(rows[b - 1])
-            block = self.read_range(first, last + 1)
-            wanted = rows[a:b] - first
-            parts.append(block if wanted.size == last - first + 1 else block[wanted])
-        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+
+class H5DenseSource(_H5Matrix):
+    """A dense 2-D matrix in an HDF5 (``.h5ad``) dataset, read by contiguous row ranges.
+
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` file.
+    key
+        Path of the dataset inside the file, ``"X"`` or ``"layers/<name>"``.
+    counts
+        Whether the matrix holds raw counts to normalise per batch.
+    """
+
+    MAX_GAP = 16
+
+    def __init__(self, path: str | Path, key: str = "X", counts: bool = False) -> None:
+        import h5py
+
+        super().__init__(path, key, counts)
+        with h5py.File(self.path, "r") as handle:
+            self.n_rows, self.n_cols = (int(v) for v in handle[key].shape)
+            self.stored_dtype = handle[key].dtype
+
+    @property
+    def stored(self):
+        """The HDF5 dataset, in its stored dtype (row slices read as NumPy arrays)."""
+        return self.group()
+
+    def bytes_per_row(self) -> float:
+        return float(self.stored_dtype.itemsize * self.n_cols)
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start … stop - 1`` as a float32 array."""
+        with self._lock:
+            block = self.group()[start:stop]
+        return np.asarray(block, dtype=np.float32)
 
 
 class NpySource(RowSource):
