@@ -173,10 +173,12 @@ def test_benchmark_html_escapes_a_hostile_dataset_name(files, tmp_path, no_scvi)
 
 # ---------------------------------------------------------------- refused input
 @pytest.mark.parametrize("case, needle", [
-    ("unknown_method", "unknown method 'umap'; expected one of: pca<k>, ae10, ae50, ae2, ae10_nonzero, "
+    ("unknown_method", "unknown method 'umap'; expected one of: pca<k>, pca<k>_scaled, ae10, ae50, ae2, ae10_nonzero, "
                        + ", ".join(PRESETS) + ", recommended, scvi"),
     ("pca0", "unknown method 'pca0'"),
     ("pca05", "method 'pca05': write it pca5"),
+    ("pca05_scaled", "method 'pca05_scaled': write it pca5_scaled"),
+    ("pca_scaled", "unknown method 'pca_scaled'"),
     ("pca_superscript", "unknown method 'pca²'"),
     ("few_cells", "small19.npy + "),
     ("no_label_key", "--label-key is required with --h5ad (the obs column of cell labels)"),
@@ -195,6 +197,8 @@ def test_benchmark_bad_input_is_one_line_and_writes_nothing(files, tmp_path, cap
         "unpaired": ["--counts", str(files.npy), "--labels", str(files.labels_file), "--counts", str(files.npy)],
         "no_dataset": [],
         "pca05": ["--h5ad", str(files.h5ad), "--label-key", "ct", "--methods", "pca05"],
+        "pca05_scaled": ["--h5ad", str(files.h5ad), "--label-key", "ct", "--methods", "pca05_scaled"],
+        "pca_scaled": ["--h5ad", str(files.h5ad), "--label-key", "ct", "--methods", "pca_scaled"],
         "pca_superscript": ["--h5ad", str(files.h5ad), "--label-key", "ct", "--methods", "pca²"],
         "few_cells": ["--counts", str(tmp_path / "small19.npy"), "--labels", str(tmp_path / "small19.txt")],
     }[case]
@@ -242,11 +246,37 @@ def test_pca_method_is_scikit_learns_pca_of_the_log_normalised_matrix(files):
         np.testing.assert_array_equal(benchmark.method("pca10").fit(dataset, 7), latent)  # no seed dependence
 
 
+def test_scaled_pca_is_scanpys_scale_then_pca(files):
+    """Each gene standardised over the cells (sample standard deviation) and clipped at ±10 (a
+    constant gene is 0), then PCA:
+    what ``sc.pp.scale(adata, max_value=10)`` and ``sc.tl.pca`` compute."""
+    X = _lognorm(files.counts).astype(np.float64)
+    X[:, 3] = 1.5  # a constant gene
+    X[0, 5] = 1e3  # a value far above its gene's spread: clipped
+    scaled = benchmark.scaled_genes(X)
+    z = (X[:, 5] - X[:, 5].mean()) / X[:, 5].std(ddof=1)
+    assert scaled[0, 5] == 10.0 and z[0] > 10
+    np.testing.assert_allclose(scaled[1:, 5], z[1:], rtol=1e-5, atol=1e-6)
+    assert np.all(scaled[:, 3] == 0)
+    j = 7 if X[:, 7].std() > 0 else int(np.argmax(X[:, 6:].std(axis=0))) + 6  # a gene that varies
+    np.testing.assert_allclose(scaled[:, j], np.clip((X[:, j] - X[:, j].mean()) / X[:, j].std(ddof=1), -10, 10),
+                               rtol=1e-5, atol=1e-6)
+    dataset = scae.make_dataset(X.astype(np.float32), files.labels)
+    latent = benchmark.method("pca4_scaled").fit(dataset, 0)
+    reference = PCA(n_components=4, svd_solver="full").fit_transform(benchmark.scaled_genes(dataset.X).astype(np.float64))
+    signs = np.sign(np.sum(latent * reference, axis=0))
+    np.testing.assert_allclose(latent * signs, reference, atol=2e-3 * np.abs(reference).max())
+    sc = pytest.importorskip("scanpy")
+    adata = ad.AnnData(X=X.copy())
+    sc.pp.scale(adata, max_value=10)
+    np.testing.assert_allclose(scaled, adata.X, rtol=1e-4, atol=1e-4)
+
+
 def test_method_names_and_kinds():
     from scae.presets import PRESETS
 
-    assert benchmark.method_names() == ["pca10", "ae10", "ae50", "ae2", "ae10_nonzero", *PRESETS, "recommended",
-                                        "scvi"]
+    assert benchmark.method_names() == ["pca10", "pca10_scaled", "ae10", "ae50", "ae2", "ae10_nonzero", *PRESETS,
+                                        "recommended", "scvi"]
     assert not benchmark.method("pca3").needs_counts and not benchmark.method("ae10").needs_counts
     assert benchmark.method("nb_vae").needs_counts and benchmark.method("recommended").needs_counts
     assert benchmark.method("scvi").peer and benchmark.method("scvi").needs_counts

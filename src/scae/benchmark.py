@@ -6,6 +6,8 @@ labels' silhouette, and the cross-validated 15-nearest-neighbour label accuracy
 (:func:`scae.metrics.knn_accuracy`). Methods:
 
 - ``pca<k>`` — PCA with k components of the log-normalised matrix;
+- ``pca<k>_scaled`` — the same after scanpy's standard scaling (each gene to zero mean and unit
+  variance, clipped at ±10: ``sc.pp.scale(adata, max_value=10)``, then ``sc.tl.pca``);
 - ``ae10``, ``ae50``, ``ae2``, ``ae10_nonzero`` — the study's assignment runs (MSE on the
   log-normalised matrix, the study's network and schedule);
 - every preset of :mod:`scae.presets` (count models on the raw counts), and ``recommended``;
@@ -33,7 +35,9 @@ from scae.results import DEFAULT_RUNS, StudyConfig
 
 SCORE_MAX_CELLS = 20_000
 """Latents of larger datasets are scored on a seeded sample of this many cells."""
-DEFAULT_METHODS = ("pca10", "ae10", "recommended", "scvi")
+DEFAULT_METHODS = ("pca10", "pca10_scaled", "ae10", "recommended", "scvi")
+SCALE_CLIP = 10.0
+"""``pca<k>_scaled`` clips the standardised values at ± this (scanpy's usual ``max_value``)."""
 ASSIGNMENT_RUNS = {spec.name: spec for spec in DEFAULT_RUNS}
 
 FitFunction = Callable[[Dataset, int], np.ndarray]
@@ -54,12 +58,24 @@ class Method:
     """PCA: the number of principal components (skipped on datasets with fewer genes or cells)."""
 
 
-def _pca_method(name: str, k: int) -> Method:
+def _pca_method(name: str, k: int, scaled: bool = False) -> Method:
     def fit(dataset: Dataset, seed: int) -> np.ndarray:
         X = dataset.source().matrix()
+        if scaled:
+            X = scaled_genes(X)
         return fit_pca(X, k, seed).transform(X).astype(np.float32)
 
     return Method(name, fit, components=k)
+
+
+def scaled_genes(X) -> np.ndarray:
+    """Each gene (column) of ``X`` standardised to zero mean and unit variance over the cells (the
+    sample standard deviation) and clipped at ±:data:`SCALE_CLIP`, as
+    ``scanpy.pp.scale(adata, max_value=10)`` does (a constant gene becomes 0); dense float32."""
+    X = np.asarray(X.todense() if hasattr(X, "todense") else X, dtype=np.float64)
+    mean, std = X.mean(axis=0), X.std(axis=0, ddof=1 if X.shape[0] > 1 else 0)
+    scaled = (X - mean) / np.where(std > 0, std, 1.0)
+    return np.clip(scaled, -SCALE_CLIP, SCALE_CLIP).astype(np.float32)
 
 
 def autoencoder_method(name: str, params: dict, counts: bool, device: str = "auto") -> Method:
@@ -97,11 +113,13 @@ def method(name: str, device: str = "auto") -> Method:
     autoencoders train on ``device``."""
     from scae.likelihoods import get_likelihood
 
-    if name.startswith("pca") and name[3:].isascii() and name[3:].isdigit() and int(name[3:]) >= 1:
-        k = int(name[3:])
-        if name != f"pca{k}":  # pca010 would be a second name of pca10
-            raise ScaeInputError(f"method '{name}': write it pca{k}")
-        return _pca_method(name, k)
+    digits, scaled = name[3:].removesuffix("_scaled"), name.endswith("_scaled")
+    if name.startswith("pca") and digits.isascii() and digits.isdigit() and int(digits) >= 1:
+        k = int(digits)
+        canonical = f"pca{k}_scaled" if scaled else f"pca{k}"
+        if name != canonical:  # pca010 would be a second name of pca10
+            raise ScaeInputError(f"method '{name}': write it {canonical}")
+        return _pca_method(name, k, scaled)
     if name in ASSIGNMENT_RUNS:
         return autoencoder_method(name, _assignment_params(name), counts=False, device=device)
     if name == "recommended" or name in PRESETS:
@@ -109,13 +127,13 @@ def method(name: str, device: str = "auto") -> Method:
         return autoencoder_method(name, params, counts=get_likelihood(params.get("loss", "mse")).counts, device=device)
     if name == "scvi":
         return _scvi_method()
-    known = ["pca<k>", *ASSIGNMENT_RUNS, *PRESETS, "recommended", "scvi"]
+    known = ["pca<k>", "pca<k>_scaled", *ASSIGNMENT_RUNS, *PRESETS, "recommended", "scvi"]
     raise ScaeInputError(f"unknown method '{name}'; expected one of: {', '.join(known)}")
 
 
 def method_names() -> list[str]:
     """Every named method (PCA as ``pca10``)."""
-    return ["pca10", *ASSIGNMENT_RUNS, *PRESETS, "recommended", "scvi"]
+    return ["pca10", "pca10_scaled", *ASSIGNMENT_RUNS, *PRESETS, "recommended", "scvi"]
 
 
 def score_latent(latent: np.ndarray, labels: np.ndarray, seed: int, max_cells: int = SCORE_MAX_CELLS) -> dict[str, float]:

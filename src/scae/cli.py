@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark",
         help="fit embedding methods on labelled datasets and compare their latents (ARI, NMI, 15-NN accuracy)",
         description="Fit each method on every cell of each dataset (labels unused) and score its latent against "
-        "the labels; writes OUT/benchmark.json and OUT/benchmark.html. Methods: pca<k>, the study runs "
+        "the labels; writes OUT/benchmark.json and OUT/benchmark.html. Methods: pca<k> (pca<k>_scaled: after "
+        "scanpy's scaling), the study runs "
         f"(ae10, ae50, ae2, ae10_nonzero), the presets ({', '.join(PRESET_CHOICES)}) and scvi (scvi-tools' "
         "SCVI, when installed: pip install 'scae[peers]').",
     )
