@@ -95,7 +95,7 @@ def test_benchmark_json_structure(run):
     assert settings["seeds"] == [0, 1] and settings["top_genes"] == 2000 and settings["methods"] == METHODS
     assert settings["datasets"] == {"counts": "counts.h5ad (labels: obs['ct'])", "lognorm": "lognorm.npy + labels.txt"}
     assert all(set(record) == RECORD_KEYS for record in content["results"])
-    assert (run.out / "figures" / "benchmark.png").read_bytes().startswith(PNG_MAGIC)
+    assert (run.out / "benchmark.png").read_bytes().startswith(PNG_MAGIC)
     assert (run.out / "benchmark.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
@@ -348,3 +348,9 @@ def test_benchmark_refuses_an_input_where_it_writes(tmp_path, capsys):
                  "--out", str(out), "--quiet"]) == 2
     assert "is an input, and the benchmark would remove or overwrite it" in capsys.readouterr().err
     assert path.read_bytes() == before and not (out / "benchmark.html").exists()
+
+
+def test_a_method_named_twice_runs_once(files):
+    dataset = scae.read_h5ad(files.h5ad, "ct")
+    results, skipped = benchmark.run_benchmark({"d": dataset}, ["pca5", "pca3", "pca5"], seeds=[0])
+    assert [r["method"] for r in results] == ["pca5", "pca3"] and skipped == []

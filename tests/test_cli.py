@@ -868,3 +868,69 @@ def test_the_last_line_lost_to_a_full_or_closed_output_does_not_fail_the_command
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     piped.stdout.close()  # the reader is gone (| head, | true)
     assert piped.wait(timeout=120) == 0 and piped.stderr.read() == ""
+
+
+# ---------------------------------------------------------------- the environment it runs in
+def _scae(args: list[str], cwd: Path, **env: str):
+    import os
+    import subprocess
+    import sys
+
+    command = [str(Path(sys.executable).with_name("scae")), *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"WORLD_SIZE": "abc", "RANK": "0"}, "environment variable WORLD_SIZE='abc' is not a whole number"),
+    ({"WORLD_SIZE": "2", "RANK": "x"}, "environment variable RANK='x' is not a whole number"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "environment variable RANK=2 is not below WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "torchrun: process 0 of 2 could not join its group (Error initializing "
+                                       "torch.distributed using env:// rendezvous: environment variable MASTER_ADDR "
+                                       "expected, but not set)"),
+])
+@pytest.mark.parametrize("command", ["study", "fit"])
+def test_malformed_torchrun_variables_are_one_line(sim_dir, tmp_path, capsys, monkeypatch, env, needle, command):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / ("out" if command == "study" else "m.pt")
+    args = study_args(sim_dir, out) if command == "study" else [
+        "fit", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"), "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"scae: error: {needle}") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_a_removed_working_directory_is_one_line(tmp_path):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    import os
+    import subprocess
+    import sys
+
+    code = f"import os, sys; os.chdir({str(gone)!r}); os.rmdir({str(gone)!r}); sys.argv = ['scae', 'simulate', '--out', {str(tmp_path / 's')!r}]\n" \
+           "from scae.__main__ import console; console()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ)
+    assert done.returncode == 2
+    assert done.stderr == ("scae: error: the current directory no longer exists (it was removed); cd to an existing "
+                           "directory and run again\n")
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_unhelpful_environment_leaves_a_study_quiet(sim_dir, tmp_path):
+    """An ASCII-only standard output, an unknown matplotlib backend, a malformed OpenMP thread
+    count and an unusable matplotlib folder: the study completes, and says nothing but its line."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    done = _scae(["study", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+                  "--out", str(tmp_path / "out"), "--epochs", "1", "--quiet"], tmp_path,
+                 PYTHONIOENCODING="ascii", LC_ALL="C", MPLBACKEND="nonsense", OMP_NUM_THREADS="abc",
+                 MPLCONFIGDIR=str(blocker), XDG_CACHE_HOME=str(blocker))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout.startswith("scae: study finished in ") and (tmp_path / "out" / "report.html").is_file()
+    fit = _scae(["fit", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+                 "--out", str(tmp_path / "m.pt"), "--epochs", "1", "--quiet"], tmp_path, PYTHONIOENCODING="ascii")
+    assert fit.returncode == 0 and fit.stderr == "" and "\\xd7" in fit.stdout  # the × escaped, not an error

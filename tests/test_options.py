@@ -56,6 +56,10 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
         ("--hidden", "100000000000", "an integer in [1, 100000]"),
         ("--max-embed-cells", "0", "an integer >= 1"),
         ("--max-embed-cells", "-20", "an integer >= 1"),
+        ("--epochs", "1_0", "an integer in [1, 1000000]"),  # Python's int() takes these three
+        ("--epochs", "\u0661\u0660", "an integer in [1, 1000000]"),  # Arabic-Indic 10
+        ("--epochs", "\uff11", "an integer in [1, 1000000]"),  # full-width 1
+        ("--learning-rate", "1_0e-3", "a finite number > 0 and <= 10"),
     ],
 )
 def test_study_option_out_of_range_is_one_line(tmp_path, capsys, option, value, expected):

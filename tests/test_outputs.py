@@ -339,21 +339,22 @@ def test_commands_refuse_link_loops_and_outputs_of_the_wrong_kind_before_any_wor
     out = tmp_path / "bench"
     assert main(["benchmark", *bench, "--out", str(out)]) == 0
     assert (out / "benchmark.json").is_file()
-    (out / "figures" / "benchmark.png").unlink()
-    os.mkfifo(out / "figures" / "benchmark.png")
+    (out / "benchmark.png").unlink()
+    os.mkfifo(out / "benchmark.png")
     assert main(["benchmark", *bench, "--out", str(out)]) == 2  # refused up front
     assert "benchmark.png: is a named pipe" in capsys.readouterr().err
-    (out / "figures" / "benchmark.png").unlink()
+    (out / "benchmark.png").unlink()
     (out / "benchmark.html").unlink()
     (out / "benchmark.html").mkdir()
     assert main(["benchmark", *bench, "--out", str(out)]) == 2
     assert "benchmark.html: is a folder, where the output benchmark.html goes" in capsys.readouterr().err
     shutil_out = tmp_path / "bench2"
     shutil_out.mkdir()
-    (shutil_out / "figures").write_text("mine")
+    (shutil_out / "benchmark.png").mkdir()
+    (shutil_out / "benchmark.png" / "mine.txt").write_text("mine")
     assert main(["benchmark", *bench, "--out", str(shutil_out)]) == 2
-    assert "figures: is a file, where the output figures goes" in capsys.readouterr().err
-    assert (shutil_out / "figures").read_text() == "mine"
+    assert "benchmark.png: is a folder, where the output benchmark.png goes" in capsys.readouterr().err
+    assert (shutil_out / "benchmark.png" / "mine.txt").read_text() == "mine"
     sim = tmp_path / "sim"
     sim.mkdir()
     os.mkfifo(sim / "labels.txt")
@@ -398,3 +399,77 @@ def test_simulate_refuses_a_folder_another_command_writes(tmp_path, capsys):
     assert not (tmp_path / "counts.npy").exists()
     assert main(["simulate", "--cells", "60", "--genes", "10", "--out", str(tmp_path)]) == 0
     assert not (tmp_path / LOCK_NAME).exists()  # released
+
+
+def test_benchmark_takes_the_folder_lock_and_leaves_a_study_its_files(tmp_path, capsys):
+    from scae.simulate import simulate_dataset
+
+    assert main(["simulate", "--cells", "60", "--genes", "10", "--out", str(tmp_path / "sim")]) == 0
+    data = ["--counts", str(tmp_path / "sim" / "counts.npy"), "--labels", str(tmp_path / "sim" / "labels.txt")]
+    out = tmp_path / "shared"
+    with OutputDir(out).open():  # a study is writing there
+        assert main(["benchmark", *data, "--methods", "pca5", "--seeds", "1", "--out", str(out), "--quiet"]) == 2
+    assert "another scae command is writing to this directory; wait for it to finish or choose another --out " \
+           "for this benchmark" in capsys.readouterr().err
+    assert not (out / "benchmark.json").exists()
+    assert main(["benchmark", *data, "--methods", "pca5", "--seeds", "1", "--out", str(out), "--quiet"]) == 0
+    assert not (out / LOCK_NAME).exists()
+    assert main(["study", *data, "--epochs", "1", "--out", str(out), "--quiet", "--max-embed-cells", "60"]) == 0
+    assert (out / "benchmark.png").is_file() and (out / "benchmark.json").is_file()  # a study's own names only
+    assert (out / "report.html").is_file()
+    del simulate_dataset
+
+
+def test_stale_part_files_of_a_killed_writer_are_removed_under_the_lock(tmp_path):
+    from scae.cli import SIMULATE_OUTPUTS
+    from scae.files import remove_stale_parts
+
+    for name in SIMULATE_OUTPUTS:
+        (tmp_path / f".{name}.abc123xy.part").write_bytes(b"x" * 100)
+    (tmp_path / ".counts.npy.keep").write_text("not ours")
+    (tmp_path / ".report.html.abcdefgh.part").write_text("another command's")
+    (tmp_path / "elsewhere.txt").write_text("kept")
+    (tmp_path / ".labels.txt.linkxxxx.part").symlink_to(tmp_path / "elsewhere.txt")
+    remove_stale_parts(tmp_path, SIMULATE_OUTPUTS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".counts.npy.keep", ".labels.txt.linkxxxx.part", ".report.html.abcdefgh.part", "elsewhere.txt"]
+    (tmp_path / ".raw_counts.npy.zzzzzzzz.part").write_bytes(b"y")
+    assert main(["simulate", "--cells", "60", "--genes", "10", "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / ".raw_counts.npy.zzzzzzzz.part").exists()
+
+
+@pytest.mark.parametrize("command", ["study", "fit", "embed", "benchmark", "simulate"])
+def test_an_empty_output_path_is_refused(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    args = {"embed": ["embed", "in.h5ad"], "benchmark": ["benchmark", "--h5ad", "in.h5ad", "--label-key", "x"]}.get(
+        command, [command])
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--out", ""])
+    assert info.value.code == 2
+    kind = "a folder" if command in ("study", "benchmark", "simulate") else "a file"
+    assert f"argument --out: expected the path of {kind} to write, got ''" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["fit", "embed"])
+def test_a_file_output_ending_with_a_slash_is_refused(tmp_path, capsys, command):
+    args = ["embed", str(tmp_path / "in.h5ad")] if command == "embed" else ["fit"]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--out", f"{tmp_path / 'newdir'}/"])
+    assert info.value.code == 2
+    assert "(a folder's name)" in capsys.readouterr().err
+    assert not (tmp_path / "newdir").exists()
+
+
+def test_refused_simulate_and_benchmark_leave_no_folder(tmp_path, capsys):
+    assert main(["simulate", "--cells", "5", "--populations", "3", "--out", str(tmp_path / "a" / "b")]) == 2
+    assert "expected at least 2 cells per population" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert main(["simulate", "--cells", "60", "--genes", "10", "--out", str(tmp_path / "sim")]) == 0
+    data = ["--counts", str(tmp_path / "sim" / "counts.npy"), "--labels", str(tmp_path / "sim" / "labels.txt")]
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["benchmark", *data, "--methods", "pca5", "--device", "cuda", "--out", str(tmp_path / "q")]) == 2
+        assert "--device cuda: no CUDA GPU is available" in capsys.readouterr().err
+        assert not (tmp_path / "q").exists()

@@ -1,4 +1,4 @@
-"""SIGINT and SIGTERM stop ``scae study`` and all its processes: one line, exit 130/143, no orphan.
+"""SIGINT, SIGTERM and SIGHUP stop ``scae study`` and all its processes: one line, exit 130/143/129, no orphan.
 
 Each test runs the real command in its own session (as a terminal or a scheduler would), waits
 for a stage, sends the signal and then looks at every process of that session in ``/proc``.
@@ -126,11 +126,48 @@ def test_signal_during_tsne_stops_every_process(tsne_sim_dir, tmp_path, signum, 
     _interrupt_and_check(proc, out, signum, to_group)
 
 
-def test_sigterm_during_training_stops_the_study(sim_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_during_training_stops_the_study(sim_dir, tmp_path, signum):
+    """SIGHUP is what a closed terminal or ssh session sends: handled as SIGTERM is (status 129)."""
     out = tmp_path / "out"
     proc = _start_study(sim_dir, out, epochs=30)  # the second model trains for seconds after the first is saved
     _wait_for(lambda: any(out.rglob("ae10.pt")), 120, proc)
-    _interrupt_and_check(proc, out, signal.SIGTERM, to_group=False)
+    _interrupt_and_check(proc, out, signum, to_group=False)
+    assert not (out / ".scae.lock").exists()
+    staged = {p.relative_to(out / ".scae-staging").as_posix() for p in (out / ".scae-staging").rglob("*") if p.is_file()}
+    assert staged and all(name.startswith("models/") for name in staged)  # kept for --resume, nothing else
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_torchrun_process_waiting_for_its_group_stops_on_a_signal(sim_dir, tmp_path, rank):
+    """Without the other processes the rendezvous waits (30 minutes by default) in C++, where
+    Python's handlers cannot run; the wait is in a helper thread, so SIGTERM still stops it."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    proc = subprocess.Popen(
+        [str(SCAE), "fit", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+         "--out", str(tmp_path / "m.pt"), "--epochs", "1", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
+    )
+    time.sleep(4)  # well into the rendezvous
+    assert proc.poll() is None, proc.stderr.read()
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=STOP_SECONDS + 30)
+    finally:
+        _kill_session(proc.pid)
+    assert proc.returncode == 143 and time.monotonic() - sent <= STOP_SECONDS
+    assert err.splitlines() == ["scae: interrupted (SIGTERM); no model file was written"]
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_handlers_raise_interrupted_and_are_restored():

@@ -1,7 +1,7 @@
 """The ``scae`` command (and ``python -m scae``), with signals handled from its first instruction.
 
-Until the command line installs its own handlers (:func:`scae.cli.main`), a SIGINT or SIGTERM
-ends the process at once with one line: nothing has started, so nothing needs cleaning up, and
+Until the command line installs its own handlers (:func:`scae.cli.main`), a SIGINT, SIGTERM or
+SIGHUP ends the process at once with one line: nothing has started, so nothing needs cleaning up, and
 an import interrupted half-way would otherwise print a traceback (or a misleading "bad
 install" message from NumPy).
 """
@@ -37,11 +37,55 @@ def open_closed_standard_streams() -> None:
             setattr(sys, name, open(fd, mode, closefd=False))
 
 
+def prepare_environment() -> str | None:
+    """Settle what the environment would otherwise make libraries print or fail on; returns a
+    problem to report instead of running, or ``None``.
+
+    - A removed current directory: PyTorch cannot even load its libraries there.
+    - Standard output that cannot encode a character (``LC_ALL=C``): escaped, not an error after
+      the work is done.
+    - ``MPLBACKEND``: figures are only ever written to files, so matplotlib's file backend (Agg),
+      whatever the variable says (an unknown backend failed after the training).
+    - ``OMP_NUM_THREADS`` that is not a positive whole number: dropped (OpenMP would print a
+      complaint in every process and ignore it anyway).
+    - PyTorch's C++ warnings (a torchrun process retrying to reach the others printed a stack each
+      time): errors only, unless ``TORCH_CPP_LOG_LEVEL`` says otherwise.
+    - matplotlib's warnings about an unusable configuration or cache folder: it falls back to a
+      temporary one by itself.
+    """
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return "the current directory no longer exists (it was removed); cd to an existing directory and run again"
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+    os.environ["MPLBACKEND"] = "Agg"
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads is not None and not _positive_counts(threads):
+        del os.environ["OMP_NUM_THREADS"]
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
+    return None
+
+
+def _positive_counts(text: str) -> bool:
+    """Whether ``text`` is OpenMP's thread-count list: positive whole numbers, comma-separated."""
+    parts = text.strip().split(",")
+    return all(p.strip().isascii() and p.strip().isdigit() and int(p) > 0 for p in parts)
+
+
 def console() -> None:
     """Entry point of the ``scae`` console script."""
     open_closed_standard_streams()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _while_starting)
+    problem = prepare_environment()
+    if problem is not None:
+        print(f"scae: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # scae.interrupts.HANDLED_SIGNALS, not imported yet
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _while_starting)
     from scae.cli import main
 
     sys.exit(main())

@@ -184,7 +184,7 @@ def run_benchmark(
     "reason"}`` per method that could not run on a dataset (count models without raw counts,
     a peer tool that is not installed).
     """
-    resolved = [m if isinstance(m, Method) else method(m) for m in methods]
+    resolved = list({m.name: m for m in reversed([m if isinstance(m, Method) else method(m) for m in methods])}.values())[::-1]  # a repeated name once, where it first came
     for data_name, dataset in datasets.items():
         check_scorable(dataset, data_name)
     results, skipped = [], []
@@ -256,7 +256,7 @@ def _table_rows(rows: list[dict]) -> list[tuple[str, list[list[str]]]]:
 
 def write_benchmark(out_dir, results: list[dict], skipped: list[dict], settings: dict,
                     data_notes: dict[str, str] | None = None) -> dict:
-    """Write ``figures/benchmark.png``, ``benchmark.html`` and, last, ``benchmark.json`` into
+    """Write ``benchmark.png``, ``benchmark.html`` and, last, ``benchmark.json`` into
     ``out_dir`` (each file atomically); returns the JSON content.
 
     ``benchmark.json`` holds ``"results"`` (one record per fit), ``"summary"`` (mean and sd over
@@ -274,7 +274,7 @@ def write_benchmark(out_dir, results: list[dict], skipped: list[dict], settings:
     from scae.report import render_template
 
     out = Path(out_dir)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     rows = summarize(results)
     content = {"scae_version": __version__, "settings": settings, "results": results, "summary": rows,
                "skipped": skipped}
@@ -282,7 +282,7 @@ def write_benchmark(out_dir, results: list[dict], skipped: list[dict], settings:
     if rows:
         png = png_bytes(benchmark_bars(rows, [("ari", "k-means ARI"), ("knn_accuracy", "15-NN accuracy")],
                                        "Latent representations against the known labels"))
-        write_bytes(out / "figures" / "benchmark.png", png)
+        write_bytes(out / "benchmark.png", png)
         images["benchmark"] = base64.b64encode(png).decode("ascii")
     html = render_template("benchmark.html.j2", {
         "version": __version__,

@@ -23,7 +23,7 @@ import numpy as np
 from scae import __version__
 from scae import params as rules
 from scae.errors import ScaeInputError
-from scae.interrupts import Interrupted, kill_child_processes, signals_raise_interrupted
+from scae.interrupts import HANDLED_SIGNALS, Interrupted, kill_child_processes, signals_raise_interrupted
 from scae.presets import PRESETS, RECOMMENDED
 
 EXIT_USAGE = 2
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Under torchrun every process trains the models together and rank 0 writes the outputs.",
     )
     _add_input_arguments(study)
-    study.add_argument("--out", type=Path, required=True, help="output directory")
+    study.add_argument("--out", type=_output_path(folder=True), required=True, help="output directory")
     _add_training_arguments(study)
     study.add_argument("--max-embed-cells", type=_option(rules.AT_LEAST_ONE), default=20_000,
                        help="cells sampled for t-SNE, scatter plots and cluster scores (default 20000)")
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "per epoch) and save it with its history. Under torchrun every process trains together; rank 0 saves.",
     )
     _add_input_arguments(fit)
-    fit.add_argument("--out", type=Path, required=True, help="model file to write (.pt)")
+    fit.add_argument("--out", type=_output_path(folder=False), required=True, help="model file to write (.pt)")
     fit.add_argument("--preset", choices=PRESET_CHOICES,
                      help="start from a named parameter set (options given beside it override it); "
                           f"recommended = {RECOMMENDED}")
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "scae_denoised) to OUT, so that sc.pp.neighbors(adata, use_rep='X_scae') works.",
     )
     embed.add_argument("input", type=Path, metavar="INPUT", help="AnnData .h5ad file (read, never modified)")
-    embed.add_argument("--out", type=Path, required=True, help=".h5ad file to write (not INPUT)")
+    embed.add_argument("--out", type=_output_path(folder=False), required=True, help=".h5ad file to write (not INPUT)")
     embed.add_argument("--preset", choices=PRESET_CHOICES, default="recommended",
                        help=f"the model (default recommended = {RECOMMENDED})")
     embed.add_argument("--counts-layer", metavar="NAME", help="raw counts from this layer")
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--counts", type=Path, action="append", default=[],
                        help="a cells × genes .npy (repeatable, each with a --labels)")
     bench.add_argument("--labels", type=Path, action="append", default=[], help="labels.txt of the --counts before it")
-    bench.add_argument("--out", type=Path, required=True, help="output directory")
+    bench.add_argument("--out", type=_output_path(folder=True), required=True, help="output directory")
     bench.add_argument("--methods", nargs="+", default=list(DEFAULT_BENCHMARK_METHODS), metavar="METHOD",
                        help=f"methods to compare (default: {' '.join(DEFAULT_BENCHMARK_METHODS)})")
     bench.add_argument("--seeds", type=_option(BENCHMARK_SEEDS), default=3,
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulate = sub.add_parser("simulate", help="write the built-in dataset as counts.npy (log-normalized) + "
                               "raw_counts.npy + labels.txt")
-    simulate.add_argument("--out", type=Path, required=True, help="output directory")
+    simulate.add_argument("--out", type=_output_path(folder=True), required=True, help="output directory")
     simulate.add_argument("--cells", type=_option(SIMULATE_CELLS), default=5000,
                           help="cells, at least 2 per population (default 5000)")
     simulate.add_argument("--genes", type=_option(SIMULATE_GENES), default=1000, help="genes, at least 10 (default 1000)")
@@ -279,6 +279,22 @@ SIMULATE_MAX_ENTRIES = 1_000_000_000
 """``scae simulate`` writes a dense float32 matrix: at most 4 GB."""
 
 
+def _output_path(folder: bool):
+    """An argparse ``type`` for ``--out``: a non-empty path (``''`` would be the current
+    directory), and for a file (``folder=False``) one that does not end with a slash, which
+    names a folder."""
+
+    def parse(text: str) -> Path:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"expected the path of {'a folder' if folder else 'a file'} to write, got {text!r}")
+        if not folder and text.endswith(("/", os.sep)):
+            raise argparse.ArgumentTypeError(f"expected the path of a file to write, got {text} (a folder's name)")
+        return Path(text)
+
+    parse.__name__ = "path"
+    return parse
+
+
 def _option(rule):
     """An argparse ``type`` that parses a command-line value and checks it with a :mod:`scae.params` rule."""
 
@@ -347,24 +363,34 @@ def check_top_genes(top_genes: int | None, n_genes: int) -> None:
         )
 
 
+def _folders_to_make(out: Path) -> list[Path]:
+    """The folders that making ``out`` would create, deepest first (see :func:`_remove_empty`)."""
+    made, folder = [], Path(out)
+    while not os.path.lexists(folder) and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
+    return made
+
+
+def _remove_empty(made: list[Path]) -> None:
+    """Remove the folders a refused or failed run made for its output and left empty, deepest first."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
 def run_study_command(args: argparse.Namespace) -> int:
     from scae.files import check_output_dir, refuse_inputs_inside
 
     refuse_inputs_inside(args.out, [args.h5ad, args.counts, args.labels, args.raw_counts])  # before anything is removed
-    made = []  # the folders this run makes for --out, deepest first
-    folder = Path(args.out)
-    while not os.path.lexists(folder) and folder != folder.parent:
-        made.append(folder)
-        folder = folder.parent
+    made = _folders_to_make(args.out)
     check_output_dir(args.out)  # fail fast (every process), before loading or training
     try:
         return _run_study_into(args)
     except BaseException:
-        for folder in made:  # folders this run made and left empty are not left behind
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        _remove_empty(made)
         raise
 
 
@@ -596,14 +622,13 @@ def check_parent_writable(path: Path) -> None:
         raise ScaeInputError(f"{path.parent}: cannot write there ({err.strerror or err})") from None
 
 
-BENCHMARK_OUTPUTS = ("benchmark.json", "benchmark.html", "figures")
+BENCHMARK_OUTPUTS = ("benchmark.json", "benchmark.html", "benchmark.png")
 """What ``scae benchmark`` writes in its output folder."""
 
 
 def run_benchmark_command(args: argparse.Namespace) -> int:
     """``scae benchmark``: every method on every dataset and seed; JSON and HTML in ``--out``."""
     from scae.data import read_counts_labels, read_h5ad
-    from scae.files import check_output_dir
 
     if len(args.counts) != len(args.labels):
         raise ScaeInputError("--counts and --labels go in pairs: one labels file after each counts file")
@@ -629,28 +654,47 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         paths[name] = f"{counts.resolve()} + {labels.resolve()}"
     for name, dataset in datasets.items():  # before any output is touched
         check_scorable(dataset, paths[name])
-    check_output_dir(args.out, (*BENCHMARK_OUTPUTS, "figures/benchmark.png"))  # after reading: a refused input leaves no folder behind
-    from scae.benchmark import run_benchmark, write_benchmark
+    from scae.parallel import resolve_device
 
-    try:  # a previous run's results must not look like this run's if it fails
-        for name in ("benchmark.json", "benchmark.html"):
-            (args.out / name).unlink(missing_ok=True)
-    except OSError as err:
-        raise ScaeInputError(f"{args.out}: cannot remove the previous benchmark's results ({err.strerror or err})") from None
-    log = None if args.quiet else (lambda line: print(f"scae: {line}", file=sys.stderr, flush=True))
-    seeds = list(range(args.seeds))
-    results, skipped = run_benchmark(datasets, methods, seeds, top_genes=args.top_genes, log=log)
+    resolve_device(args.device)  # a device that is not here is refused before any folder is made (as by study)
+    made = _folders_to_make(args.out)
     try:
-        write_benchmark(args.out, results, skipped, {"seeds": seeds, "top_genes": args.top_genes,
-                                                     "methods": [m.name for m in methods], "device": args.device,
-                                                     "datasets": {name: d.name for name, d in datasets.items()},
-                                                     "paths": paths})
-    except OSError as err:
-        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-        raise ScaeInputError(f"{args.out}: cannot write the benchmark's results{where}: {err.strerror or err}") from None
+        _benchmark_into(args, datasets, paths, methods)
+    except BaseException:
+        _remove_empty(made)
+        raise
+    return 0
+
+
+def _benchmark_into(args: argparse.Namespace, datasets: dict, paths: dict, methods: list) -> None:
+    """:func:`run_benchmark_command` once its inputs are read: the output folder made and locked."""
+    from scae.benchmark import run_benchmark, write_benchmark
+    from scae.files import check_output_dir, lock_folder, remove_stale_parts, unlock_folder
+
+    check_output_dir(args.out, BENCHMARK_OUTPUTS)  # after reading: a refused input leaves no folder behind
+    lock = lock_folder(args.out, "benchmark")  # one writer at a time: a study or another benchmark is refused
+    try:
+        remove_stale_parts(args.out, BENCHMARK_OUTPUTS)
+        try:  # a previous run's results must not look like this run's if it fails
+            for name in BENCHMARK_OUTPUTS:
+                (args.out / name).unlink(missing_ok=True)
+        except OSError as err:
+            raise ScaeInputError(f"{args.out}: cannot remove the previous benchmark's results ({err.strerror or err})") from None
+        log = None if args.quiet else (lambda line: print(f"scae: {line}", file=sys.stderr, flush=True))
+        seeds = list(range(args.seeds))
+        results, skipped = run_benchmark(datasets, methods, seeds, top_genes=args.top_genes, log=log)
+        try:
+            write_benchmark(args.out, results, skipped, {"seeds": seeds, "top_genes": args.top_genes,
+                                                         "methods": [m.name for m in methods], "device": args.device,
+                                                         "datasets": {name: d.name for name, d in datasets.items()},
+                                                         "paths": paths})
+        except OSError as err:
+            where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+            raise ScaeInputError(f"{args.out}: cannot write the benchmark's results{where}: {err.strerror or err}") from None
+    finally:
+        unlock_folder(args.out, lock)
     _say_done(f"scae: benchmark of {len(methods)} method(s) on {len(datasets)} dataset(s), {len(seeds)} seed(s); "
               f"wrote {args.out / 'benchmark.json'} and {args.out / 'benchmark.html'}")
-    return 0
 
 
 def _unique_name(stem: str, taken: dict) -> str:
@@ -665,12 +709,22 @@ SIMULATE_OUTPUTS = ("counts.npy", "raw_counts.npy", "labels.txt")
 
 
 def run_simulate_command(args: argparse.Namespace) -> int:
-    from scae.files import atomic_paths, check_output_dir, lock_folder, unlock_folder
+    made = _folders_to_make(args.out)
+    try:
+        return _simulate_into(args)
+    except BaseException:
+        _remove_empty(made)
+        raise
+
+
+def _simulate_into(args: argparse.Namespace) -> int:
+    from scae.files import atomic_paths, check_output_dir, lock_folder, remove_stale_parts, unlock_folder
     from scae.simulate import simulate_dataset
 
     check_output_dir(args.out, SIMULATE_OUTPUTS)
     lock = lock_folder(args.out, "simulate")  # one writer at a time (refused before any work): never a mix
     try:  # the three files replace the old ones together (an interrupt leaves one set or the other)
+        remove_stale_parts(args.out, SIMULATE_OUTPUTS)
         dataset = simulate_dataset(args.cells, args.genes, args.populations, args.seed)
         with atomic_paths([args.out / name for name in SIMULATE_OUTPUTS]) as temps:
             for tmp, matrix in zip(temps, (dataset.X, dataset.raw)):
@@ -692,7 +746,7 @@ def run_simulate_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scae`` command; returns the exit status.
 
-    SIGINT and SIGTERM stop the command (worker processes included) with one line on stderr and
+    SIGINT, SIGTERM and SIGHUP stop the command (worker processes included) with one line on stderr and
     exit status 130 or 143. Called with ``argv`` (tests, scripts), the previous signal handlers
     are restored on return; as the process's own command line, a signal that comes once its
     work is done ends the process at once with the command's status (it cannot break the
@@ -719,12 +773,12 @@ def main(argv: list[str] | None = None) -> int:
             background = sys.modules.get("scae.background")  # not imported for an input error
             worker_died = background is not None and background.worker_died()
 
-            for signum in (signal.SIGINT, signal.SIGTERM):  # done: a late signal ends the exit at once
+            for signum in HANDLED_SIGNALS:  # done: a late signal ends the exit at once
                 signal.signal(signum, lambda *_: _leave_now(status))
 
             # a torchrun rank, HDF5 after a failed write, or a pool whose worker died may crash or
             # hang in the interpreter's shutdown
-            if _in_process_group() or hdf5_write_failed() or worker_died:
+            if _maybe_in_process_group() or hdf5_write_failed() or worker_died:
                 _leave_now(status)
             gc.freeze()  # skips the collections of interpreter shutdown (1.2 s with torch loaded)
         return status
@@ -788,7 +842,7 @@ def _run_command_checked(args: argparse.Namespace) -> int:
         print(f"scae: error: {_os_error_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as err:
-        if not _in_process_group():
+        if not _maybe_in_process_group():
             raise
         # a collective failed: another process of the torchrun group died or stopped
         rank = os.environ.get("RANK", "?")
@@ -816,12 +870,24 @@ def _leave_now(status: int) -> NoReturn:
 
 
 def _in_process_group() -> bool:
-    """Whether this process was started by torchrun in a group of several (without importing torch)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    """Whether this process was started by torchrun in a group of several (without importing
+    torch; a malformed ``WORLD_SIZE`` or ``RANK`` is the one-line error it raises)."""
+    return rules.torchrun_world_size() > 1
+
+
+def _maybe_in_process_group() -> bool:
+    """:func:`_in_process_group` where an error is already being reported: a malformed variable counts as no."""
+    try:
+        return _in_process_group()
+    except ScaeInputError:
+        return False
 
 
 if __name__ == "__main__":
-    from scae.__main__ import open_closed_standard_streams
+    from scae.__main__ import open_closed_standard_streams, prepare_environment
 
     open_closed_standard_streams()
+    if (problem := prepare_environment()) is not None:
+        print(f"scae: error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     sys.exit(main())

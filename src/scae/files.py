@@ -94,6 +94,24 @@ def atomic_paths(paths: list[str | Path]) -> Iterator[list[Path]]:
             tmp.unlink(missing_ok=True)
 
 
+def remove_stale_parts(folder: str | Path, names: tuple[str, ...]) -> None:
+    """Remove the temporary files (``.NAME.*.part``) an earlier writer of ``names`` in ``folder``
+    left when it was killed outright (SIGKILL, a power cut): called with the folder's lock held,
+    so no other scae command is writing them. Links and folders of that shape are left alone."""
+    folder = Path(folder)
+    for name in names:
+        for part in folder.glob(f".{glob_escape(name)}.*.part"):
+            if part.is_file() and not part.is_symlink():
+                part.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters taken literally."""
+    import glob
+
+    return glob.escape(name)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

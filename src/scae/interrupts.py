@@ -1,10 +1,11 @@
-"""SIGINT and SIGTERM as an exception, and worker processes that leave only when told to.
+"""SIGINT, SIGTERM and SIGHUP as an exception, and worker processes that leave only when told to.
 
-The command line turns both signals into :class:`Interrupted`, raised in the main thread, so
+The command line turns these signals into :class:`Interrupted`, raised in the main thread, so
 every ``finally`` block and context manager on the way out runs (worker processes are killed,
-partial outputs removed) and the process exits with ``128 + signal number`` (130, 143).
-Worker processes are started with both signals blocked, so a Ctrl-C sent to the whole
-foreground process group reaches only the main process, which then stops them.
+partial outputs removed) and the process exits with ``128 + signal number`` (130, 143, 129).
+Worker processes are started with the signals blocked, so a Ctrl-C sent to the whole
+foreground process group (or the hang-up of a closed terminal) reaches only the main process,
+which then stops them.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+HANDLED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+"""Ctrl-C, ``kill``/``timeout``/schedulers, and a closed terminal or ssh session."""
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived; a ``BaseException``, so ``except Exception`` does not stop it.
+    """SIGINT, SIGTERM or SIGHUP arrived; a ``BaseException``, so ``except Exception`` does not stop it.
 
     Parameters
     ----------
@@ -37,7 +39,7 @@ class Interrupted(BaseException):
 
     @property
     def signal_name(self) -> str:
-        """``"SIGINT"`` or ``"SIGTERM"``."""
+        """``"SIGINT"``, ``"SIGTERM"`` or ``"SIGHUP"``."""
         return signal.Signals(self.signum).name
 
     @property
@@ -74,7 +76,7 @@ def raise_if_interrupted() -> None:
 
 @contextmanager
 def signals_raise_interrupted(restore: bool = True) -> Iterator[None]:
-    """Within the block, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread.
+    """Within the block, SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread.
 
     Only the first signal raises: later ones are ignored while the exception unwinds, so a
     second Ctrl-C cannot break off the clean-up (stopping workers, removing partial outputs).
@@ -118,7 +120,7 @@ def signals_raise_interrupted(restore: bool = True) -> Iterator[None]:
 
 @contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Within the block, SIGINT and SIGTERM wait: :func:`signals_raise_interrupted`'s handler
+    """Within the block, the handled signals wait: :func:`signals_raise_interrupted`'s handler
     notes them, and the first is raised as :class:`Interrupted` when the block ends, so the
     block runs whole or not at all (for a few file renames, not for long work)."""
     arrived: list[int] = []
@@ -134,7 +136,7 @@ def signals_deferred() -> Iterator[None]:
 
 @contextmanager
 def signals_blocked_in_children() -> Iterator[None]:
-    """Processes started within the block begin with SIGINT and SIGTERM blocked.
+    """Processes started within the block begin with the handled signals blocked.
 
     A blocked signal mask is inherited through ``fork`` and ``exec``, so a spawned worker is
     immune from its first instruction (an ignore handler installed by the worker itself would
@@ -169,6 +171,10 @@ def init_worker(parent_pid: int) -> None:
     """
     for signum in HANDLED_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    import logging
+
+    # matplotlib's warning about an unusable configuration folder is the main process's to give
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
     if sys.platform.startswith("linux"):
         try:
             import ctypes

@@ -10,12 +10,15 @@ group — gloo on CPU, NCCL on CUDA — and the trainer wraps the network in
 from __future__ import annotations
 
 import os
+import signal
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
 from scae.errors import ScaeInputError
+from scae.params import torchrun_world_size
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -61,7 +64,7 @@ class Distributed:
 
 def local_rank() -> int:
     """This process's index on its machine under ``torchrun`` (0 otherwise)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) if launched_by_torchrun() else 0
+    return int(os.environ.get("LOCAL_RANK", "0")) if launched_by_torchrun() else 0  # checked by launched_by_torchrun
 
 
 _local_rank = local_rank  # resolve_device's parameter has the same name
@@ -84,8 +87,13 @@ def broadcast_from_main(value, distributed: Distributed | None):
 
 
 def launched_by_torchrun() -> bool:
-    """Whether this process was started by ``torchrun`` with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    """Whether this process was started by ``torchrun`` with more than one process (a malformed
+    ``WORLD_SIZE``, ``RANK`` or ``LOCAL_RANK`` is :class:`~scae.errors.ScaeInputError`)."""
+    return torchrun_world_size() > 1
+
+
+WAITING_NOTE_SECONDS = 30.0
+"""After this long waiting for the other processes of the group, say so on standard error (once)."""
 
 
 def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> Distributed | None:
@@ -102,7 +110,7 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> Distrib
     if device.type == "cuda":
         torch.cuda.set_device(device)  # each process owns its GPU; collectives use the current one
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        _join_group(backend, timeout_s)
     if device.type == "cuda" and int(os.environ.get("LOCAL_WORLD_SIZE", "0")) == dist.get_world_size():
         _check_one_gpu_each(device, timeout_s)
     return Distributed(
@@ -110,6 +118,52 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> Distrib
         world_size=dist.get_world_size(),
         local_rank=local_rank(),
     )
+
+
+def _join_group(backend: str, timeout_s: float) -> None:
+    """``init_process_group``, waited for in slices, so that SIGINT, SIGTERM and SIGHUP still stop this
+    process while it waits for the others (Python runs signal handlers only between bytecodes,
+    and the rendezvous waits in C++); its failures become one :class:`~scae.errors.ScaeInputError`.
+
+    The rendezvous runs in a helper thread with those signals blocked, so that they reach the
+    main thread and do not break off the helper's system calls (each such break printed a C++
+    stack). A process stopped while it waits exits without waiting for the helper.
+    """
+    import sys
+    import threading
+
+    import torch.distributed as dist
+
+    from scae.interrupts import HANDLED_SIGNALS
+
+    failure: list[BaseException] = []
+
+    def rendezvous() -> None:
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        except BaseException as err:  # handed to the waiting thread
+            failure.append(err)
+
+    helper = threading.Thread(target=rendezvous, name="scae-rendezvous", daemon=True)
+    helper.start()
+    started, noted = time.monotonic(), False
+    while helper.is_alive():
+        helper.join(0.2)
+        if not noted and time.monotonic() - started > WAITING_NOTE_SECONDS and helper.is_alive():
+            noted = True
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            print(f"scae: process {os.environ.get('RANK')} is waiting for the other processes of its torchrun group "
+                  f"(WORLD_SIZE={os.environ.get('WORLD_SIZE')}) at {where}; start them, or stop this one with Ctrl-C",
+                  file=sys.stderr, flush=True)
+    if failure:
+        err = failure[0]
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise ScaeInputError(
+            f"torchrun: process {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')} could not join its group "
+            f"({first}); start every process with torchrun, or unset WORLD_SIZE and RANK to run one process"
+        )
 
 
 def _check_one_gpu_each(device: torch.device, timeout_s: float) -> None:

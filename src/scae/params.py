@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -55,9 +57,13 @@ class InvalidValue(Exception):
 
 
 def _parsed(rule, convert, text: str):
-    """``text`` converted by ``convert`` (``int``, ``float``) and checked by ``rule``."""
+    """``text`` converted by ``convert`` (``int``, ``float``) and checked by ``rule``. Only plain
+    ASCII numbers: Python's ``int`` and ``float`` would also take ``1_0`` and other scripts' digits."""
+    text = text.strip()
+    if not text.isascii() or "_" in text:
+        raise InvalidValue(rule.expected)
     try:
-        value = convert(text.strip())
+        value = convert(text)
     except ValueError:
         raise InvalidValue(rule.expected) from None
     return rule(value)
@@ -235,3 +241,30 @@ def check_parameter_count(n_genes: int, latent_dim: int, hidden: tuple[int, ...]
             "choose smaller hidden or latent widths"
         )
     return count
+
+
+_WHOLE_NUMBER = re.compile(r"[0-9]+")
+
+
+def torchrun_world_size() -> int:
+    """How many processes ``torchrun`` (or a launcher like it) started this one with: its
+    ``WORLD_SIZE`` when ``RANK`` is set too, else 1. A value that is not a whole number (in
+    ``WORLD_SIZE``, ``RANK`` or ``LOCAL_RANK``) is :class:`~scae.errors.ScaeInputError`."""
+    values = {}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        text = os.environ.get(name)
+        if text is None:
+            continue
+        if not _WHOLE_NUMBER.fullmatch(text.strip()):
+            raise ScaeInputError(
+                f"environment variable {name}={text!r} is not a whole number; torchrun sets it for each process "
+                "it starts: unset WORLD_SIZE, RANK and LOCAL_RANK to run one process, or start scae with torchrun"
+            )
+        values[name] = int(text)
+    if "RANK" not in values:
+        return 1
+    world = values.get("WORLD_SIZE", 1)
+    if world > 1 and values["RANK"] >= world:
+        raise ScaeInputError(f"environment variable RANK={values['RANK']} is not below WORLD_SIZE={world}; "
+                             "torchrun numbers its processes 0 … WORLD_SIZE − 1")
+    return max(world, 1)
