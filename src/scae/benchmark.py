@@ -184,7 +184,11 @@ def run_benchmark(
     "reason"}`` per method that could not run on a dataset (count models without raw counts,
     a peer tool that is not installed).
     """
-    resolved = list({m.name: m for m in reversed([m if isinstance(m, Method) else method(m) for m in methods])}.values())[::-1]  # a repeated name once, where it first came
+    resolved: list[Method] = []
+    for given in methods:
+        found = given if isinstance(given, Method) else method(given)
+        if found.name not in {m.name for m in resolved}:  # a repeated name runs once, where it first came
+            resolved.append(found)
     for data_name, dataset in datasets.items():
         check_scorable(dataset, data_name)
     results, skipped = [], []
