@@ -934,3 +934,10 @@ def test_an_unhelpful_environment_leaves_a_study_quiet(sim_dir, tmp_path):
     fit = _scae(["fit", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
                  "--out", str(tmp_path / "m.pt"), "--epochs", "1", "--quiet"], tmp_path, PYTHONIOENCODING="ascii")
     assert fit.returncode == 0 and fit.stderr == "" and "\\xd7" in fit.stdout  # the × escaped, not an error
+
+
+def test_a_count_model_with_normalize_none_names_the_option(sim_dir, tmp_path, capsys):
+    assert main(["fit", "--counts", str(sim_dir / "raw_counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+                 "--loss", "nb", "--normalize", "none", "--out", str(tmp_path / "m.pt")]) == 2
+    assert "--loss nb models raw counts, and --normalize none takes X as given (not as counts)" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()

@@ -756,9 +756,17 @@ def test_labels_txt_control_characters_refused(tmp_path, char, shown):
     )
 
 
-def test_nul_in_label_array_refused():
-    msg = input_error(make_dataset, blob(3, 3), ["a", "b\x00c", "a"])
-    assert msg == "labels: the label array has a NUL character in the label of cell 1; expected printable labels"
+@pytest.mark.parametrize("char,shown", [("\x00", "'\\x00'"), ("\x1b", "'\\x1b'"), ("\r", "'\\r'"), ("\n", "'\\n'")])
+def test_control_characters_in_a_label_array_refused(char, shown):
+    msg = input_error(make_dataset, blob(3, 3), ["a", f"b{char}c", "a"])
+    assert msg == f"labels: the label array holds the control character {shown} in the label of cell 1; expected printable labels"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_control_characters_in_an_obs_column_refused(tmp_path, stream):
+    path = h5ad_with_obs(tmp_path, {"ct": ["a", "b", "\x1b[31mRED\x1b[0m"] * 4})
+    msg = input_error(read_h5ad, path, "ct", stream=stream)
+    assert "holds the control character '\\x1b' in the label of cell 2; expected printable labels" in msg
 
 
 def h5ad_with_obs(tmp_path, columns: dict) -> Path:
@@ -1213,3 +1221,10 @@ def test_a_file_with_graphs_in_the_old_uns_place_reads_without_warnings(tmp_path
     dataset = read_h5ad(tmp_path / "old.h5ad", "cell_type", stream=stream)
     assert (dataset.n_cells, dataset.n_genes) == (30, 8)
     assert [str(w.message) for w in recwarn] == []
+
+
+def test_labels_of_two_dimensions_are_refused():
+    msg = input_error(make_dataset, blob(50, 5), np.array([["a", "b"]] * 25))
+    assert msg == "labels: the label array has shape (25, 2); expected one label per cell (a 1-D sequence)"
+    assert input_error(make_dataset, blob(4, 5), [["a", "b"], ["a", "b"]]).endswith("has shape (2, 2); expected one "
+                                                                                   "label per cell (a 1-D sequence)")

@@ -14,6 +14,7 @@ import scipy.sparse as sp
 
 import scae
 from scae.cli import main
+from scae.errors import ScaeInputError
 from scae.genes import top_count_genes
 from scae.presets import RECOMMENDED, preset
 
@@ -333,3 +334,29 @@ def test_the_denoised_matrix_never_replaces_the_counts_it_was_fitted_on(files, t
     with pytest.raises(scae.ScaeInputError, match="denoised_layer .umi. is the layer the raw counts are read from"):
         scae.embed(adata, counts_layer="umi", denoised_layer="umi", epochs=EPOCHS, device="cpu")
     assert "X_scae" not in adata.obsm
+
+
+@pytest.mark.parametrize("X, problem", [
+    (np.tile(np.arange(1, 11, dtype=np.float32), (30, 1)), "all 30 cells have the same values"),
+    (np.zeros((30, 10), dtype=np.float32), "every value is 0"),
+])
+def test_embed_refuses_a_matrix_without_variation(X, problem):
+    adata = ad.AnnData(X=X.copy())
+    with pytest.raises(ScaeInputError, match=f"adata X: {problem}"):
+        scae.embed(adata, epochs=1, device="cpu")
+    assert "X_scae" not in adata.obsm
+
+
+@pytest.mark.parametrize("given, message", [
+    (np.ones((5, 5)), "adata must be an anndata.AnnData; got ndarray"),
+    (None, "adata must be an anndata.AnnData; got NoneType"),
+])
+def test_embed_api_refuses_what_is_not_an_anndata(given, message):
+    with pytest.raises(ScaeInputError, match=message):
+        scae.embed(given)
+
+
+def test_embed_api_checks_counts_raw_is_a_boolean(files):
+    adata = ad.read_h5ad(files.dir / "counts.h5ad")
+    with pytest.raises(ScaeInputError, match="counts_raw must be True or False; got 'no'"):
+        scae.embed(adata, counts_raw="no")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -467,6 +469,10 @@ def _write_case(case: str, path, state: dict, fitted) -> None:
         torch.save(edited(state, state_dict={**weights, "encoder.9.weight": torch.zeros(2)}), path)
     elif case == "nan weight":
         torch.save(edited(state, state_dict={**weights, "encoder.0.bias": torch.full_like(weights["encoder.0.bias"], float("nan"))}), path)
+    elif case == "sparse weight":
+        torch.save(edited(state, state_dict={**weights, "encoder.0.weight": weights["encoder.0.weight"].to_sparse()}), path)
+    elif case == "meta weight":
+        torch.save(edited(state, state_dict={**weights, "encoder.0.bias": weights["encoder.0.bias"].to("meta")}), path)
     elif case == "bad n_features_in":
         torch.save(edited(state, n_features_in=-3), path)
     elif case == "huge architecture":
@@ -514,6 +520,8 @@ MALFORMED = {
     "extra weight": "the weights do not match the stored architecture (n_features_in=120, latent_dim=6, "
                     "hidden=(32,)): unexpected encoder.9.weight",
     "nan weight": "weight encoder.0.bias holds NaN or infinite values",
+    "sparse weight": "weight encoder.0.weight is a sparse tensor; expected dense values",
+    "meta weight": "weight encoder.0.bias is a meta tensor; expected dense values",
     "bad n_features_in": "n_features_in must be a positive integer; got -3",
     "huge architecture": "the network 1000000 → 100000 → 100000 → 6 → 100000 → 100000 → 1000000 would have "
                          "220,002,600,006 parameters, more than 1,000,000,000",
@@ -701,3 +709,33 @@ def test_format_1_files_still_load(fitted, small_dense, tmp_path):
     loaded = Autoencoder.load(path)
     np.testing.assert_array_equal(loaded.transform(small_dense), fitted.transform(small_dense))
     assert loaded.best_epoch_ is None and loaded.variational is False
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"a": np.arange(3)}, "metadata['a'] must be a plain string, number, boolean or None under a string name; got ndarray"),
+    ({"a": object()}, "metadata['a'] must be a plain string, number, boolean or None under a string name; got object"),
+    ({1: "x"}, "metadata[1] must be a plain string, number, boolean or None under a string name; got str"),
+    ([1, 2], "metadata must be a dict of names to plain strings and numbers; got list"),
+])
+def test_save_refuses_metadata_load_could_not_read(fitted, tmp_path, metadata, message):
+    with pytest.raises(ScaeInputError, match=re.escape(message)):
+        fitted.save(tmp_path / "m.pt", metadata=metadata)
+    assert list(tmp_path.iterdir()) == []
+    fitted.save(tmp_path / "m.pt", metadata={"name": "x", "n": 3, "r": 0.5, "ok": True, "none": None})
+    assert Autoencoder.load(tmp_path / "m.pt").metadata_ == {"name": "x", "n": 3, "r": 0.5, "ok": True, "none": None}
+
+
+def test_save_to_a_folder_or_a_missing_folder_names_the_path(fitted, tmp_path):
+    with pytest.raises(ScaeInputError, match=re.escape(f"{tmp_path}: is a directory; expected the path of the model file")):
+        fitted.save(tmp_path)
+    missing = tmp_path / "nope" / "m.pt"
+    with pytest.raises(ScaeInputError, match=re.escape(f"{missing}: its folder {missing.parent} does not exist")):
+        fitted.save(missing)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_device_before_fit_is_not_fitted():
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        Autoencoder().device_

@@ -473,3 +473,25 @@ def test_refused_simulate_and_benchmark_leave_no_folder(tmp_path, capsys):
         assert main(["benchmark", *data, "--methods", "pca5", "--device", "cuda", "--out", str(tmp_path / "q")]) == 2
         assert "--device cuda: no CUDA GPU is available" in capsys.readouterr().err
         assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("command", ["fit", "embed"])
+def test_an_output_that_is_a_link_to_a_pipe_is_refused_and_kept(tmp_path, capsys, command):
+    """``--out /dev/stdout`` is a link to a pipe: the atomic rename would have replaced the
+    system's link by a regular file."""
+    assert main(["simulate", "--cells", "60", "--genes", "10", "--out", str(tmp_path / "sim")]) == 0
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link").symlink_to(tmp_path / "fifo")
+    data = ["--counts", str(tmp_path / "sim" / "counts.npy"), "--labels", str(tmp_path / "sim" / "labels.txt")]
+    if command == "embed":
+        assert main(["fit", *data, "--epochs", "1", "--quiet", "--out", str(tmp_path / "m.pt")]) == 0  # a readable input
+        import anndata as ad
+        import numpy as np
+
+        ad.AnnData(X=np.load(tmp_path / "sim" / "raw_counts.npy")).write_h5ad(tmp_path / "in.h5ad")
+        args = ["embed", str(tmp_path / "in.h5ad"), "--epochs", "1", "--quiet"]
+    else:
+        args = ["fit", *data, "--epochs", "1", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "link")]) == 2
+    assert f"{tmp_path / 'link'}: is a link to a named pipe" in capsys.readouterr().err
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "fifo").is_fifo()

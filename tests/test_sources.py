@@ -642,3 +642,27 @@ def test_read_only_rows_become_tensors_without_a_warning(tmp_path):
     torch.testing.assert_close(x, torch.arange(4, 12, dtype=torch.float32).reshape(2, 4), rtol=0, atol=0)
     x += 1  # a copy: the file is untouched
     assert float(np.load(tmp_path / "m.npy")[1, 0]) == 4.0
+
+
+@pytest.mark.parametrize("chunks", [None, (16, 8)])
+def test_a_dense_h5ad_declaring_more_than_it_stores_is_refused(tmp_path, raw_counts, chunks):
+    """HDF5 reads storage never written as zeros: a small file could declare terabytes."""
+    import h5py
+
+    path = tmp_path / "x.h5ad"
+    write_h5ad(path, raw_counts[0].toarray(), raw_counts[1])
+    with h5py.File(path, "r+") as f:  # the same shape, written in full, chunked or not: read as usual
+        values = f["X"][:]
+        del f["X"]
+        f.create_dataset("X", data=values, chunks=chunks)
+        f["X"].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    assert read_h5ad(path, "cell_type", stream=True).n_cells == CELLS
+    with h5py.File(path, "r+") as f:  # only the first rows ever written (contiguous storage: none of it)
+        del f["X"]
+        f.create_dataset("X", shape=(CELLS, GENES), dtype="f4", chunks=chunks)
+        if chunks is not None:
+            f["X"][:16] = values[:16]
+        f["X"].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    written = "its storage was never written" if chunks is None else "only 5 of its 75 storage chunks were ever written"
+    with pytest.raises(ScaeInputError, match=f"declares a {CELLS} × {GENES} matrix, but {written}"):
+        read_h5ad(path, "cell_type", stream=True)

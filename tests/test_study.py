@@ -207,3 +207,23 @@ def test_resume_onto_a_device_that_is_not_here_blames_the_device_not_the_models(
     with pytest.raises(ScaeInputError) as err:
         _reusable_models(small_dataset, StudyConfig(resume=True, device="cuda"), output)
     assert str(err.value) == "--device cuda: no CUDA GPU is available to PyTorch here; use --device cpu or auto"
+
+
+def test_a_study_of_cells_too_sparse_to_hide_entries_completes(tmp_path):
+    """With 4 nonzero entries in all, 10% of the evaluated ones is no entry at all: the denoising
+    measure says so (NaN scores, which metrics.json cannot hold, ended the study in a traceback)."""
+    import json
+
+    n = 300
+    X = np.zeros((n, 40), dtype=np.float32)
+    X[[0, 100, 200, 299], [1, 5, 9, 13]] = 1.0
+    np.save(tmp_path / "x.npy", X)
+    (tmp_path / "y.txt").write_text("\n".join(["a", "b", "c"] * (n // 3)) + "\n")
+    dataset = scae.read_counts_labels(tmp_path / "x.npy", tmp_path / "y.txt")
+    result = scae.run_study(dataset, tmp_path / "out", scae.StudyConfig(epochs=1, progress=False))
+    d = result.denoising
+    assert d["n_hidden"] == 0 and d["scores"] == {}
+    assert d["not_measured"] == f"the {d['n_cells']} evaluated test cells have no nonzero entry to hide"
+    assert f"Not measured: the {d['n_cells']} evaluated test cells" in (tmp_path / "out" / "report.html").read_text()
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["denoising"]["scores"] == {} and metrics["denoising"]["n_hidden"] == 0

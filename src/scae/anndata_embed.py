@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 
-from scae.data import anndata_counts, as_matrix, dense_if_small
+from scae import params as rules
+from scae.data import anndata_counts, as_matrix, check_varies, dense_if_small
 from scae.errors import ScaeInputError
 from scae.files import check_h5ad_key
 from scae.likelihoods import get_likelihood
@@ -62,6 +63,11 @@ def embed(
     Autoencoder
         The fitted model; ``adata.uns["scae"]`` records the preset, the parameters and the keys.
     """
+    import anndata as ad
+
+    if not isinstance(adata, ad.AnnData):
+        raise ScaeInputError(f"adata must be an anndata.AnnData; got {type(adata).__name__}")
+    rules.check("counts_raw", counts_raw, rules.BOOLEAN)
     check_h5ad_key("latent_key", latent_key)
     if denoised_layer is not None:
         check_h5ad_key("denoised_layer", denoised_layer)
@@ -73,16 +79,18 @@ def embed(
     model = Autoencoder.from_preset(preset, random_state=random_state, device=device, progress=progress, **params)
     model._check_params()
     counts = anndata_counts(adata, counts_layer, counts_raw)
-    if get_likelihood(model.loss).counts:
-        if counts is None:
+    if counts is not None:
+        matrix = counts
+        check_varies(matrix, f"adata layer '{counts_layer}'" if counts_layer else "adata.raw.X" if counts_raw else "adata X")
+    else:
+        matrix = as_matrix(adata.X, "adata X")
+        check_varies(matrix, "adata X")
+        if get_likelihood(model.loss).counts:
             raise ScaeInputError(
                 f"preset '{preset}' models raw counts, and adata.X does not hold counts (non-negative whole "
                 "numbers); name them with counts_layer='…' or counts_raw=True"
             )
-        source = ArraySource(dense_if_small(counts), counts=True)
-    else:
-        matrix = counts if counts is not None else as_matrix(adata.X, "adata X")
-        source = ArraySource(dense_if_small(matrix), counts=counts is not None)
+    source = ArraySource(dense_if_small(matrix), counts=counts is not None)
     model.fit(source, description=f"scae {preset}")
     latent, denoised = model.transform_and_reconstruct(source)
     adata.obsm[latent_key] = latent

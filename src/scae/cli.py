@@ -522,6 +522,12 @@ def run_fit_command(args: argparse.Namespace) -> int:
             source = dataset.count_source()
             if source is None:
                 given = f"--loss {model.loss}" if args.loss is not None else f"--preset {args.preset} (loss {model.loss})"
+                if getattr(args, "normalize", "auto") == "none":  # X is then taken as given, never as counts
+                    raise ScaeInputError(
+                        f"{given} models raw counts, and --normalize none takes X as given (not as counts); drop "
+                        "--normalize none if X holds raw counts, or name them with --counts-layer, --counts-raw "
+                        "or --raw-counts"
+                    )
                 raise ScaeInputError(
                     f"{given} models raw counts and {dataset.name} has none; give an .h5ad whose X or "
                     "--counts-layer holds integer counts, --counts-raw, or --raw-counts beside --counts"

@@ -519,7 +519,7 @@ def _validated(
 ) -> Dataset:
     """A :class:`Dataset` of a matrix checked by :func:`as_matrix`: structure, raw counts, labels;
     ``x_origin`` names ``X`` as the source of counts, ``given`` the counts given beside it."""
-    _check_varies(*column_range(X), X.shape[0], source)
+    check_varies(X, source)
     counts = decide_counts(normalize, value_profile(X.data if sp.issparse(X) else X), source)
     raw, raw_origin = _count_data(counts, x_origin, given)
     return _labelled(X, labels, name, obs_names, var_names, source, counts, origin=origin, raw=raw, raw_origin=raw_origin)
@@ -557,6 +557,11 @@ def column_range(X) -> tuple[np.ndarray, np.ndarray]:
     if sp.issparse(X):
         return X.min(axis=0).toarray().ravel(), X.max(axis=0).toarray().ravel()
     return X.min(axis=0), X.max(axis=0)
+
+
+def check_varies(X, source: str) -> None:
+    """Refuse a matrix in memory in which every gene has one value in every cell (see :func:`_check_varies`)."""
+    _check_varies(*column_range(X), X.shape[0], source)
 
 
 def _check_varies(low: np.ndarray, high: np.ndarray, n_cells: int, source: str) -> None:
@@ -690,6 +695,10 @@ def _label_series(labels) -> pd.Series:
 
 
 def _as_labels(labels, origin: _LabelOrigin) -> np.ndarray:
+    if not isinstance(labels, (pd.Series, pd.Categorical, pd.Index, str)):
+        shape = labels.shape if isinstance(labels, np.ndarray) else np.asarray(labels, dtype=object).shape
+        if len(shape) != 1:
+            raise origin.refuse(f"has shape {tuple(shape)}", "expected one label per cell (a 1-D sequence)")
     series = _label_series(labels)
     missing = series.isna().to_numpy()
     if missing.any():
@@ -709,10 +718,12 @@ def _as_labels(labels, origin: _LabelOrigin) -> np.ndarray:
             "expected a label for every cell",
         )
     distinct = strings.unique()  # Python strings: a NUL inside survives (NumPy strings drop trailing ones)
-    with_nul = [label for label in distinct if "\0" in label]
-    if with_nul:
-        cell = int(np.flatnonzero(strings.to_numpy() == with_nul[0])[0])
-        raise origin.refuse(f"has a NUL character in the label of cell {cell}", "expected printable labels")
+    for label in distinct:  # as in a labels file: control characters (NUL, escape codes, line breaks) refused
+        control = _control_character(label)
+        if control is not None:
+            cell = int(np.flatnonzero(strings.to_numpy() == label)[0])
+            raise origin.refuse(f"holds the control character {control!r} in the label of cell {cell}",
+                                "expected printable labels")
     text = strings.to_numpy(dtype=str)
     if distinct.size < 2:
         only = f" ('{distinct[0]}')" if distinct.size else ""
@@ -1072,12 +1083,17 @@ def read_labels_txt(path: str | Path) -> list[str]:
     for i, line in enumerate(lines):
         if not line:
             raise ScaeInputError(f"{path}: line {i + 1} is empty; expected one label per line")
-        control = next((c for c in line if unicodedata.category(c) == "Cc" and c != "\t"), None)
+        control = _control_character(line)
         if control is not None:
             raise ScaeInputError(
                 f"{path}: line {i + 1} holds the control character {control!r}; expected one printable label per line"
             )
     return lines
+
+
+def _control_character(label: str) -> str | None:
+    """The first control character of ``label`` (Unicode category Cc; a tab is allowed), or ``None``."""
+    return next((c for c in label if unicodedata.category(c) == "Cc" and c != "\t"), None)
 
 
 def read_h5ad(
@@ -1184,6 +1200,26 @@ def _check_streamable(encoding: str, shape: tuple[int, ...], where: str) -> None
             f"{where}: is stored {stored}; streaming from disk needs a CSR (row-compressed) sparse "
             "matrix (write it with adata.X = scipy.sparse.csr_matrix(adata.X)) or a dense 2-D one, "
             "or load it without streaming"
+        )
+
+
+def _check_dense_stored(dataset, where: str) -> None:
+    """Refuse a dense HDF5 matrix whose storage was never (wholly) written: HDF5 then reads the
+    missing part as its fill value, so a small file can declare a matrix of any size, and
+    checking it would scan terabytes of zeros."""
+    shape = tuple(int(v) for v in dataset.shape)
+    if dataset.chunks is None:
+        written = dataset.id.get_storage_size() >= dataset.nbytes or dataset.nbytes == 0
+        missing = "its storage was never written"
+    else:
+        total = math.prod(math.ceil(n / c) for n, c in zip(shape, dataset.chunks))
+        stored = dataset.id.get_num_chunks()
+        written = stored >= total
+        missing = f"only {stored:,} of its {total:,} storage chunks were ever written"
+    if not written:
+        raise ScaeInputError(
+            f"{where}: declares a {' × '.join(f'{n:,}' for n in shape)} matrix, but {missing} (the rest would "
+            "read as zeros); expected a file that holds the whole matrix"
         )
 
 
@@ -1447,6 +1483,8 @@ def _read_h5ad_streamed(
             raise ScaeInputError(f"{path}: no obs column '{label_key}' for --label-key; available columns: {available}")
         source = _h5_source(path, key, encoding)
         try:
+            if encoding != "csr_matrix":
+                _check_dense_stored(source.group(), where)
             stats, profile = _scan_csr(source, where) if encoding == "csr_matrix" else _scan_dense(source, where)
         finally:
             source.close()

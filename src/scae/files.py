@@ -22,11 +22,12 @@ from scae.errors import ScaeInputError
 from scae.interrupts import Interrupted, raise_if_interrupted, signals_deferred
 
 
-def special_file_kind(path: str | Path) -> str | None:
-    """What ``path`` is when it exists but is neither a regular file nor a folder (nor a link):
-    ``"a named pipe"``, ``"a socket"`` or ``"a device"``; ``None`` otherwise."""
+def special_file_kind(path: str | Path, follow: bool = False) -> str | None:
+    """What ``path`` is when it exists but is neither a regular file nor a folder (nor a link,
+    unless ``follow``: then what the link leads to): ``"a named pipe"``, ``"a socket"`` or
+    ``"a device"``; ``None`` otherwise."""
     try:
-        mode = os.lstat(path).st_mode
+        mode = (os.stat if follow else os.lstat)(path).st_mode
     except OSError:
         return None
     if stat.S_ISFIFO(mode):
@@ -49,9 +50,12 @@ def irregular_kind(path: str | Path) -> str | None:
 
 
 def check_replaceable(path: str | Path, what: str = "the output file") -> None:
-    """Refuse to write ``path`` over a named pipe, socket or device: an atomic write renames a new
-    file over the name, which would put a regular file where ``/dev/null`` or a pipe was."""
+    """Refuse to write ``path`` over a named pipe, socket or device, or a link to one: an atomic
+    write renames a new file over the name, which would put a regular file where ``/dev/null``,
+    a pipe or the ``/dev/stdout`` link was."""
     kind = special_file_kind(path)
+    if kind is None and os.path.islink(path) and special_file_kind(path, follow=True) is not None:
+        kind = f"a link to {special_file_kind(path, follow=True)}"  # /dev/stdout: the rename would replace the link
     if kind is not None:
         raise ScaeInputError(f"{path}: is {kind}; expected the path of {what} to write (scae replaces "
                              "regular files only)")

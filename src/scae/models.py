@@ -456,7 +456,8 @@ class Autoencoder(TransformerMixin, BaseEstimator):
 
     @property
     def device_(self) -> torch.device:
-        """The device the fitted network is on."""
+        """The device the fitted network is on (scikit-learn's ``NotFittedError`` before ``fit``)."""
+        check_is_fitted(self, "net_")
         return next(self.net_.parameters()).device
 
     def _source(self, X) -> RowSource:
@@ -499,6 +500,13 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         (:class:`~scae.errors.ScaeInputError`): the atomic write would put a file in its place.
         """
         check_is_fitted(self, "net_")
+        metadata = _checked_metadata(metadata if metadata is not None else getattr(self, "metadata_", {}))
+        path = Path(path)
+        if path.is_dir():
+            raise ScaeInputError(f"{path}: is a directory; expected the path of the model file to write")
+        if not path.parent.is_dir():
+            raise ScaeInputError(f"{path}: its folder {path.parent} does not exist; expected the path of the "
+                                 "model file to write in an existing folder")
         params = self.get_params()
         params["hidden"] = [int(h) for h in params["hidden"]]
         state = {
@@ -510,7 +518,7 @@ class Autoencoder(TransformerMixin, BaseEstimator):
             "fit_seconds": self.fit_seconds_,
             "train_seconds": self.train_seconds_,
             "train_cells_per_second": self.train_cells_per_second_,
-            "metadata": dict(metadata or getattr(self, "metadata_", {})),
+            "metadata": metadata,
             "best_epoch": getattr(self, "best_epoch_", None),
         }
         buffer = io.BytesIO()  # serialised in memory: a failed write to disk is then a plain OSError
@@ -672,6 +680,21 @@ def _model_params(path: str | Path, params) -> dict:
     return params
 
 
+METADATA_TYPES = (str, int, float, bool, type(None))
+"""What a model file's metadata values may be: what :meth:`Autoencoder.load` reads back without running code."""
+
+
+def _checked_metadata(metadata) -> dict:
+    """``metadata`` as saved: a dict of string keys to plain strings, numbers, booleans or ``None``."""
+    if not isinstance(metadata, dict):
+        raise ScaeInputError(f"metadata must be a dict of names to plain strings and numbers; got {type(metadata).__name__}")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, METADATA_TYPES):
+            raise ScaeInputError(f"metadata[{key!r}] must be a plain string, number, boolean or None under a string "
+                                 f"name; got {type(value).__name__}")
+    return dict(metadata)
+
+
 def _load_weights(path: str | Path, net: AutoencoderNet, weights, params: dict, n_features: int) -> None:
     """Copy the stored weights into ``net``, refusing any that do not fit its architecture."""
     architecture = (f"n_features_in={n_features}, latent_dim={params['latent_dim']}, "
@@ -694,6 +717,9 @@ def _load_weights(path: str | Path, net: AutoencoderNet, weights, params: dict, 
                 f"{path}: the weights do not match the stored architecture ({architecture}): {key} has shape "
                 f"{tuple(given.shape)}, expected {tuple(tensor.shape)}"
             )
+        if given.layout != torch.strided or given.is_meta:  # sparse or storage-less: not weights to copy
+            raise ScaeInputError(f"{path}: weight {key} is {'a meta' if given.is_meta else 'a sparse'} tensor; "
+                                 "expected dense values")
         if given.is_floating_point() != tensor.is_floating_point():  # weights are floats, counters integers
             raise ScaeInputError(f"{path}: weight {key} has dtype {given.dtype}; expected {tensor.dtype}")
         if not bool(torch.isfinite(given).all()):

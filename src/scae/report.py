@@ -897,7 +897,7 @@ def _section_beyond(result: StudyResult) -> Section | None:
     if result.denoising is not None:
         d = result.denoising
         facts["denoising"] = {"percent": f"{d['fraction'] * 100:g}", "n_cells": d["n_cells"], "n_hidden": d["n_hidden"],
-                              "scale": d["scale"]}
+                              "scale": d["scale"], "not_measured": d.get("not_measured")}
         tables["denoising"] = _denoising_rows(result)
         items += _denoising_findings(result, run)
     return Section(summary=summary, findings=items, tables=tables, run=run.spec.name if run else "", facts=facts)

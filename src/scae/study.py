@@ -585,6 +585,11 @@ def _denoising(dataset: Dataset, runs: dict[str, RunResult], train_idx, test_idx
         library = library_sizes(all_genes.count_source().matrix(cells))
     original = source.matrix(cells)
     hidden = hide_entries(original, DENOISE_FRACTION, seed, counts=counts, max_cells=cells.size, library=library)
+    described = {"fraction": DENOISE_FRACTION, "n_cells": int(cells.size), "n_hidden": hidden.n_hidden,
+                 "scale": "log1p(counts / library × 1e4)" if counts else "the input's values"}
+    if hidden.n_hidden == 0:  # nothing to recover: no scores rather than NaN ones
+        return {**described, "scores": {},
+                "not_measured": f"the {cells.size} evaluated test cells have no nonzero entry to hide"}
     if library is not None:  # the corrupted cells' libraries: over the selected genes, and over all of them
         selected_library = library_sizes(hidden.counts)
         corrupted_library = library - (library_sizes(original) - selected_library)
@@ -599,8 +604,7 @@ def _denoising(dataset: Dataset, runs: dict[str, RunResult], train_idx, test_idx
         scores[name] = imputation_scores(hidden, reconstruction)
     baselines = baseline_reconstructions(train_values, hidden, BASELINE_PCS, seed)
     scores.update({name: imputation_scores(hidden, recon) for name, recon in baselines.items()})
-    return {"fraction": DENOISE_FRACTION, "n_cells": int(cells.size), "n_hidden": hidden.n_hidden,
-            "scale": "log1p(counts / library × 1e4)" if counts else "the input's values", "scores": scores}
+    return {**described, "scores": scores}
 
 
 def _check_config(config: StudyConfig, dataset: Dataset) -> None:
