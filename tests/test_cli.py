@@ -941,3 +941,16 @@ def test_a_count_model_with_normalize_none_names_the_option(sim_dir, tmp_path, c
                  "--loss", "nb", "--normalize", "none", "--out", str(tmp_path / "m.pt")]) == 2
     assert "--loss nb models raw counts, and --normalize none takes X as given (not as counts)" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_stray_rank_variables_without_a_group_are_ignored(sim_dir, tmp_path, capsys, monkeypatch):
+    """RANK or LOCAL_RANK set by something else (a scheduler, a shell), without a WORLD_SIZE above 1:
+    one process, as before."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "node7")
+    monkeypatch.setenv("LOCAL_RANK", "")
+    assert main(["fit", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+                 "--epochs", "1", "--quiet", "--out", str(tmp_path / "m.pt")]) == 0
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["fit", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+                 "--epochs", "1", "--quiet", "--out", str(tmp_path / "m2.pt")]) == 0

@@ -1223,6 +1223,12 @@ def test_a_file_with_graphs_in_the_old_uns_place_reads_without_warnings(tmp_path
     assert [str(w.message) for w in recwarn] == []
 
 
+def test_a_column_or_a_generator_of_labels_is_taken():
+    X = blob(6, 5)
+    assert list(make_dataset(X, np.array([["a"], ["b"]] * 3)).labels) == ["a", "b"] * 3
+    assert list(make_dataset(X, (c for c in "ababab")).labels) == ["a", "b"] * 3
+
+
 def test_labels_of_two_dimensions_are_refused():
     msg = input_error(make_dataset, blob(50, 5), np.array([["a", "b"]] * 25))
     assert msg == "labels: the label array has shape (25, 2); expected one label per cell (a 1-D sequence)"

@@ -92,7 +92,7 @@ def test_each_torchrun_process_takes_the_gpu_of_its_local_rank(monkeypatch):
     monkeypatch.setattr(dist, "all_gather_object",  # the 8 processes: 2 machines × 4 GPUs
                         lambda out, obj, group: out.__setitem__(slice(None), [(f"h{r // 4}", f"GPU-{r % 4}", r % 4) for r in range(8)]))
     group = init_distributed(resolve_device("cuda"))
-    assert current == [torch.device("cuda", 3)] and joined == ["nccl"]
+    assert current == [torch.device("cuda", 3)] * 2 and joined == ["nccl"]  # in this thread and the rendezvous's
     assert (group.rank, group.world_size, group.local_rank) == (7, 8, 3)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU visible to this process
     assert resolve_device("cuda") == torch.device("cuda", 0)

@@ -712,9 +712,12 @@ def test_format_1_files_still_load(fitted, small_dense, tmp_path):
 
 
 @pytest.mark.parametrize("metadata, message", [
-    ({"a": np.arange(3)}, "metadata['a'] must be a plain string, number, boolean or None under a string name; got ndarray"),
-    ({"a": object()}, "metadata['a'] must be a plain string, number, boolean or None under a string name; got object"),
-    ({1: "x"}, "metadata[1] must be a plain string, number, boolean or None under a string name; got str"),
+    ({"a": np.arange(3)}, "metadata['a'] must be a plain string, number, boolean or None; got ndarray"),
+    ({"a": object()}, "metadata['a'] must be a plain string, number, boolean or None; got object"),
+    ({"a": np.float64(1.5)}, "metadata['a'] must be a plain string, number, boolean or None; got float64"),
+    ({"a": np.str_("x")}, "metadata['a'] must be a plain string, number, boolean or None; got str_"),
+    ({1: "x"}, "metadata names must be plain strings; got int '1'"),
+    ({np.str_("k"): "x"}, "metadata names must be plain strings; got str_ 'k'"),
     ([1, 2], "metadata must be a dict of names to plain strings and numbers; got list"),
 ])
 def test_save_refuses_metadata_load_could_not_read(fitted, tmp_path, metadata, message):

@@ -149,22 +149,42 @@ def _free_port() -> int:
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_a_torchrun_process_waiting_for_its_group_stops_on_a_signal(sim_dir, tmp_path, rank):
     """Without the other processes the rendezvous waits (30 minutes by default) in C++, where
-    Python's handlers cannot run; the wait is in a helper thread, so SIGTERM still stops it."""
+    Python's handlers cannot run; the wait is in a helper thread, so SIGTERM still stops it.
+    Rank 0 serves the rendezvous (the test waits until its port answers); rank 1 connects to it
+    (the test stands in for rank 0's port, and waits for the connection)."""
+    import socket
+
+    port = _free_port()
+    stand_in = None
+    if rank == "1":
+        stand_in = socket.socket()
+        stand_in.bind(("127.0.0.1", port))
+        stand_in.listen()
+        stand_in.settimeout(120)
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+           "MASTER_PORT": str(port)}
     proc = subprocess.Popen(
         [str(SCAE), "fit", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
          "--out", str(tmp_path / "m.pt"), "--epochs", "1", "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
     )
-    time.sleep(4)  # well into the rendezvous
-    assert proc.poll() is None, proc.stderr.read()
-    sent = time.monotonic()
-    os.kill(proc.pid, signal.SIGTERM)
     try:
+        if stand_in is not None:
+            connection, _ = stand_in.accept()  # rank 1 is in the rendezvous
+        else:
+            def answers() -> bool:
+                with socket.socket() as probe:
+                    return probe.connect_ex(("127.0.0.1", port)) == 0
+            _wait_for(answers, 120, proc)
+        time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read()
+        sent = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=STOP_SECONDS + 30)
     finally:
         _kill_session(proc.pid)
+        if stand_in is not None:
+            stand_in.close()
     assert proc.returncode == 143 and time.monotonic() - sent <= STOP_SECONDS
     assert err.splitlines() == ["scae: interrupted (SIGTERM); no model file was written"]
     assert not (tmp_path / "m.pt").exists()
@@ -309,3 +329,38 @@ def test_a_signal_while_the_command_starts_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 143
     assert done.stderr == "scae: interrupted (SIGTERM) while starting; nothing was written\n"
+
+
+def test_a_signal_during_an_import_stops_the_command_once_the_import_is_done(tmp_path, monkeypatch):
+    """Raised inside an import, the exception can come out of a compiled module's initialisation
+    (PyTorch's calls back into Python), which aborts the process; so the signal is sent again
+    until the import is over, and stops the command right after it."""
+    import sys
+
+    (tmp_path / "scae_test_slow_import.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.3)\nDONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    started = time.monotonic()
+    with pytest.raises(Interrupted) as stop:
+        with signals_raise_interrupted():
+            import scae_test_slow_import  # noqa: F401
+            time.sleep(5)  # the signal, sent again, arrives here
+    assert stop.value.signum == signal.SIGTERM and time.monotonic() - started < 2
+    assert sys.modules.pop("scae_test_slow_import").DONE  # the import ran to its end
+
+
+def test_a_signal_ignored_at_start_stays_ignored(sim_dir, tmp_path):
+    """``nohup`` starts a command with SIGHUP ignored (and a shell its background commands with
+    SIGINT ignored): the command keeps running through it."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [str(SCAE), "study", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+         "--out", str(out), "--epochs", "30", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    _wait_for(lambda: any(out.rglob("ae10.pt")), 120, proc)
+    os.kill(proc.pid, signal.SIGHUP)
+    time.sleep(1.0)
+    assert proc.poll() is None, proc.stderr.read()  # still running
+    _interrupt_and_check(proc, out, signal.SIGTERM, to_group=False)

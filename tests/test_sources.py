@@ -664,5 +664,24 @@ def test_a_dense_h5ad_declaring_more_than_it_stores_is_refused(tmp_path, raw_cou
             f["X"][:16] = values[:16]
         f["X"].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
     written = "its storage was never written" if chunks is None else "only 5 of its 75 storage chunks were ever written"
-    with pytest.raises(ScaeInputError, match=f"declares a {CELLS} × {GENES} matrix, but {written}"):
-        read_h5ad(path, "cell_type", stream=True)
+    for stream in (True, False):  # streamed or loaded
+        with pytest.raises(ScaeInputError, match=f"declares a {CELLS} × {GENES} matrix, but {written}"):
+            read_h5ad(path, "cell_type", stream=stream)
+    with h5py.File(path, "r+") as f:  # X whole again, and the partial matrix a layer of counts
+        if "layers" not in f:
+            f.create_group("layers")
+        f.move("X", "layers/counts")
+        f.create_dataset("X", data=values)
+        f["X"].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    with pytest.raises(ScaeInputError, match=f"layer 'counts': declares a {CELLS} × {GENES} matrix, but {written}"):
+        read_h5ad(path, "cell_type", stream=True, counts_layer="counts")
+
+
+@pytest.mark.parametrize("rows", [[5, 5, 7], [7, 5], [3, 2, 9]])
+def test_reads_refuse_rows_that_are_not_strictly_increasing(raw_counts, tmp_path, rows):
+    """The readers' shortcuts (a contiguous range read as one slice) rely on it: [5, 5, 7] read
+    rows 5, 6 and 7."""
+    write_h5ad(tmp_path / "x.h5ad", raw_counts[0].toarray(), raw_counts[1])
+    for source in (ArraySource(raw_counts[0].toarray()), read_h5ad(tmp_path / "x.h5ad", "cell_type", stream=True).X):
+        with pytest.raises(ValueError, match="rows must be sorted and distinct"):
+            source.read(np.array(rows))

@@ -84,8 +84,9 @@ def console() -> None:
         print(f"scae: error: {problem}", file=sys.stderr)
         sys.exit(2)
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # scae.interrupts.HANDLED_SIGNALS, not imported yet
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _while_starting)
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(signum, _while_starting)
     from scae.cli import main
 
     sys.exit(main())

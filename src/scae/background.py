@@ -158,7 +158,7 @@ class BackgroundJobs:
         """Start the pool: ``workers`` spawned processes, each importing ``warm_up`` at once."""
         context = multiprocessing.get_context("spawn")  # no fork after OpenMP/torch threads
         try:
-            # workers ignore SIGINT/SIGTERM from their first instruction: a Ctrl-C to the
+            # workers ignore SIGINT, SIGTERM and SIGHUP from their first instruction: a Ctrl-C to the
             # process group reaches only this process, which then stops them
             with signals_blocked_in_children():
                 self._pool = ProcessPoolExecutor(

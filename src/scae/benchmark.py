@@ -72,10 +72,24 @@ def scaled_genes(X) -> np.ndarray:
     """Each gene (column) of ``X`` standardised to zero mean and unit variance over the cells (the
     sample standard deviation) and clipped at ±:data:`SCALE_CLIP`, as
     ``scanpy.pp.scale(adata, max_value=10)`` does (a constant gene becomes 0); dense float32."""
-    X = np.asarray(X.todense() if hasattr(X, "todense") else X, dtype=np.float64)
-    mean, std = X.mean(axis=0), X.std(axis=0, ddof=1 if X.shape[0] > 1 else 0)
-    scaled = (X - mean) / np.where(std > 0, std, 1.0)
-    return np.clip(scaled, -SCALE_CLIP, SCALE_CLIP).astype(np.float32)
+    n, step = X.shape[0], max(1, 2**22 // max(X.shape[1], 1))
+
+    def blocks():  # rows in float64, a few MiB at a time: no full-size float64 copy
+        for start in range(0, n, step):
+            block = X[start : start + step]
+            yield start, np.asarray(block.toarray() if hasattr(block, "toarray") else block, dtype=np.float64)
+
+    total, squares = np.zeros(X.shape[1]), np.zeros(X.shape[1])
+    for _, block in blocks():
+        total += block.sum(axis=0)
+        squares += np.square(block).sum(axis=0)
+    mean = total / max(n, 1)
+    variance = np.maximum(squares - n * mean**2, 0.0) / max(n - 1, 1)  # the sample variance
+    scale = np.where(variance > 0, 1.0 / np.sqrt(np.where(variance > 0, variance, 1.0)), 0.0)
+    out = np.empty(X.shape, dtype=np.float32)  # the one dense copy
+    for start, block in blocks():
+        out[start : start + step] = np.clip((block - mean) * scale, -SCALE_CLIP, SCALE_CLIP)
+    return out
 
 
 def autoencoder_method(name: str, params: dict, counts: bool, device: str = "auto") -> Method:

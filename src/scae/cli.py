@@ -23,7 +23,7 @@ import numpy as np
 from scae import __version__
 from scae import params as rules
 from scae.errors import ScaeInputError
-from scae.interrupts import HANDLED_SIGNALS, Interrupted, kill_child_processes, signals_raise_interrupted
+from scae.interrupts import Interrupted, kill_child_processes, signals_raise_interrupted, watched_signals
 from scae.presets import PRESETS, RECOMMENDED
 
 EXIT_USAGE = 2
@@ -753,12 +753,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scae`` command; returns the exit status.
 
     SIGINT, SIGTERM and SIGHUP stop the command (worker processes included) with one line on stderr and
-    exit status 130 or 143. Called with ``argv`` (tests, scripts), the previous signal handlers
+    exit status 130, 143 or 129 (a signal the process was started ignoring, as under ``nohup``,
+    stays ignored). Called with ``argv`` (tests, scripts), the previous signal handlers
     are restored on return; as the process's own command line, a signal that comes once its
     work is done ends the process at once with the command's status (it cannot break the
     interpreter's exit with a traceback, nor wait on it). In the last tenth of a second or so,
     once Python has put its default signal handling back while finalising, such a signal (or a
-    second one after an interrupt) ends the process as signals do: status 130 or 143, no message.
+    second one after an interrupt) ends the process as signals do: status 130, 143 or 129, no message.
     """
     args = build_parser().parse_args(argv)
     with signals_raise_interrupted(restore=argv is not None):
@@ -779,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
             background = sys.modules.get("scae.background")  # not imported for an input error
             worker_died = background is not None and background.worker_died()
 
-            for signum in HANDLED_SIGNALS:  # done: a late signal ends the exit at once
+            for signum in watched_signals():  # done: a late signal ends the exit at once
                 signal.signal(signum, lambda *_: _leave_now(status))
 
             # a torchrun rank, HDF5 after a failed write, or a pool whose worker died may crash or

@@ -13,7 +13,7 @@ import hashlib
 import math
 import unicodedata
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -695,9 +695,13 @@ def _label_series(labels) -> pd.Series:
 
 
 def _as_labels(labels, origin: _LabelOrigin) -> np.ndarray:
+    if isinstance(labels, Iterator):  # a generator: its labels, once
+        labels = list(labels)
     if not isinstance(labels, (pd.Series, pd.Categorical, pd.Index, str)):
         shape = labels.shape if isinstance(labels, np.ndarray) else np.asarray(labels, dtype=object).shape
-        if len(shape) != 1:
+        if len(shape) == 2 and shape[1] == 1:  # a column of labels
+            labels = np.asarray(labels).ravel()
+        elif len(shape) != 1:
             raise origin.refuse(f"has shape {tuple(shape)}", "expected one label per cell (a 1-D sequence)")
     series = _label_series(labels)
     missing = series.isna().to_numpy()
@@ -1145,6 +1149,9 @@ def read_h5ad(
     if encoding == "missing" and layer is not None:
         raise ScaeInputError(f"{path}: no layer '{layer}'; available layers: {_h5ad_layers(path) or 'none'}")
     counts = _h5ad_counts_place(path, counts_layer, counts_raw)
+    _check_h5ad_matrix_stored(path, key, where)  # before reading or scanning it, loaded or streamed
+    if counts is not None:
+        _check_h5ad_matrix_stored(path, counts.key, counts.where)
     if stream is None:
         stream = encoding in STREAMABLE and len(shape) == 2 and shape[0] * shape[1] * 4 > STREAM_BYTES
     if stream and encoding != "missing":
@@ -1203,10 +1210,28 @@ def _check_streamable(encoding: str, shape: tuple[int, ...], where: str) -> None
         )
 
 
+def _check_h5ad_matrix_stored(path: Path, key: str, where: str) -> None:
+    """:func:`_check_dense_stored` for the matrix at ``key`` when it is dense (CSR groups hold what they hold)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            element = handle.get(key)
+            if isinstance(element, h5py.Dataset):
+                _check_dense_stored(element, where)
+    except ScaeInputError:
+        raise
+    except Exception as err:  # h5py raises many types for a damaged file
+        raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file (damaged: {_one_line(err)})") from None
+
+
 def _check_dense_stored(dataset, where: str) -> None:
     """Refuse a dense HDF5 matrix whose storage was never (wholly) written: HDF5 then reads the
     missing part as its fill value, so a small file can declare a matrix of any size, and
-    checking it would scan terabytes of zeros."""
+    checking it would scan terabytes of zeros. Virtual datasets and data in external files
+    are not judged (their storage lives elsewhere)."""
+    if dataset.is_virtual or dataset.external:
+        return
     shape = tuple(int(v) for v in dataset.shape)
     if dataset.chunks is None:
         written = dataset.id.get_storage_size() >= dataset.nbytes or dataset.nbytes == 0
@@ -1483,8 +1508,6 @@ def _read_h5ad_streamed(
             raise ScaeInputError(f"{path}: no obs column '{label_key}' for --label-key; available columns: {available}")
         source = _h5_source(path, key, encoding)
         try:
-            if encoding != "csr_matrix":
-                _check_dense_stored(source.group(), where)
             stats, profile = _scan_csr(source, where) if encoding == "csr_matrix" else _scan_dense(source, where)
         finally:
             source.close()

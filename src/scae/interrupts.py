@@ -95,9 +95,13 @@ def signals_raise_interrupted(restore: bool = True) -> Iterator[None]:
         if _deferred:
             _deferred[-1].append(signum)
             return
-        if not _raised[0]:
-            _raised[0] = True
-            raise Interrupted(signum)
+        if _raised[0]:
+            return
+        if _importing(frame):  # see _resend_later
+            _resend_later(signum)
+            return
+        _raised[0] = True
+        raise Interrupted(signum)
 
     def unraisable(args) -> None:
         if isinstance(args.exc_value, Interrupted):
@@ -106,16 +110,63 @@ def signals_raise_interrupted(restore: bool = True) -> Iterator[None]:
         else:
             previous_hook(args)
 
-    previous = {signum: signal.signal(signum, handler) for signum in HANDLED_SIGNALS}
+    previous = {signum: signal.signal(signum, handler) for signum in watched_signals()}
     previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    _resending[0] = True
     try:
         yield
     finally:
         sys.unraisablehook = previous_hook
         _swallowed.clear()
-        if restore:
-            for signum, old in previous.items():
-                signal.signal(signum, old)
+        with _resend_lock:  # no signal sent again once this block is left (its handler may be gone)
+            _resending[0] = False
+            if restore:
+                for signum, old in previous.items():
+                    signal.signal(signum, old)
+
+
+def watched_signals() -> tuple[int, ...]:
+    """:data:`HANDLED_SIGNALS` but those this process was started ignoring: ``nohup`` ignores
+    SIGHUP, and a shell ignores SIGINT for a command it runs in the background; they keep it."""
+    return tuple(signum for signum in HANDLED_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN)
+
+
+RESEND_SECONDS = 0.05
+"""How soon a signal that came during an import is sent again (see :func:`_resend_later`)."""
+
+
+def _importing(frame) -> bool:
+    """Whether ``frame`` (where a signal handler was called) is inside a module's import."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _resend_later(signum: int) -> None:
+    """Send ``signum`` to this process again in :data:`RESEND_SECONDS`, from a helper thread.
+
+    An exception raised during an import can come out of a compiled module's initialisation
+    (PyTorch's does call back into Python), where C++ cannot pass it on and aborts the process
+    (``terminate called after throwing an instance of 'pybind11::error_already_set'``, status
+    134). So a signal that comes during an import is sent again until no import is under way:
+    the import finishes, and the signal stops the command a moment later.
+    """
+    timer = threading.Timer(RESEND_SECONDS, _resend, (signum,))
+    timer.daemon = True
+    timer.start()
+
+
+_resend_lock = threading.Lock()
+_resending = [False]
+"""Whether a signal may be sent again: only while :func:`signals_raise_interrupted`'s handlers are in place."""
+
+
+def _resend(signum: int) -> None:
+    with _resend_lock:  # a signal sent to this process is taken in by its C handler before kill returns
+        if _resending[0]:
+            os.kill(os.getpid(), signum)
 
 
 @contextmanager
@@ -149,7 +200,7 @@ def signals_blocked_in_children() -> Iterator[None]:
         return
     from multiprocessing import resource_tracker
 
-    # started here, not within the block: starting it unblocks both signals in this thread
+    # started here, not within the block: starting it unblocks the signals in this thread
     resource_tracker.ensure_running()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
@@ -159,7 +210,7 @@ def signals_blocked_in_children() -> Iterator[None]:
 
 
 def init_worker(parent_pid: int) -> None:
-    """Initializer of a worker process: ignore SIGINT/SIGTERM, and die with the parent.
+    """Initializer of a worker process: ignore SIGINT, SIGTERM and SIGHUP, and die with the parent.
 
     On Linux the worker asks the kernel for SIGKILL when its parent exits (``PR_SET_PDEATHSIG``),
     so not even a killed parent leaves it running; if the parent is already gone it exits.

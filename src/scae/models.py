@@ -689,9 +689,11 @@ def _checked_metadata(metadata) -> dict:
     if not isinstance(metadata, dict):
         raise ScaeInputError(f"metadata must be a dict of names to plain strings and numbers; got {type(metadata).__name__}")
     for key, value in metadata.items():
-        if not isinstance(key, str) or not isinstance(value, METADATA_TYPES):
-            raise ScaeInputError(f"metadata[{key!r}] must be a plain string, number, boolean or None under a string "
-                                 f"name; got {type(value).__name__}")
+        if type(key) is not str:  # exact types: NumPy's scalars (np.float64, np.str_) load as code, not data
+            raise ScaeInputError(f"metadata names must be plain strings; got {type(key).__name__} {str(key)!r}")
+        if type(value) not in METADATA_TYPES:
+            raise ScaeInputError(f"metadata[{key!r}] must be a plain string, number, boolean or None; "
+                                 f"got {type(value).__name__}")
     return dict(metadata)
 
 

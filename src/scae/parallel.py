@@ -110,7 +110,7 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> Distrib
     if device.type == "cuda":
         torch.cuda.set_device(device)  # each process owns its GPU; collectives use the current one
     if not dist.is_initialized():
-        _join_group(backend, timeout_s)
+        _join_group(backend, timeout_s, device)
     if device.type == "cuda" and int(os.environ.get("LOCAL_WORLD_SIZE", "0")) == dist.get_world_size():
         _check_one_gpu_each(device, timeout_s)
     return Distributed(
@@ -120,7 +120,7 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> Distrib
     )
 
 
-def _join_group(backend: str, timeout_s: float) -> None:
+def _join_group(backend: str, timeout_s: float, device: torch.device) -> None:
     """``init_process_group``, waited for in slices, so that SIGINT, SIGTERM and SIGHUP still stop this
     process while it waits for the others (Python runs signal handlers only between bytecodes,
     and the rendezvous waits in C++); its failures become one :class:`~scae.errors.ScaeInputError`.
@@ -142,6 +142,8 @@ def _join_group(backend: str, timeout_s: float) -> None:
         if hasattr(signal, "pthread_sigmask"):
             signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # the current GPU is per thread: this one's too
             dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         except BaseException as err:  # handed to the waiting thread
             failure.append(err)

@@ -248,23 +248,28 @@ _WHOLE_NUMBER = re.compile(r"[0-9]+")
 
 def torchrun_world_size() -> int:
     """How many processes ``torchrun`` (or a launcher like it) started this one with: its
-    ``WORLD_SIZE`` when ``RANK`` is set too, else 1. A value that is not a whole number (in
-    ``WORLD_SIZE``, ``RANK`` or ``LOCAL_RANK``) is :class:`~scae.errors.ScaeInputError`."""
-    values = {}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        text = os.environ.get(name)
-        if text is None:
-            continue
-        if not _WHOLE_NUMBER.fullmatch(text.strip()):
-            raise ScaeInputError(
-                f"environment variable {name}={text!r} is not a whole number; torchrun sets it for each process "
-                "it starts: unset WORLD_SIZE, RANK and LOCAL_RANK to run one process, or start scae with torchrun"
-            )
-        values[name] = int(text)
-    if "RANK" not in values:
+    ``WORLD_SIZE`` when that is above 1 and ``RANK`` is set too, else 1. A ``WORLD_SIZE`` that is
+    not a whole number is :class:`~scae.errors.ScaeInputError`, and so are ``RANK`` and
+    ``LOCAL_RANK`` then (without a ``WORLD_SIZE`` above 1 they are someone else's and ignored)."""
+    world = _whole_number_variable("WORLD_SIZE")
+    if world is None or world <= 1 or "RANK" not in os.environ:
         return 1
-    world = values.get("WORLD_SIZE", 1)
-    if world > 1 and values["RANK"] >= world:
-        raise ScaeInputError(f"environment variable RANK={values['RANK']} is not below WORLD_SIZE={world}; "
+    rank = _whole_number_variable("RANK")
+    _whole_number_variable("LOCAL_RANK")
+    if rank >= world:
+        raise ScaeInputError(f"environment variable RANK={rank} is not below WORLD_SIZE={world}; "
                              "torchrun numbers its processes 0 … WORLD_SIZE − 1")
-    return max(world, 1)
+    return world
+
+
+def _whole_number_variable(name: str) -> int | None:
+    """The environment variable ``name`` as a whole number (``None`` when unset)."""
+    text = os.environ.get(name)
+    if text is None:
+        return None
+    if not _WHOLE_NUMBER.fullmatch(text.strip()):
+        raise ScaeInputError(
+            f"environment variable {name}={text!r} is not a whole number; torchrun sets it for each process "
+            "it starts: unset WORLD_SIZE, RANK and LOCAL_RANK to run one process, or start scae with torchrun"
+        )
+    return int(text)

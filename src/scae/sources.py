@@ -35,6 +35,7 @@ import queue
 import threading
 import warnings
 from collections.abc import Iterator
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,15 @@ def _dense_tensor(chunk: Chunk | torch.Tensor, copy_read_only: bool = True) -> t
         return torch.from_numpy(array)
 
 
+class Storage(NamedTuple):
+    """Where a source's rows are stored (:meth:`RowSource.storage`)."""
+
+    on_disk: bool
+    """Read from a file: the training shuffle keeps reads to blocks of contiguous rows."""
+    window_rows: int
+    """Rows read at once when shuffling from disk (:meth:`RowSource.window_rows`)."""
+
+
 class RowSource:
     """Cells × genes rows, read by sorted row indices.
 
@@ -168,10 +178,13 @@ class RowSource:
         return (self.n_rows, self.n_cols)
 
     def read(self, rows: np.ndarray | slice) -> Chunk | torch.Tensor:
-        """Raw rows (sorted indices or a slice), not normalised."""
+        """Raw rows (strictly increasing indices, or a slice), not normalised."""
         if isinstance(rows, slice):
             rows = np.arange(*rows.indices(self.n_rows))
-        return self._read(np.asarray(rows, dtype=np.int64))
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size > 1 and np.any(rows[1:] <= rows[:-1]):  # the readers' shortcuts rely on it
+            raise ValueError("rows must be sorted and distinct (strictly increasing row indices)")
+        return self._read(rows)
 
     def tensor(self, rows: np.ndarray | slice) -> torch.Tensor:
         """Rows as a dense float32 tensor, normalised when the source holds counts."""
@@ -219,10 +232,10 @@ class RowSource:
         blocks = int(WINDOW_BYTES // max(self.bytes_per_row() * DISK_BLOCK_ROWS, 1.0))
         return DISK_BLOCK_ROWS * min(DISK_WINDOW_BLOCKS, max(1, blocks))
 
-    def storage(self) -> tuple[bool, int]:
-        """``(on_disk, window_rows())`` of where the rows are stored, which the training
-        shuffle follows (a copy in a GPU's memory answers for its source)."""
-        return self.on_disk, self.window_rows()
+    def storage(self) -> Storage:
+        """How the rows are stored, which the training shuffle follows (a copy in a GPU's
+        memory answers for its source)."""
+        return Storage(self.on_disk, self.window_rows())
 
 
 class ArraySource(RowSource):
@@ -283,7 +296,7 @@ class DeviceSource(RowSource):
             stop = min(start + step, self.n_rows)
             self._X[start:stop].copy_(_dense_tensor(source.read(slice(start, stop)), copy_read_only=False))
 
-    def storage(self) -> tuple[bool, int]:
+    def storage(self) -> Storage:
         return self._storage
 
     def _read(self, rows: np.ndarray) -> torch.Tensor:
@@ -299,7 +312,8 @@ class DeviceSource(RowSource):
 def on_device(sources: list[RowSource | None], device: torch.device) -> list[RowSource | None]:
     """``sources`` copied into a CUDA device's memory (:class:`DeviceSource`) when, dense in
     float32, they take at most :data:`DEVICE_FRACTION` of its free memory together; else (and
-    on any other device) as given. ``None`` entries stay ``None``.
+    on any other device) as given. ``None`` entries, and sources already held on ``device``
+    (copied by an earlier call), stay as they are.
 
     Training on a GPU from its own memory takes the host out of every step (no densifying,
     pinning or copying of batches): several times faster for networks this small, whose steps
@@ -318,8 +332,15 @@ def on_device(sources: list[RowSource | None], device: torch.device) -> list[Row
 
 
 def _copied_to(source: RowSource, device: torch.device) -> bool:
-    """Whether ``source`` is already held in ``device``'s memory (then :func:`on_device` keeps it)."""
-    return source.device == device
+    """Whether ``source`` is already held in ``device``'s memory (then :func:`on_device` keeps it);
+    ``cuda`` names the current GPU."""
+    def index(d: torch.device) -> int:
+        if d.index is not None:
+            return d.index
+        return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+    held = source.device
+    return held.type == device.type and (held.type != "cuda" or index(held) == index(device))
 
 
 class SubsetSource(RowSource):
@@ -456,12 +477,16 @@ class _H5Matrix(RowSource):
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
+    CHUNK_CACHE_BYTES = 32 * 1024**2
+    """HDF5's cache of decompressed chunks for this file (its default, 1 MiB, holds less than the
+    chunks one block of rows touches in a compressed dense matrix: 1.4× faster reads measured)."""
+
     def group(self):
         """The open HDF5 group (CSR) or dataset (dense) of the matrix (opened on first use, in this process)."""
         if self._handle is None:
             import h5py
 
-            self._handle = h5py.File(self.path, "r")
+            self._handle = h5py.File(self.path, "r", rdcc_nbytes=self.CHUNK_CACHE_BYTES, rdcc_nslots=100_003)
         return self._handle[self.key]
 
     def close(self) -> None:

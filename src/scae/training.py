@@ -310,9 +310,9 @@ def train_network(
     objective = loss_scorers(loss, ("mse",), log_mse_weight)
     exact = accumulator_dtype(device)
     # the shuffle follows where the rows are stored (by blocks on disk), also when a GPU holds a copy
-    stored_on_disk, stored_window_rows = train.storage()
-    block = DISK_BLOCK_ROWS if stored_on_disk else None
-    window_blocks = max(1, stored_window_rows // DISK_BLOCK_ROWS)
+    stored = train.storage()
+    block = DISK_BLOCK_ROWS if stored.on_disk else None
+    window_blocks = max(1, stored.window_rows // DISK_BLOCK_ROWS)
     train, test, validation = on_device([train, test, validation], device)
     stopper = _EarlyStopping(net, patience) if validation is not None and patience is not None else None
 
