@@ -337,9 +337,10 @@ def test_a_signal_during_an_import_stops_the_command_once_the_import_is_done(tmp
     until the import is over, and stops the command right after it."""
     import sys
 
-    (tmp_path / "scae_test_slow_import.py").write_text(
+    (tmp_path / "torch").mkdir()  # judged by its path, as a module of PyTorch
+    (tmp_path / "torch" / "scae_test_slow_import.py").write_text(
         "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.3)\nDONE = True\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path / "torch"))
     started = time.monotonic()
     with pytest.raises(Interrupted) as stop:
         with signals_raise_interrupted():

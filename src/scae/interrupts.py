@@ -136,21 +136,25 @@ RESEND_SECONDS = 0.05
 
 
 def _importing(frame) -> bool:
-    """Whether ``frame`` (where a signal handler was called) is inside a module's import."""
+    """Whether ``frame`` (where a signal handler was called) is inside the import of a PyTorch
+    module: its compiled parts are C++ (pybind11), which cannot pass a Python exception on
+    (other imports can be interrupted as any code can)."""
+    importing = in_torch = False
     while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
-            return True
+        name = frame.f_code.co_filename
+        importing = importing or name.startswith("<frozen importlib._bootstrap")
+        in_torch = in_torch or f"{os.sep}torch{os.sep}" in name
         frame = frame.f_back
-    return False
+    return importing and in_torch
 
 
 def _resend_later(signum: int) -> None:
     """Send ``signum`` to this process again in :data:`RESEND_SECONDS`, from a helper thread.
 
-    An exception raised during an import can come out of a compiled module's initialisation
-    (PyTorch's does call back into Python), where C++ cannot pass it on and aborts the process
+    An exception raised during PyTorch's import can come out of its compiled initialisation,
+    which calls back into Python, where C++ cannot pass it on and aborts the process
     (``terminate called after throwing an instance of 'pybind11::error_already_set'``, status
-    134). So a signal that comes during an import is sent again until no import is under way:
+    134). So a signal that comes then is sent again until that import is over (about a second):
     the import finishes, and the signal stops the command a moment later.
     """
     timer = threading.Timer(RESEND_SECONDS, _resend, (signum,))
