@@ -21,7 +21,7 @@ from typing import Any, Self
 from tqdm.auto import tqdm
 
 from scae.errors import ScaeInputError
-from scae.interrupts import init_worker, signals_blocked_in_children
+from scae.interrupts import init_worker, signals_blocked_in_children, signals_deferred
 
 
 POLL_SECONDS = 0.5
@@ -159,8 +159,10 @@ class BackgroundJobs:
         context = multiprocessing.get_context("spawn")  # no fork after OpenMP/torch threads
         try:
             # workers ignore SIGINT, SIGTERM and SIGHUP from their first instruction: a Ctrl-C to the
-            # process group reaches only this process, which then stops them
-            with signals_blocked_in_children():
+            # process group reaches only this process, which then stops them. Deferred too: a signal
+            # the kernel hands to another thread (NumPy's BLAS threads do not block it) would still
+            # raise here, between starting a worker and sending it what it starts from
+            with signals_blocked_in_children(), signals_deferred():
                 self._pool = ProcessPoolExecutor(
                     max_workers=self.workers, mp_context=context,
                     initializer=init_worker, initargs=(os.getpid(),),
