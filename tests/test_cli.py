@@ -884,6 +884,8 @@ def _scae(args: list[str], cwd: Path, **env: str):
     ({"WORLD_SIZE": "abc", "RANK": "0"}, "environment variable WORLD_SIZE='abc' is not a whole number"),
     ({"WORLD_SIZE": "2", "RANK": "x"}, "environment variable RANK='x' is not a whole number"),
     ({"WORLD_SIZE": "2", "RANK": "2"}, "environment variable RANK=2 is not below WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "no-such-host.invalid", "MASTER_PORT": "29500"},
+     "torchrun: MASTER_ADDR='no-such-host.invalid' (the address of process 0) does not resolve"),
     ({"WORLD_SIZE": "2", "RANK": "0"}, "torchrun: process 0 of 2 could not join its group (Error initializing "
                                        "torch.distributed using env:// rendezvous: environment variable MASTER_ADDR "
                                        "expected, but not set)"),

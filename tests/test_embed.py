@@ -360,3 +360,19 @@ def test_embed_api_checks_counts_raw_is_a_boolean(files):
     adata = ad.read_h5ad(files.dir / "counts.h5ad")
     with pytest.raises(ScaeInputError, match="counts_raw must be True or False; got 'no'"):
         scae.embed(adata, counts_raw="no")
+
+
+def test_embed_refuses_a_dense_matrix_whose_storage_was_never_written(files, tmp_path, capsys):
+    import h5py
+
+    path = tmp_path / "partial.h5ad"
+    ad.AnnData(X=files.counts.astype(np.float32), obs=_obs(files.labels), var=_var(files.names)).write_h5ad(path)
+    with h5py.File(path, "r+") as f:
+        del f["X"]
+        f.create_dataset("X", shape=(CELLS, GENES), dtype="f4", chunks=(50, GENES))
+        f["X"][:50] = files.counts[:50]
+        f["X"].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    assert main(["embed", str(path), "--epochs", "1", "--quiet", "--out", str(tmp_path / "out.h5ad")]) == 2
+    assert f"{path} X: declares a {CELLS} × {GENES} matrix, but only 1 of its 4 storage chunks were ever written " \
+           "(the rest would read as its fill value, 0.0)" in capsys.readouterr().err
+    assert not (tmp_path / "out.h5ad").exists()

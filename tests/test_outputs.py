@@ -491,3 +491,17 @@ def test_an_output_that_is_a_link_to_a_pipe_is_refused_and_kept(tmp_path, capsys
     assert main([*args, "--out", str(tmp_path / "link")]) == 2
     assert f"{tmp_path / 'link'}: is a link to a named pipe" in capsys.readouterr().err
     assert (tmp_path / "link").is_symlink() and (tmp_path / "fifo").is_fifo()
+
+
+def test_a_link_to_a_pipe_at_a_study_or_benchmark_output_name_is_refused(tmp_path, capsys):
+    assert main(["simulate", "--cells", "60", "--genes", "10", "--out", str(tmp_path / "sim")]) == 0
+    data = ["--counts", str(tmp_path / "sim" / "counts.npy"), "--labels", str(tmp_path / "sim" / "labels.txt")]
+    os.mkfifo(tmp_path / "fifo")
+    for command, name in (("study", "report.html"), ("benchmark", "benchmark.png")):
+        out = tmp_path / command
+        out.mkdir()
+        (out / name).symlink_to(tmp_path / "fifo")
+        extra = ["--epochs", "1", "--max-embed-cells", "60"] if command == "study" else ["--methods", "pca5", "--seeds", "1"]
+        assert main([command, *data, *extra, "--quiet", "--out", str(out)]) == 2
+        assert f"{out / name}: is a link to a named pipe, where the output {name} goes" in capsys.readouterr().err
+        assert (out / name).is_symlink()

@@ -114,8 +114,8 @@ def _interrupt_and_check(proc: subprocess.Popen, out: Path, signum: int, to_grou
     assert not [*out.rglob("report.html"), *out.rglob("metrics.json")]
 
 
-@pytest.mark.parametrize(("signum", "to_group"), [(signal.SIGTERM, False), (signal.SIGINT, True)],
-                         ids=["SIGTERM-to-main", "SIGINT-to-group"])
+@pytest.mark.parametrize(("signum", "to_group"), [(signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGHUP, True)],
+                         ids=["SIGTERM-to-main", "SIGINT-to-group", "SIGHUP-to-group"])
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the study starts background workers from 2 cores")
 def test_signal_during_tsne_stops_every_process(tsne_sim_dir, tmp_path, signum, to_group):
     out = tmp_path / "out"

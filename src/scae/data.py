@@ -1225,6 +1225,22 @@ def _check_h5ad_matrix_stored(path: Path, key: str, where: str) -> None:
         raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file (damaged: {_one_line(err)})") from None
 
 
+def _check_h5ad_matrices_stored(path: Path) -> None:
+    """:func:`_check_dense_stored` for every dense matrix of an ``.h5ad`` that holds cells × genes:
+    ``X``, each layer and ``raw/X`` (for a reader that loads them all)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            keys = ["X", "raw/X"] + [f"layers/{name}" for name in (handle["layers"] if "layers" in handle else ())
+                                     if isinstance(handle["layers"], h5py.Group)]
+    except Exception as err:  # h5py raises many types for a damaged file
+        raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file (damaged: {_one_line(err)})") from None
+    for key in keys:
+        where = f"{path} X" if key == "X" else f"{path} raw.X" if key == "raw/X" else f"{path} layer '{key[7:]}'"
+        _check_h5ad_matrix_stored(path, key, where)
+
+
 def _check_dense_stored(dataset, where: str) -> None:
     """Refuse a dense HDF5 matrix whose storage was never (wholly) written: HDF5 then reads the
     missing part as its fill value, so a small file can declare a matrix of any size, and
@@ -1242,9 +1258,10 @@ def _check_dense_stored(dataset, where: str) -> None:
         written = stored >= total
         missing = f"only {stored:,} of its {total:,} storage chunks were ever written"
     if not written:
+        fill = dataset.fillvalue
         raise ScaeInputError(
             f"{where}: declares a {' × '.join(f'{n:,}' for n in shape)} matrix, but {missing} (the rest would "
-            "read as zeros); expected a file that holds the whole matrix"
+            f"read as its fill value, {fill!s}); expected a file that holds the whole matrix"
         )
 
 
@@ -1446,6 +1463,7 @@ def read_anndata(path: str | Path):
     path = Path(path)
     _check_readable(path, "AnnData file")
     _probe_h5ad(path)
+    _check_h5ad_matrices_stored(path)
     try:
         with _old_formats_quietly():
             return ad.read_h5ad(path)

@@ -49,13 +49,21 @@ def irregular_kind(path: str | Path) -> str | None:
     return special_file_kind(path.resolve()) or "not a regular file"
 
 
+def unreplaceable_kind(path: str | Path) -> str | None:
+    """:func:`special_file_kind` of ``path``, or ``"a link to …"`` such a file (``/dev/stdout``):
+    what an atomic write must not rename a regular file over; ``None`` otherwise."""
+    kind = special_file_kind(path)
+    if kind is None and os.path.islink(path):
+        target = special_file_kind(path, follow=True)
+        kind = None if target is None else f"a link to {target}"
+    return kind
+
+
 def check_replaceable(path: str | Path, what: str = "the output file") -> None:
     """Refuse to write ``path`` over a named pipe, socket or device, or a link to one: an atomic
     write renames a new file over the name, which would put a regular file where ``/dev/null``,
     a pipe or the ``/dev/stdout`` link was."""
-    kind = special_file_kind(path)
-    if kind is None and os.path.islink(path) and special_file_kind(path, follow=True) is not None:
-        kind = f"a link to {special_file_kind(path, follow=True)}"  # /dev/stdout: the rename would replace the link
+    kind = unreplaceable_kind(path)
     if kind is not None:
         raise ScaeInputError(f"{path}: is {kind}; expected the path of {what} to write (scae replaces "
                              "regular files only)")
@@ -438,7 +446,7 @@ def check_output_dir(out_dir: str | Path, written: tuple[str, ...] = MANAGED_NAM
         ) from None
     for name in written:
         path = out_dir / name
-        kind = special_file_kind(path)
+        kind = unreplaceable_kind(path)
         if kind is None and name in OUTPUT_FOLDERS and path.exists() and not path.is_dir():
             kind = "a file"
         elif kind is None and name not in OUTPUT_FOLDERS and path.is_dir():

@@ -204,8 +204,16 @@ def signals_blocked_in_children() -> Iterator[None]:
         return
     from multiprocessing import resource_tracker
 
-    # started here, not within the block: starting it unblocks the signals in this thread
-    resource_tracker.ensure_running()
+    # started here, not within the block: starting it unblocks SIGINT and SIGTERM in this thread
+    # (and the tracker ignores those two). SIGHUP, to a closed terminal's whole process group,
+    # would kill it, and every later clean-up would print a traceback: it starts with SIGHUP
+    # blocked, which it keeps
+    others = [signum for signum in HANDLED_SIGNALS if signum not in (signal.SIGINT, signal.SIGTERM)]
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, others)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
         yield

@@ -136,6 +136,7 @@ def _join_group(backend: str, timeout_s: float, device: torch.device) -> None:
 
     from scae.interrupts import HANDLED_SIGNALS
 
+    _check_rendezvous_address()
     failure: list[BaseException] = []
 
     def rendezvous() -> None:
@@ -166,6 +167,22 @@ def _join_group(backend: str, timeout_s: float, device: torch.device) -> None:
             f"torchrun: process {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')} could not join its group "
             f"({first}); start every process with torchrun, or unset WORLD_SIZE and RANK to run one process"
         )
+
+
+def _check_rendezvous_address() -> None:
+    """Refuse a ``MASTER_ADDR`` that does not resolve: PyTorch would retry it until its timeout
+    (30 minutes) while saying nothing. (Unset, PyTorch's own error says so.)"""
+    import socket
+
+    address = os.environ.get("MASTER_ADDR")
+    if not address:
+        return
+    try:
+        socket.getaddrinfo(address, None)
+    except (socket.gaierror, UnicodeError) as err:
+        raise ScaeInputError(f"torchrun: MASTER_ADDR={address!r} (the address of process 0) does not resolve "
+                             f"({err.strerror if isinstance(err, OSError) and err.strerror else err}); "
+                             "start the processes with torchrun, which sets it") from None
 
 
 def _check_one_gpu_each(device: torch.device, timeout_s: float) -> None:
