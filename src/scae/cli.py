@@ -381,17 +381,25 @@ def _remove_empty(made: list[Path]) -> None:
             break
 
 
+@contextlib.contextmanager
+def _no_empty_folders_left(out: Path):
+    """Within the block, a failure (or an interrupt) removes the folders the run made for ``out``
+    while they are still empty."""
+    made = _folders_to_make(out)
+    try:
+        yield
+    except BaseException:
+        _remove_empty(made)
+        raise
+
+
 def run_study_command(args: argparse.Namespace) -> int:
     from scae.files import check_output_dir, refuse_inputs_inside
 
     refuse_inputs_inside(args.out, [args.h5ad, args.counts, args.labels, args.raw_counts])  # before anything is removed
-    made = _folders_to_make(args.out)
-    check_output_dir(args.out)  # fail fast (every process), before loading or training
-    try:
+    with _no_empty_folders_left(args.out):
+        check_output_dir(args.out)  # fail fast (every process), before loading or training
         return _run_study_into(args)
-    except BaseException:
-        _remove_empty(made)
-        raise
 
 
 def _run_study_into(args: argparse.Namespace) -> int:
@@ -663,12 +671,8 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     from scae.parallel import resolve_device
 
     resolve_device(args.device)  # a device that is not here is refused before any folder is made (as by study)
-    made = _folders_to_make(args.out)
-    try:
+    with _no_empty_folders_left(args.out):
         _benchmark_into(args, datasets, paths, methods)
-    except BaseException:
-        _remove_empty(made)
-        raise
     return 0
 
 
@@ -715,12 +719,8 @@ SIMULATE_OUTPUTS = ("counts.npy", "raw_counts.npy", "labels.txt")
 
 
 def run_simulate_command(args: argparse.Namespace) -> int:
-    made = _folders_to_make(args.out)
-    try:
+    with _no_empty_folders_left(args.out):
         return _simulate_into(args)
-    except BaseException:
-        _remove_empty(made)
-        raise
 
 
 def _simulate_into(args: argparse.Namespace) -> int:
