@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,14 @@ from scae.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
+
+# The signal tests send SIGINT, SIGTERM and SIGHUP and expect scae to handle them. A test run
+# started in the background (`nohup`, `make test &` in a script) inherits some of them ignored,
+# and scae rightly keeps a signal it was started ignoring ignored (as Python does with SIGINT),
+# in this process and in every command the tests start: give them their usual handling back.
+for _name, _handler in (("SIGINT", signal.default_int_handler), ("SIGTERM", signal.SIG_DFL), ("SIGHUP", signal.SIG_DFL)):
+    if hasattr(signal, _name) and signal.getsignal(getattr(signal, _name)) is signal.SIG_IGN:
+        signal.signal(getattr(signal, _name), _handler)
 
 # Size of the small end-to-end study (kept small so the whole suite stays fast).
 STUDY_CELLS = 300
