@@ -83,10 +83,10 @@ def console() -> None:
     if problem is not None:
         print(f"scae: error: {problem}", file=sys.stderr)
         sys.exit(2)
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # scae.interrupts.HANDLED_SIGNALS, not imported yet
-        signum = getattr(signal, name, None)
-        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
-            signal.signal(signum, _while_starting)
+    from scae.interrupts import watched_signals  # standard library only: as cheap as this module
+
+    for signum in watched_signals():  # nohup's SIGHUP stays ignored
+        signal.signal(signum, _while_starting)
     from scae.cli import main
 
     sys.exit(main())

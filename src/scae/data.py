@@ -1149,9 +1149,8 @@ def read_h5ad(
     if encoding == "missing" and layer is not None:
         raise ScaeInputError(f"{path}: no layer '{layer}'; available layers: {_h5ad_layers(path) or 'none'}")
     counts = _h5ad_counts_place(path, counts_layer, counts_raw)
-    _check_h5ad_matrix_stored(path, key, where)  # before reading or scanning it, loaded or streamed
-    if counts is not None:
-        _check_h5ad_matrix_stored(path, counts.key, counts.where)
+    # before reading or scanning them, loaded or streamed
+    _check_h5ad_matrices_stored(path, {key: where, **({counts.key: counts.where} if counts is not None else {})})
     if stream is None:
         stream = encoding in STREAMABLE and len(shape) == 2 and shape[0] * shape[1] * 4 > STREAM_BYTES
     if stream and encoding != "missing":
@@ -1210,35 +1209,27 @@ def _check_streamable(encoding: str, shape: tuple[int, ...], where: str) -> None
         )
 
 
-def _check_h5ad_matrix_stored(path: Path, key: str, where: str) -> None:
-    """:func:`_check_dense_stored` for the matrix at ``key`` when it is dense (CSR groups hold what they hold)."""
+def _check_h5ad_matrices_stored(path: Path, places: dict[str, str] | None = None) -> None:
+    """:func:`_check_dense_stored` for the dense matrices at ``places`` (HDF5 key → its name in
+    messages; CSR groups hold what they hold), in one opening of the file. By default every
+    matrix of cells × genes: ``X``, ``raw/X`` and each layer (for a reader that loads them all)."""
     import h5py
 
     try:
         with h5py.File(path, "r") as handle:
-            element = handle.get(key)
-            if isinstance(element, h5py.Dataset):
-                _check_dense_stored(element, where)
+            if places is None:
+                layers = handle.get("layers")
+                places = {"X": f"{path} X", "raw/X": f"{path} raw.X",
+                          **{f"layers/{name}": f"{path} layer '{name}'"
+                             for name in (layers if isinstance(layers, h5py.Group) else ())}}
+            for key, where in places.items():
+                element = handle.get(key)
+                if isinstance(element, h5py.Dataset):
+                    _check_dense_stored(element, where)
     except ScaeInputError:
         raise
     except Exception as err:  # h5py raises many types for a damaged file
         raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file (damaged: {_one_line(err)})") from None
-
-
-def _check_h5ad_matrices_stored(path: Path) -> None:
-    """:func:`_check_dense_stored` for every dense matrix of an ``.h5ad`` that holds cells × genes:
-    ``X``, each layer and ``raw/X`` (for a reader that loads them all)."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as handle:
-            keys = ["X", "raw/X"] + [f"layers/{name}" for name in (handle["layers"] if "layers" in handle else ())
-                                     if isinstance(handle["layers"], h5py.Group)]
-    except Exception as err:  # h5py raises many types for a damaged file
-        raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file (damaged: {_one_line(err)})") from None
-    for key in keys:
-        where = f"{path} X" if key == "X" else f"{path} raw.X" if key == "raw/X" else f"{path} layer '{key[7:]}'"
-        _check_h5ad_matrix_stored(path, key, where)
 
 
 def _check_dense_stored(dataset, where: str) -> None:

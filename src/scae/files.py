@@ -8,6 +8,7 @@ can check paths before loading anything heavy.
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import re
 import shutil
@@ -112,16 +113,9 @@ def remove_stale_parts(folder: str | Path, names: tuple[str, ...]) -> None:
     so no other scae command is writing them. Links and folders of that shape are left alone."""
     folder = Path(folder)
     for name in names:
-        for part in folder.glob(f".{glob_escape(name)}.*.part"):
+        for part in folder.glob(f".{glob.escape(name)}.*.part"):
             if part.is_file() and not part.is_symlink():
                 part.unlink(missing_ok=True)
-
-
-def glob_escape(name: str) -> str:
-    """``name`` with glob's special characters taken literally."""
-    import glob
-
-    return glob.escape(name)
 
 
 def _umask() -> int:
