@@ -354,3 +354,13 @@ def test_a_method_named_twice_runs_once(files):
     dataset = scae.read_h5ad(files.h5ad, "ct")
     results, skipped = benchmark.run_benchmark({"d": dataset}, ["pca5", "pca3", "pca5"], seeds=[0])
     assert [r["method"] for r in results] == ["pca5", "pca3"] and skipped == []
+
+
+def test_the_command_line_compares_the_default_methods_by_default():
+    """`scae benchmark` without --methods runs benchmark.DEFAULT_METHODS, scaled PCA included."""
+    from scae.benchmark import DEFAULT_METHODS
+    from scae.cli import build_parser
+
+    args = build_parser().parse_args(["benchmark", "--h5ad", "a.h5ad", "--out", "out"])
+    assert args.methods == list(DEFAULT_METHODS)
+    assert "pca10_scaled" in args.methods

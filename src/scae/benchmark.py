@@ -30,12 +30,12 @@ from scae.data import Dataset
 from scae.embeddings import fit_pca, subsample_indices
 from scae.errors import ScaeInputError
 from scae.metrics import cluster_scores, knn_accuracy
-from scae.presets import PRESETS, RECOMMENDED, preset
+from scae.presets import BENCHMARK_METHODS, PRESETS, RECOMMENDED, preset
 from scae.results import DEFAULT_RUNS, StudyConfig
 
 SCORE_MAX_CELLS = 20_000
 """Latents of larger datasets are scored on a seeded sample of this many cells."""
-DEFAULT_METHODS = ("pca10", "pca10_scaled", "ae10", "recommended", "scvi")
+DEFAULT_METHODS = BENCHMARK_METHODS
 SCALE_CLIP = 10.0
 """``pca<k>_scaled`` clips the standardised values at ± this (scanpy's usual ``max_value``)."""
 ASSIGNMENT_RUNS = {spec.name: spec for spec in DEFAULT_RUNS}

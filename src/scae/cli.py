@@ -24,7 +24,7 @@ from scae import __version__
 from scae import params as rules
 from scae.errors import ScaeInputError
 from scae.interrupts import Interrupted, kill_child_processes, signals_raise_interrupted, watched_signals
-from scae.presets import PRESETS, RECOMMENDED
+from scae.presets import BENCHMARK_METHODS, PRESETS, RECOMMENDED
 
 EXIT_USAGE = 2
 
@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a cells × genes .npy (repeatable, each with a --labels)")
     bench.add_argument("--labels", type=Path, action="append", default=[], help="labels.txt of the --counts before it")
     bench.add_argument("--out", type=_output_path(folder=True), required=True, help="output directory")
-    bench.add_argument("--methods", nargs="+", default=list(DEFAULT_BENCHMARK_METHODS), metavar="METHOD",
-                       help=f"methods to compare (default: {' '.join(DEFAULT_BENCHMARK_METHODS)})")
+    bench.add_argument("--methods", nargs="+", default=list(BENCHMARK_METHODS), metavar="METHOD",
+                       help=f"methods to compare (default: {' '.join(BENCHMARK_METHODS)})")
     bench.add_argument("--seeds", type=_option(BENCHMARK_SEEDS), default=3,
                        help="fits per method and dataset, with seeds 0 … N-1 (default 3)")
     bench.add_argument("--top-genes", type=_option(rules.TOP_GENES), default=2000, metavar="N",
@@ -268,7 +268,6 @@ def model_params(args: argparse.Namespace) -> dict:
 
 
 PRESET_CHOICES = ("recommended", *PRESETS)
-DEFAULT_BENCHMARK_METHODS = ("pca10", "ae10", "recommended", "scvi")
 BENCHMARK_SEEDS = rules.Integer(1, 100)
 
 

@@ -29,6 +29,10 @@ PRESETS: dict[str, dict] = {
 }
 RECOMMENDED = "nb_dae"
 """The preset :func:`preset` returns for ``"recommended"``."""
+BENCHMARK_METHODS = ("pca10", "pca10_scaled", "ae10", "recommended", "scvi")
+"""What ``scae benchmark`` compares by default (:mod:`scae.benchmark`; kept here, free of heavy
+imports, for the command line's help): PCA-10 as it is and after scanpy's scaling, the
+assignment's ``ae10``, the recommended preset and scvi-tools' SCVI."""
 
 
 def preset(name: str) -> dict:
