@@ -823,6 +823,24 @@ def test_a_study_runs_with_its_error_stream_closed(sim_dir, tmp_path):
     assert "study finished" in proc.stdout and (out / "report.html").is_file()
 
 
+def test_a_study_whose_error_stream_reader_leaves_finishes(sim_dir, tmp_path):
+    """``scae study … 2>&1 | head -1``: once the reader of standard error is gone, the progress
+    lines go to the null device and the study finishes (it failed with status 1, writing nothing)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, scae_env
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "scae.cli", *study_args(sim_dir, out)]
+    command.remove("--quiet")
+    proc = subprocess.Popen(command, cwd=REPO, env=scae_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr.readline().startswith(b"scae: ")  # the first line; then the reader leaves
+    proc.stderr.close()
+    assert proc.wait(timeout=300) == 0
+    assert (out / "report.html").is_file() and (out / "metrics.json").is_file()
+
+
 def test_repeated_cell_and_gene_names_are_kept_without_warnings(tmp_path, capsys):
     rng = np.random.default_rng(0)
     X = sp.csr_matrix(rng.poisson(1.0, (120, 30)).astype(np.float32))
@@ -850,6 +868,53 @@ def test_a_refused_study_leaves_no_folder_it_made(sim_dir, tmp_path, capsys):
     (tmp_path / "mine").mkdir()  # a folder the user made stays
     assert main([*base, "--out", str(tmp_path / "mine")]) == 2
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
+def test_an_output_path_through_a_folder_that_does_not_exist_makes_only_the_folders_it_names(sim_dir, tmp_path,
+                                                                                              monkeypatch, capsys):
+    """``--out q1/../q2/q3`` while ``q1`` does not exist is ``q2/q3``: a refused run removes what it
+    made and a finished one leaves no empty ``q1``; a ``..`` after an existing folder is kept."""
+    from scae.cli import settled_path
+
+    monkeypatch.chdir(tmp_path)
+    assert settled_path(Path("q1/../q2/q3")) == Path("q2/q3")
+    assert settled_path(Path("q1/../../q2")) == Path("../q2")
+    assert settled_path(Path("q1/..")) == Path(".")
+    (tmp_path / "here").mkdir()
+    assert settled_path(Path("here/../q2")) == Path("here/../q2")  # exists: the system resolves it
+    assert settled_path(Path("here/x/../q2")) == Path("here/q2")
+    assert settled_path(tmp_path / "a" / ".." / "b") == tmp_path / "b"
+    base = ["study", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+            "--epochs", "1", "--quiet"]
+    assert main([*base, "--top-genes", "9999", "--out", "q1/../q2/q3"]) == 2
+    assert "--top-genes" in capsys.readouterr().err
+    assert not (tmp_path / "q1").exists() and not (tmp_path / "q2").exists()
+    assert main(["fit", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+                 "--loss", "nb", "--out", "f1/f2/m.pt"]) == 2  # no raw counts: refused after the folders were made
+    assert "raw counts" in capsys.readouterr().err and not (tmp_path / "f1").exists()
+
+
+@pytest.mark.parametrize("entry", ["figures/notes.txt", "figures/q1_loss_history.png/keep", "models/ae10.pt/keep",
+                                   "models/readme.md"])
+def test_a_study_refuses_an_output_folder_holding_files_it_did_not_write(sim_dir, tmp_path, capsys, entry):
+    """OUT/figures and OUT/models are replaced whole when a study finishes: anything in them that is not a
+    figure (.png) or a model (.pt) is refused before the run, and stays."""
+    out = tmp_path / "out"
+    path = out / entry
+    path.parent.mkdir(parents=True)
+    path.write_text("mine")
+    (out / "figures").mkdir(exist_ok=True)
+    (out / "figures" / "old.png").write_bytes(b"png")  # a figure of an earlier run is the study's own
+    assert main(["study", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+                 "--epochs", "1", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    folder, name = entry.split("/")[:2]
+    suffix = ".png" if folder == "figures" else ".pt"
+    foreign = out / folder / name
+    assert err == (f"scae: error: {foreign}: is {'a folder' if foreign.is_dir() else f'not a {suffix} file'}, and the "
+                   f"study replaces the whole {folder} folder, which holds only its {suffix} files; move it or choose "
+                   "another output directory\n")
+    assert path.read_text() == "mine" and not (out / "report.html").exists()
 
 
 def test_the_last_line_lost_to_a_full_or_closed_output_does_not_fail_the_command(tmp_path):

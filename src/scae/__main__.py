@@ -37,6 +37,49 @@ def open_closed_standard_streams() -> None:
             setattr(sys, name, open(fd, mode, closefd=False))
 
 
+class _ErrorStreamOutlivingItsReader:
+    """Standard error that outlives its reader (``scae study … 2>&1 | head -1``, a pager quit
+    early): on a broken pipe its descriptor is pointed at the null device and the run goes on
+    silently, as with a closed one (:func:`open_closed_standard_streams`). Otherwise the next
+    progress line failed, and so did the error message about it: exit 1 and nothing written."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_null_device()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_null_device()
+
+    def _to_null_device(self) -> None:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, self._stream.fileno())
+        finally:
+            os.close(null)
+        try:  # what the broken pipe refused now goes to the null device
+            self._stream.flush()
+        except OSError:
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def keep_error_stream_when_its_reader_leaves() -> None:
+    """Make ``sys.stderr`` survive a broken pipe (:class:`_ErrorStreamOutlivingItsReader`)."""
+    if sys.stderr is not None and not isinstance(sys.stderr, _ErrorStreamOutlivingItsReader):
+        sys.stderr = _ErrorStreamOutlivingItsReader(sys.stderr)
+
+
 def prepare_environment() -> str | None:
     """Settle what the environment would otherwise make libraries print or fail on; returns a
     problem to report instead of running, or ``None``.
@@ -79,6 +122,7 @@ def _positive_counts(text: str) -> bool:
 def console() -> None:
     """Entry point of the ``scae`` console script."""
     open_closed_standard_streams()
+    keep_error_stream_when_its_reader_leaves()
     problem = prepare_environment()
     if problem is not None:
         print(f"scae: error: {problem}", file=sys.stderr)

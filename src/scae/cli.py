@@ -288,10 +288,24 @@ def _output_path(folder: bool):
             raise argparse.ArgumentTypeError(f"expected the path of {'a folder' if folder else 'a file'} to write, got {text!r}")
         if not folder and text.endswith(("/", os.sep)):
             raise argparse.ArgumentTypeError(f"expected the path of a file to write, got {text} (a folder's name)")
-        return Path(text)
+        return settled_path(Path(text))
 
     parse.__name__ = "path"
     return parse
+
+
+def settled_path(path: Path) -> Path:
+    """``path`` with its part that does not exist yet written without ``..`` (``q1/../q2`` is
+    ``q2`` while ``q1`` does not exist), so that making it creates only the folders it names, and
+    a refused run can remove them. The part that exists is kept as written: after a link, ``..``
+    leads where the system says."""
+    parts = path.parts
+    existing = next((i for i in range(len(parts), 0, -1) if os.path.lexists(Path(*parts[:i]))), 0)
+    rest = parts[existing:]
+    if ".." not in rest:
+        return path
+    tail = os.path.normpath(os.path.join(*rest))
+    return Path(tail) if existing == 0 else Path(*parts[:existing]) / tail
 
 
 def _option(rule):
@@ -493,14 +507,22 @@ def _resolved(path: Path) -> Path:
 
 
 def run_fit_command(args: argparse.Namespace) -> int:
+    from scae.parallel import init_distributed, resolve_device
+
+    device = resolve_device(args.device)
+    distributed = init_distributed(device)
+    with _no_empty_folders_left(args.out.parent):
+        return _fit_into(args, device, distributed)
+
+
+def _fit_into(args: argparse.Namespace, device, distributed) -> int:
+    """:func:`run_fit_command` once the device and the process group are settled."""
     from scae.data import stratified_split
     from scae.files import check_replaceable, check_writable
     from scae.likelihoods import get_likelihood
     from scae.models import Autoencoder
-    from scae.parallel import init_distributed, resolve_device, shutdown_distributed
+    from scae.parallel import shutdown_distributed
 
-    device = resolve_device(args.device)
-    distributed = init_distributed(device)
     try:
         main = distributed is None or distributed.is_main
         out = args.out
@@ -561,7 +583,6 @@ def run_fit_command(args: argparse.Namespace) -> int:
 def run_embed_command(args: argparse.Namespace) -> int:
     """``scae embed INPUT --out OUT.h5ad``: fit a preset on every cell, write the AnnData with its
     latent and denoised matrix."""
-    from scae.data import read_anndata
     from scae.files import check_h5ad_key, check_replaceable
 
     check_h5ad_key("--latent-key", args.latent_key)
@@ -579,7 +600,15 @@ def run_embed_command(args: argparse.Namespace) -> int:
     if args.out.is_dir():
         raise ScaeInputError(f"{args.out}: is a directory; expected the path of the .h5ad file to write")
     check_replaceable(args.out, "the .h5ad file")
-    check_parent_writable(args.out)
+    with _no_empty_folders_left(args.out.parent):
+        check_parent_writable(args.out)
+        return _embed_into(args)
+
+
+def _embed_into(args: argparse.Namespace) -> int:
+    """:func:`run_embed_command` once its options are checked and the output's folder made."""
+    from scae.data import read_anndata
+
     adata = read_anndata(args.input)
     from scae.anndata_embed import embed
     from scae.files import write_h5ad
@@ -890,9 +919,10 @@ def _maybe_in_process_group() -> bool:
 
 
 if __name__ == "__main__":
-    from scae.__main__ import open_closed_standard_streams, prepare_environment
+    from scae.__main__ import keep_error_stream_when_its_reader_leaves, open_closed_standard_streams, prepare_environment
 
     open_closed_standard_streams()
+    keep_error_stream_when_its_reader_leaves()
     if (problem := prepare_environment()) is not None:
         print(f"scae: error: {problem}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

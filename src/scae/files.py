@@ -250,8 +250,9 @@ def _mib(n: int) -> str:
 MANAGED_NAMES = ("figures", "models", "results.h5ad", "reconstructions.h5ad", "metrics.json", "report.html")
 """What a study writes in its output folder (and replaces when it finishes), in the order
 :meth:`OutputDir.commit` moves them into place: ``metrics.json`` and ``report.html`` last."""
-OUTPUT_FOLDERS = frozenset({"figures", "models"})
-"""The output names that are folders (the others are files)."""
+OUTPUT_FOLDERS = {"figures": ".png", "models": ".pt"}
+"""The output names that are folders (the others are files), and the suffix of the files a study
+writes in each: it replaces such a folder whole, so it refuses to start while one holds anything else."""
 STAGING_NAME = ".scae-staging"
 LOCK_NAME = ".scae.lock"
 
@@ -449,7 +450,25 @@ def check_output_dir(out_dir: str | Path, written: tuple[str, ...] = MANAGED_NAM
             raise ScaeInputError(f"{path}: is {kind}, where the output {name} goes (scae replaces regular "
                                  f"files{' and its own folders' if name in OUTPUT_FOLDERS else ''} only); move it "
                                  "or choose another output directory")
+        if name in OUTPUT_FOLDERS and path.is_dir() and not path.is_symlink():
+            foreign = _not_written_by_a_study(path, OUTPUT_FOLDERS[name])
+            if foreign is not None:
+                what = "a folder" if foreign.is_dir() else f"not a {OUTPUT_FOLDERS[name]} file"
+                raise ScaeInputError(f"{foreign}: is {what}, and the study replaces the whole {name} folder, which holds "
+                                     f"only its {OUTPUT_FOLDERS[name]} files; move it or choose another output directory")
     return out_dir
+
+
+def _not_written_by_a_study(folder: Path, suffix: str) -> Path | None:
+    """The first entry of ``folder`` that is not a file named ``*suffix`` (a folder, a note, …)."""
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not (entry.name.endswith(suffix) and entry.is_file()):
+                    return Path(entry.path)
+    except OSError:  # unreadable: replacing it fails later with its own message
+        pass
+    return None
 
 
 def refuse_inputs_inside(out_dir: str | Path, inputs: list[str | Path], written: set[str] | None = None,
