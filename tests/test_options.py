@@ -109,6 +109,12 @@ def test_usage_errors_are_one_line_without_usage_block(tmp_path, capsys, argv, n
     assert not out.exists()
 
 
+def test_an_unknown_option_points_at_the_commands_own_help(tmp_path, capsys):
+    code, _, stderr = run_cli(["fit", "--out", str(tmp_path / "m.pt"), "--no-such-option"], capsys)
+    assert code == 2
+    assert stderr == "scae: error: unrecognized arguments: --no-such-option (see 'scae fit --help')\n"
+
+
 def test_no_command_is_one_line(capsys):
     code, _, stderr = run_cli([], capsys)
     assert code == 2

@@ -41,7 +41,10 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"scae: error: {message} (see '{prog or self.prog} --help')\n")
 
     def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
-        parsed = super().parse_args(args, namespace)
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:  # argparse's own message, pointing at the command's help rather than scae's
+            command = getattr(parsed, "command", None)
+            self.error(f"unrecognized arguments: {' '.join(unknown)}", prog=f"{self.prog} {command}" if command else None)
         hidden = getattr(parsed, "hidden", None)
         if hidden is not None:  # the part of the network's size that does not depend on the genes
             problem = rules.network_too_large(getattr(parsed, "latent", STUDY_MAX_LATENT) or 10, tuple(hidden))
@@ -846,7 +849,7 @@ _NOT_WRITTEN_WHEN_INTERRUPTED = {
     "study": "; no report.html or metrics.json was written for this run",
     "fit": "; no model file was written",
     "embed": "; no output file was written",
-    "benchmark": "; benchmark.json and benchmark.html were not written",
+    "benchmark": "; no benchmark.json or benchmark.html was written for this run",
 }
 
 

@@ -244,7 +244,10 @@ def _anndata_bytes(adata) -> int:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 1024**2:.0f} MiB" if n >= 1024**2 else f"{n / 1024:.0f} KiB"
+    """A size in MiB (KiB below one MiB), with a decimal below 10 so that close sizes differ."""
+    if n < 1024**2:
+        return f"{n / 1024:.0f} KiB"
+    return f"{n / 1024**2:.1f} MiB" if n < 10 * 1024**2 else f"{n / 1024**2:.0f} MiB"
 
 
 MANAGED_NAMES = ("figures", "models", "results.h5ad", "reconstructions.h5ad", "metrics.json", "report.html")
