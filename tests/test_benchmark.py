@@ -364,3 +364,27 @@ def test_the_command_line_compares_the_default_methods_by_default():
     args = build_parser().parse_args(["benchmark", "--h5ad", "a.h5ad", "--out", "out"])
     assert args.methods == list(DEFAULT_METHODS)
     assert "pca10_scaled" in args.methods
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"datasets": "d"}, "datasets must be a non-empty dict of name → scae.Dataset; got 'd'"),
+    ({"datasets": {}}, "datasets must be a non-empty dict"),
+    ({"datasets": {"d": "AnnData?"}}, "datasets['d'] must be a scae.Dataset"),
+    ({"methods": "pca10"}, "methods must be a list of method names or Methods; got 'pca10'"),
+    ({"methods": []}, "methods must be a non-empty list"),
+    ({"methods": [10]}, "methods must be a non-empty list of method names or Methods; got [10]"),
+    ({"seeds": 3}, "seeds must be a list of seeds; got 3"),
+    ({"seeds": [-1]}, "seeds must be an integer in [0, "),
+    ({"seeds": [0.5]}, "seeds must be an integer"),
+    ({"seeds": []}, "seeds must hold at least one seed"),
+    ({"top_genes": 0}, "top_genes must be an integer"),
+])
+def test_run_benchmark_checks_its_arguments(files, kwargs, needle):
+    """A wrong argument is a ScaeInputError (a ValueError) naming it, before any fit."""
+    from scae.errors import ScaeInputError
+
+    arguments = {"datasets": {"d": scae.read_counts_labels(files.npy, files.labels_file)}, "methods": ["pca2"],
+                 "seeds": [0], **kwargs}
+    with pytest.raises(ScaeInputError) as caught:
+        benchmark.run_benchmark(**arguments)
+    assert needle in str(caught.value)

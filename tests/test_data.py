@@ -769,6 +769,23 @@ def test_control_characters_in_an_obs_column_refused(tmp_path, stream):
     assert "holds the control character '\\x1b' in the label of cell 2; expected printable labels" in msg
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_label_too_long_for_a_legend_is_refused_in_an_obs_column_as_in_a_labels_file(tmp_path, stream):
+    """A 1,001-character label (a labels file refuses the line): figure legends took minutes to draw."""
+    path = h5ad_with_obs(tmp_path, {"ct": ["a", "b", "x" * 1001] * 4})
+    msg = input_error(read_h5ad, path, "ct", stream=stream)
+    assert "holds a label of 1,001 characters (cell 2); expected labels of at most 1,000 characters" in msg
+    (tmp_path / "ok").mkdir()
+    assert read_h5ad(h5ad_with_obs(tmp_path / "ok", {"ct": ["a", "b", "x" * 1000] * 4}), "ct").labels[2] == "x" * 1000
+
+
+def test_a_tensor_that_requires_grad_is_read_as_its_values():
+    import torch
+
+    X = torch.rand(6, 3).requires_grad_()
+    assert np.array_equal(as_matrix(X), X.detach().numpy())
+
+
 def h5ad_with_obs(tmp_path, columns: dict) -> Path:
     n = len(next(iter(columns.values())))
     rng = np.random.default_rng(0)

@@ -521,3 +521,16 @@ def test_knn_accuracy_of_duplicates_and_collapsed_representations_without_warnin
 def test_knn_accuracy_rejects_mismatched_labels():
     with pytest.raises(ValueError, match="one label per cell"):
         knn_accuracy(np.zeros((5, 2)), np.array(["a", "b"]))
+
+
+def test_scores_of_many_tiny_labels_raise_no_warning():
+    """Most labels with a cell or two (rare types of an atlas): scikit-learn's warning about more classes
+    than half the samples, repeated per fold and representation, is not shown; the scores stay defined."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 5))
+    labels = np.array(["big"] * 40 + [f"rare{i}" for i in range(80)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        accuracy = knn_accuracy(X, labels)
+        separability = linear_separability(X[::2], labels[::2], X[1::2], labels[1::2])
+    assert 0.0 <= accuracy <= 1.0 and 0.0 <= separability <= 1.0

@@ -21,11 +21,12 @@ Datasets with more genes than ``top_genes`` are first restricted to their most v
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from scae import params as rules
 from scae.data import Dataset
 from scae.embeddings import fit_pca, subsample_indices
 from scae.errors import ScaeInputError
@@ -198,6 +199,7 @@ def run_benchmark(
     "reason"}`` per method that could not run on a dataset (count models without raw counts,
     a peer tool that is not installed).
     """
+    methods, seeds = _checked_arguments(datasets, methods, seeds, top_genes)
     resolved: list[Method] = []
     for given in methods:
         found = given if isinstance(given, Method) else method(given)
@@ -227,6 +229,34 @@ def run_benchmark(
                     log(f"{data_name} {m.name} seed {seed}: ARI {record['ari']:.3f}, 15-NN {record['knn_accuracy']:.3f}, "
                         f"fit {seconds:.1f} s")
     return results, skipped
+
+
+def _checked_arguments(datasets, methods, seeds, top_genes) -> tuple[list, list[int]]:
+    """:func:`run_benchmark`'s arguments checked (``ScaeInputError``, a ``ValueError``, naming the
+    one that is wrong); the methods and seeds as lists."""
+    if not isinstance(datasets, Mapping) or not datasets:
+        raise ScaeInputError(f"datasets must be a non-empty dict of name → scae.Dataset; got {_shown(datasets)}")
+    for name, dataset in datasets.items():
+        if not isinstance(name, str) or not isinstance(dataset, Dataset):
+            raise ScaeInputError(f"datasets[{name!r}] must be a scae.Dataset under a string name (scae.read_h5ad, "
+                                 f"scae.read_counts_labels); got {_shown(dataset)}")
+    if isinstance(methods, (str, Method)) or not isinstance(methods, Iterable):
+        raise ScaeInputError(f"methods must be a list of method names or Methods; got {_shown(methods)}")
+    methods = list(methods)
+    if not methods or not all(isinstance(m, (str, Method)) for m in methods):
+        raise ScaeInputError(f"methods must be a non-empty list of method names or Methods; got {methods!r}")
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
+        raise ScaeInputError(f"seeds must be a list of seeds; got {_shown(seeds)}")
+    seeds = [rules.check("seeds", seed, rules.study_seed()) for seed in seeds]
+    if not seeds:
+        raise ScaeInputError("seeds must hold at least one seed; got none")
+    if top_genes is not None:
+        rules.check("top_genes", top_genes, rules.TOP_GENES)
+    return methods, seeds
+
+
+def _shown(value) -> str:
+    return f"{value!r}" if isinstance(value, (str, int, float)) else f"a {type(value).__name__}"
 
 
 def _why_not(m: Method, dataset: Dataset) -> str | None:

@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--counts-raw", action="store_true", help="raw counts from adata.raw.X (every --h5ad)")
     bench.add_argument("--counts", type=Path, action="append", default=[],
                        help="a cells × genes .npy (repeatable, each with a --labels)")
-    bench.add_argument("--labels", type=Path, action="append", default=[], help="labels.txt of the --counts before it")
+    bench.add_argument("--labels", type=Path, action="append", default=[], help="labels.txt of a --counts (paired in the order given)")
     bench.add_argument("--out", type=_output_path(folder=True), required=True, help="output directory")
     bench.add_argument("--methods", nargs="+", default=list(BENCHMARK_METHODS), metavar="METHOD",
                        help=f"methods to compare (default: {' '.join(BENCHMARK_METHODS)})")

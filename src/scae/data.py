@@ -626,9 +626,11 @@ def as_matrix(X, source: str = "matrix") -> Matrix:
         except (ValueError, TypeError) as err:
             raise ScaeInputError(f"{source}: damaged sparse matrix ({_one_line(err)}); expected a valid CSR/CSC matrix") from None
     else:
+        if getattr(X, "requires_grad", False) and callable(getattr(X, "detach", None)):
+            X = X.detach()  # a PyTorch tensor in an autograd graph: its values
         try:
             X = np.asarray(X)
-        except (ValueError, TypeError) as err:  # ragged nested lists and the like
+        except (ValueError, TypeError, RuntimeError) as err:  # ragged nested lists, a tensor on a GPU, …
             raise ScaeInputError(f"{source}: not a matrix ({_one_line(err)}); expected a cells × genes array") from None
         if X.dtype.kind not in "biuf":
             raise ScaeInputError(
@@ -722,6 +724,11 @@ def _as_labels(labels, origin: _LabelOrigin) -> np.ndarray:
             "expected a label for every cell",
         )
     distinct = strings.unique()  # Python strings: a NUL inside survives (NumPy strings drop trailing ones)
+    long = next((label for label in distinct if len(label) > MAX_LABEL_CHARS), None)
+    if long is not None:  # as in a labels file: a figure legend cannot show it (drawing one took minutes)
+        cell = int(np.flatnonzero(strings.to_numpy() == long)[0])
+        raise origin.refuse(f"holds a label of {len(long):,} characters (cell {cell})",
+                            f"expected labels of at most {MAX_LABEL_CHARS:,} characters")
     for label in distinct:  # as in a labels file: control characters (NUL, escape codes, line breaks) refused
         control = _control_character(label)
         if control is not None:
