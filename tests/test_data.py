@@ -1251,3 +1251,22 @@ def test_labels_of_two_dimensions_are_refused():
     assert msg == "labels: the label array has shape (25, 2); expected one label per cell (a 1-D sequence)"
     assert input_error(make_dataset, blob(4, 5), [["a", "b"], ["a", "b"]]).endswith("has shape (2, 2); expected one "
                                                                                    "label per cell (a 1-D sequence)")
+
+
+def test_an_anndata_without_x_a_backed_one_and_a_nullable_table_get_their_own_message(tmp_path):
+    """Each was reported as 'dtype object'."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's, about the empty or backed object
+        empty = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(4)]))
+        assert input_error(as_matrix, empty) == "matrix: the AnnData holds no X; expected a cells × genes matrix in X"
+        ad.AnnData(sp.csr_matrix(np.eye(6, 4, dtype=np.float32))).write_h5ad(tmp_path / "b.h5ad")
+        backed = ad.read_h5ad(tmp_path / "b.h5ad", backed="r")
+        assert "the AnnData is backed by its file and its X not loaded (_CSRDataset); expected it in memory " \
+               "(adata.to_memory())" in input_error(as_matrix, backed)
+        backed.file.close()
+    table = pd.DataFrame(np.arange(12, dtype=float).reshape(4, 3)).astype("Float64")
+    assert np.array_equal(as_matrix(table), np.arange(12, dtype=np.float32).reshape(4, 3))
+    table.iloc[1, 2] = pd.NA
+    assert input_error(as_matrix, table).startswith("matrix: 1 NaN or infinite value(s), first at row 1, column 2")

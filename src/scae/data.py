@@ -614,7 +614,18 @@ def as_matrix(X, source: str = "matrix") -> Matrix:
     ±:data:`MAX_ABS_VALUE`). Values are checked as given, before the conversion to float32.
     """
     if hasattr(X, "obs") and hasattr(X, "X"):  # AnnData
+        if X.X is None:
+            raise ScaeInputError(f"{source}: the AnnData holds no X; expected a cells × genes matrix in X")
+        if getattr(X, "isbacked", False) and not (sp.issparse(X.X) or isinstance(X.X, np.ndarray)):
+            raise ScaeInputError(f"{source}: the AnnData is backed by its file and its X not loaded "
+                                 f"({type(X.X).__name__}); expected it in memory (adata.to_memory()), "
+                                 "or give the file to the command line, which can stream it (--stream)")
         X = X.X
+    if isinstance(X, (pd.DataFrame, pd.Series)) and X.ndim == 2:  # nullable dtypes (Float64, Int64) too
+        try:
+            X = X.to_numpy(dtype=np.float64, na_value=np.nan)
+        except (TypeError, ValueError) as err:
+            raise ScaeInputError(f"{source}: not a numeric table ({_one_line(err)}); expected numbers") from None
     if sp.issparse(X):
         if X.ndim != 2:
             raise ScaeInputError(f"{source}: matrix has shape {X.shape}; expected 2-D cells × genes")
@@ -1423,7 +1434,9 @@ def _read_h5ad_in_memory(
 
 def _check_matrix_type(X, where: str) -> None:
     if not (sp.issparse(X) or isinstance(X, np.ndarray)):
-        raise ScaeInputError(f"{where}: holds a {type(X).__name__}; expected a dense or sparse matrix")
+        backed = " (a matrix left in its file: load the AnnData into memory with adata.to_memory())" \
+            if type(X).__module__.startswith(("anndata", "h5py")) else ""
+        raise ScaeInputError(f"{where}: holds a {type(X).__name__}{backed}; expected a dense or sparse matrix")
 
 
 def _h5ad_counts_in_memory(adata, counts: _H5Counts, shape: tuple[int, int]) -> Matrix:
