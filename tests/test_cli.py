@@ -905,6 +905,7 @@ def test_a_study_refuses_an_output_folder_holding_files_it_did_not_write(sim_dir
     path.write_text("mine")
     (out / "figures").mkdir(exist_ok=True)
     (out / "figures" / "old.png").write_bytes(b"png")  # a figure of an earlier run is the study's own
+    (out / "figures" / ".DS_Store").write_bytes(b"")  # and a file browser's litter goes with the folder
     assert main(["study", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
                  "--epochs", "1", "--quiet", "--out", str(out)]) == 2
     err = capsys.readouterr().err

@@ -462,12 +462,18 @@ def check_output_dir(out_dir: str | Path, written: tuple[str, ...] = MANAGED_NAM
     return out_dir
 
 
+FILE_BROWSER_LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+"""Files a file browser leaves in a folder it showed (with macOS's ``._*``): an output folder may hold them."""
+
+
 def _not_written_by_a_study(folder: Path, suffix: str) -> Path | None:
-    """The first entry of ``folder`` that is not a file named ``*suffix`` (a folder, a note, …)."""
+    """The first entry of ``folder`` that is not a file named ``*suffix`` (a folder, a note, …),
+    file-browser litter aside (:data:`FILE_BROWSER_LITTER`)."""
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
-                if not (entry.name.endswith(suffix) and entry.is_file()):
+                ours = entry.name.endswith(suffix) or entry.name in FILE_BROWSER_LITTER or entry.name.startswith("._")
+                if not (ours and entry.is_file()):
                     return Path(entry.path)
     except OSError:  # unreadable: replacing it fails later with its own message
         pass
