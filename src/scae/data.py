@@ -1405,7 +1405,8 @@ def _read_h5ad_in_memory(
         with _old_formats_quietly():
             adata = ad.read_h5ad(path)
     except Exception as err:  # anndata raises many types for a corrupt or foreign file
-        raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file ({_one_line(err)})") from None
+        stream = "; --stream reads it (as float32)" if "does not support dtype" in str(err) else ""
+        raise ScaeInputError(f"{path}: cannot be read as an AnnData .h5ad file ({_one_line(err)}){stream}") from None
     if label_key not in adata.obs.columns:
         available = ", ".join(map(str, adata.obs.columns)) or "none"
         raise ScaeInputError(
