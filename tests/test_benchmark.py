@@ -317,8 +317,8 @@ def test_run_benchmark_fits_the_prepared_dataset_with_each_seed(files):
 
     dataset = scae.read_counts_labels(files.npy, files.labels_file)
     lines = []
-    results, skipped = benchmark.run_benchmark({"d": dataset}, [benchmark.Method("probe", fit)], [3, 4], top_genes=8,
-                                               log=lines.append)
+    results, skipped = benchmark.run_benchmark({"d": dataset}, [benchmark.Method("probe", fit)], [3, 4, 3],
+                                               top_genes=8, log=lines.append)  # a repeated seed fits once
     assert seen == [(CELLS, 8, 3), (CELLS, 8, 4)] and skipped == []
     assert [(r["method"], r["seed"]) for r in results] == [("probe", 3), ("probe", 4)]
     assert len(lines) == 2 and lines[0].startswith("d probe seed 3: ARI ")
@@ -374,6 +374,7 @@ def test_the_command_line_compares_the_default_methods_by_default():
     ({"methods": []}, "methods must be a non-empty list"),
     ({"methods": [10]}, "methods must be a non-empty list of method names or Methods; got [10]"),
     ({"seeds": 3}, "seeds must be a list of seeds; got 3"),
+    ({"seeds": np.array(3)}, "seeds must be a list of seeds; got a ndarray"),
     ({"seeds": [-1]}, "seeds must be an integer in [0, "),
     ({"seeds": [0.5]}, "seeds must be an integer"),
     ({"seeds": []}, "seeds must hold at least one seed"),

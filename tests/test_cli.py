@@ -895,7 +895,7 @@ def test_an_output_path_through_a_folder_that_does_not_exist_makes_only_the_fold
 
 
 @pytest.mark.parametrize("entry", ["figures/notes.txt", "figures/q1_loss_history.png/keep", "models/ae10.pt/keep",
-                                   "models/readme.md"])
+                                   "models/readme.md", "figures/my_own_plot.png", "models/my_model.pt"])
 def test_a_study_refuses_an_output_folder_holding_files_it_did_not_write(sim_dir, tmp_path, capsys, entry):
     """OUT/figures and OUT/models are replaced whole when a study finishes: anything in them that is not a
     figure (.png) or a model (.pt) is refused before the run, and stays."""
@@ -904,17 +904,16 @@ def test_a_study_refuses_an_output_folder_holding_files_it_did_not_write(sim_dir
     path.parent.mkdir(parents=True)
     path.write_text("mine")
     (out / "figures").mkdir(exist_ok=True)
-    (out / "figures" / "old.png").write_bytes(b"png")  # a figure of an earlier run is the study's own
+    (out / "figures" / "q4_latent_2d.png").write_bytes(b"png")  # a figure of an earlier run is the study's own
     (out / "figures" / ".DS_Store").write_bytes(b"")  # and a file browser's litter goes with the folder
     assert main(["study", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
                  "--epochs", "1", "--quiet", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     folder, name = entry.split("/")[:2]
-    suffix = ".png" if folder == "figures" else ".pt"
     foreign = out / folder / name
-    assert err == (f"scae: error: {foreign}: is {'a folder' if foreign.is_dir() else f'not a {suffix} file'}, and the "
-                   f"study replaces the whole {folder} folder, which holds only its {suffix} files; move it or choose "
-                   "another output directory\n")
+    what = "a folder" if foreign.is_dir() else f"not a {'figure' if folder == 'figures' else 'model'} a study writes"
+    assert err == (f"scae: error: {foreign}: is {what}, and the study replaces the whole {folder} folder when it "
+                   "finishes; move it or choose another output directory\n")
     assert path.read_text() == "mine" and not (out / "report.html").exists()
 
 
@@ -1022,3 +1021,31 @@ def test_stray_rank_variables_without_a_group_are_ignored(sim_dir, tmp_path, cap
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert main(["fit", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
                  "--epochs", "1", "--quiet", "--out", str(tmp_path / "m2.pt")]) == 0
+
+
+def test_the_names_a_study_may_write_in_its_folders_are_the_figures_and_models_it_writes():
+    """files.STUDY_FIGURES / STUDY_MODELS (which a study's check of OUT reads without heavy imports)
+    list exactly report.figure_plan's figures and the study's runs."""
+    import inspect
+    import re
+
+    from scae import report
+    from scae.files import STUDY_FIGURES, STUDY_MODELS
+    from scae.results import STUDY_RUNS
+
+    planned = set(re.findall(r'plan\["([a-z0-9_]+)"\]', inspect.getsource(report)))
+    assert {f"{stem}.png" for stem in planned} == STUDY_FIGURES
+    assert {f"{spec.name}.pt" for spec in STUDY_RUNS} == STUDY_MODELS
+
+
+def test_outputs_go_through_a_link_followed_by_dotdot_where_the_system_says(sim_dir, tmp_path, monkeypatch):
+    """``--out lnk/../new``: the folder beside the link's target (as mkdir -p and the shell see it);
+    tempfile takes '..' out by spelling, which wrote beside the link or failed."""
+    (tmp_path / "deep" / "inner").mkdir(parents=True)
+    (tmp_path / "lnk").symlink_to(tmp_path / "deep" / "inner")
+    monkeypatch.chdir(tmp_path)
+    assert main(["simulate", "--cells", "60", "--genes", "10", "--out", "lnk/../new"]) == 0
+    assert (tmp_path / "deep" / "new" / "counts.npy").is_file() and not (tmp_path / "new").exists()
+    assert main(["fit", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+                 "--epochs", "1", "--quiet", "--out", "lnk/../m.pt"]) == 0
+    assert (tmp_path / "deep" / "m.pt").is_file() and not (tmp_path / "m.pt").exists()

@@ -1263,10 +1263,17 @@ def test_an_anndata_without_x_a_backed_one_and_a_nullable_table_get_their_own_me
         assert input_error(as_matrix, empty) == "matrix: the AnnData holds no X; expected a cells × genes matrix in X"
         ad.AnnData(sp.csr_matrix(np.eye(6, 4, dtype=np.float32))).write_h5ad(tmp_path / "b.h5ad")
         backed = ad.read_h5ad(tmp_path / "b.h5ad", backed="r")
-        assert "the AnnData is backed by its file and its X not loaded (_CSRDataset); expected it in memory " \
+        assert "the AnnData is backed by its file and its X not loaded; expected it in memory " \
                "(adata.to_memory())" in input_error(as_matrix, backed)
+        from scae import embed
+
+        assert "is still in its file (a backed AnnData); expected it in memory" in input_error(embed, backed)
         backed.file.close()
     table = pd.DataFrame(np.arange(12, dtype=float).reshape(4, 3)).astype("Float64")
     assert np.array_equal(as_matrix(table), np.arange(12, dtype=np.float32).reshape(4, 3))
     table.iloc[1, 2] = pd.NA
     assert input_error(as_matrix, table).startswith("matrix: 1 NaN or infinite value(s), first at row 1, column 2")
+    # only nullable numbers are converted: text and times are refused by their dtype, as before
+    for other in (pd.DataFrame({"a": ["1", "2"], "b": ["3", "4"]}), pd.DataFrame({"a": pd.to_timedelta([1, 2], unit="s")}),
+                  pd.DataFrame({"a": pd.to_datetime(["2020-01-01", "2021-01-01"]), "b": [1.0, 2.0]})):
+        assert "matrix has dtype" in input_error(as_matrix, other)

@@ -245,9 +245,14 @@ def _checked_arguments(datasets, methods, seeds, top_genes) -> tuple[list, list[
     methods = list(methods)
     if not methods or not all(isinstance(m, (str, Method)) for m in methods):
         raise ScaeInputError(f"methods must be a non-empty list of method names or Methods; got {methods!r}")
-    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
-        raise ScaeInputError(f"seeds must be a list of seeds; got {_shown(seeds)}")
-    seeds = [rules.check("seeds", seed, rules.study_seed()) for seed in seeds]
+    try:
+        if isinstance(seeds, (str, bytes)):
+            raise TypeError
+        seeds = list(seeds)
+    except TypeError:  # not iterable (a 0-D array too)
+        raise ScaeInputError(f"seeds must be a list of seeds; got {_shown(seeds)}") from None
+    # a repeated seed is fitted once (as a repeated method runs once): repeats would weigh it twice
+    seeds = list(dict.fromkeys(rules.check("seeds", seed, rules.study_seed()) for seed in seeds))
     if not seeds:
         raise ScaeInputError("seeds must hold at least one seed; got none")
     if top_genes is not None:

@@ -298,17 +298,18 @@ def _output_path(folder: bool):
 
 
 def settled_path(path: Path) -> Path:
-    """``path`` with its part that does not exist yet written without ``..`` (``q1/../q2`` is
-    ``q2`` while ``q1`` does not exist), so that making it creates only the folders it names, and
-    a refused run can remove them. The part that exists is kept as written: after a link, ``..``
-    leads where the system says."""
-    parts = path.parts
-    existing = next((i for i in range(len(parts), 0, -1) if os.path.lexists(Path(*parts[:i]))), 0)
-    rest = parts[existing:]
-    if ".." not in rest:
-        return path
-    tail = os.path.normpath(os.path.join(*rest))
-    return Path(tail) if existing == 0 else Path(*parts[:existing]) / tail
+    """``path`` with each ``..`` that follows a folder that does not exist yet taken out with that
+    folder (``q1/../q2`` is ``q2`` while ``q1`` does not exist), so that making it creates only the
+    folders it names, and a refused run can remove them. A ``..`` after a folder or link that
+    exists is kept: the system resolves it (through a link, to the parent of its target)."""
+    kept: list[str] = []
+    for part in path.parts:
+        if part == ".." and kept and kept[-1] not in ("..", path.anchor) and not os.path.lexists(Path(*kept)):
+            kept.pop()
+        else:
+            kept.append(part)
+    settled = Path(*kept) if kept else Path(".")
+    return path if settled == path else settled
 
 
 def _option(rule):

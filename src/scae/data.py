@@ -606,6 +606,16 @@ def decide_counts(normalize: str, profile: tuple[bool, bool], source: str) -> bo
     return integer_counts
 
 
+def _nullable_numbers(table: pd.DataFrame) -> bool:
+    """Whether ``table`` holds numbers only, some of them in pandas' nullable dtypes (``Float64``,
+    ``Int64``, ``boolean``), which NumPy would read as objects; plain NumPy columns are read as
+    they are (no copy), anything else (text, times) is refused by its dtype."""
+    dtypes = list(table.dtypes)
+    extension = [isinstance(dtype, pd.api.extensions.ExtensionDtype) for dtype in dtypes]
+    numeric = [pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype) for dtype in dtypes]
+    return bool(dtypes) and any(extension) and all(numeric)
+
+
 def as_matrix(X, source: str = "matrix") -> Matrix:
     """Return ``X`` (array-like, SciPy sparse or AnnData) as float32 dense or CSR after checks.
 
@@ -617,15 +627,12 @@ def as_matrix(X, source: str = "matrix") -> Matrix:
         if X.X is None:
             raise ScaeInputError(f"{source}: the AnnData holds no X; expected a cells × genes matrix in X")
         if getattr(X, "isbacked", False) and not (sp.issparse(X.X) or isinstance(X.X, np.ndarray)):
-            raise ScaeInputError(f"{source}: the AnnData is backed by its file and its X not loaded "
-                                 f"({type(X.X).__name__}); expected it in memory (adata.to_memory()), "
-                                 "or give the file to the command line, which can stream it (--stream)")
+            raise ScaeInputError(f"{source}: the AnnData is backed by its file and its X not loaded; expected it in "
+                                 "memory (adata.to_memory()), or give the file to scae study or scae fit, which can "
+                                 "stream it (--stream)")
         X = X.X
-    if isinstance(X, (pd.DataFrame, pd.Series)) and X.ndim == 2:  # nullable dtypes (Float64, Int64) too
-        try:
-            X = X.to_numpy(dtype=np.float64, na_value=np.nan)
-        except (TypeError, ValueError) as err:
-            raise ScaeInputError(f"{source}: not a numeric table ({_one_line(err)}); expected numbers") from None
+    if isinstance(X, pd.DataFrame) and _nullable_numbers(X):  # Float64, Int64, boolean: NumPy sees objects
+        X = X.to_numpy(dtype=np.float64, na_value=np.nan)
     if sp.issparse(X):
         if X.ndim != 2:
             raise ScaeInputError(f"{source}: matrix has shape {X.shape}; expected 2-D cells × genes")
@@ -1435,9 +1442,10 @@ def _read_h5ad_in_memory(
 
 def _check_matrix_type(X, where: str) -> None:
     if not (sp.issparse(X) or isinstance(X, np.ndarray)):
-        backed = " (a matrix left in its file: load the AnnData into memory with adata.to_memory())" \
-            if type(X).__module__.startswith(("anndata", "h5py")) else ""
-        raise ScaeInputError(f"{where}: holds a {type(X).__name__}{backed}; expected a dense or sparse matrix")
+        if type(X).__module__.startswith(("anndata", "h5py")):
+            raise ScaeInputError(f"{where}: is still in its file (a backed AnnData); expected it in memory: load the "
+                                 "AnnData with adata.to_memory()")
+        raise ScaeInputError(f"{where}: holds a {type(X).__name__}; expected a dense or sparse matrix")
 
 
 def _h5ad_counts_in_memory(adata, counts: _H5Counts, shape: tuple[int, int]) -> Matrix:

@@ -93,9 +93,9 @@ def atomic_paths(paths: list[str | Path]) -> Iterator[list[Path]]:
     temps: list[Path] = []
     try:
         for path in paths:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+            fd, tmp_name = _temporary_file(path.parent, f".{path.name}.", ".part")
             os.close(fd)
-            temps.append(Path(tmp_name))
+            temps.append(tmp_name)
         yield temps
         raise_if_interrupted()  # a signal swallowed while the files were written: not complete
         with signals_deferred():
@@ -124,9 +124,17 @@ def _umask() -> int:
     return mask
 
 
+def _temporary_file(directory: str | Path, prefix: str, suffix: str = "") -> tuple[int, Path]:
+    """``tempfile.mkstemp`` in ``directory`` and the file's path. ``mkstemp`` takes ``..`` out of
+    the folder's name by spelling (``lnk/../x`` as ``x``), another folder when ``lnk`` is a link, so
+    it is given the folder as the system finds it (links followed first)."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=os.path.realpath(directory))
+    return fd, Path(name)
+
+
 def check_writable(directory: str | Path) -> None:
     """Raise ``OSError`` unless a file can be created in ``directory``."""
-    fd, name = tempfile.mkstemp(prefix=".scae-write-test.", dir=directory)
+    fd, name = _temporary_file(directory, ".scae-write-test.")
     os.close(fd)
     os.unlink(name)
 
@@ -253,9 +261,17 @@ def _mib(n: int) -> str:
 MANAGED_NAMES = ("figures", "models", "results.h5ad", "reconstructions.h5ad", "metrics.json", "report.html")
 """What a study writes in its output folder (and replaces when it finishes), in the order
 :meth:`OutputDir.commit` moves them into place: ``metrics.json`` and ``report.html`` last."""
-OUTPUT_FOLDERS = {"figures": ".png", "models": ".pt"}
-"""The output names that are folders (the others are files), and the suffix of the files a study
-writes in each: it replaces such a folder whole, so it refuses to start while one holds anything else."""
+STUDY_FIGURES = frozenset(f"{stem}.png" for stem in (
+    "q1_loss_history", "q2_test_mse_history", "q3_pca_original_vs_reconstruction", "q3_tsne_original_vs_reconstruction",
+    "q4_latent_2d", "q5_pca_reconstruction_vs_original", "q5_pca_latent_vs_original", "q5_tsne_reconstruction_vs_original",
+    "q5_tsne_latent_vs_original", "latent_pca_all", "beyond_tsne_latent", "beyond_tsne_reconstruction", "beyond_pca_latent",
+))
+"""Every figure a study may draw (``report.figure_plan``'s names; a test keeps the two the same)."""
+STUDY_MODELS = frozenset(f"{run}.pt" for run in ("ae10", "ae50", "ae2", "ae10_nonzero", "recommended"))
+"""Every model file a study may save (``results.STUDY_RUNS``; a test keeps the two the same)."""
+OUTPUT_FOLDERS = {"figures": STUDY_FIGURES, "models": STUDY_MODELS}
+"""The output names that are folders (the others are files), and the files a study may write in
+each: it replaces such a folder whole, so it refuses to start while one holds anything else."""
 STAGING_NAME = ".scae-staging"
 LOCK_NAME = ".scae.lock"
 
@@ -456,9 +472,10 @@ def check_output_dir(out_dir: str | Path, written: tuple[str, ...] = MANAGED_NAM
         if name in OUTPUT_FOLDERS and path.is_dir() and not path.is_symlink():
             foreign = _not_written_by_a_study(path, OUTPUT_FOLDERS[name])
             if foreign is not None:
-                what = "a folder" if foreign.is_dir() else f"not a {OUTPUT_FOLDERS[name]} file"
-                raise ScaeInputError(f"{foreign}: is {what}, and the study replaces the whole {name} folder, which holds "
-                                     f"only its {OUTPUT_FOLDERS[name]} files; move it or choose another output directory")
+                what = ("unreadable" if foreign == path else "a folder" if foreign.is_dir()
+                        else f"not a {'figure' if name == 'figures' else 'model'} a study writes")
+                raise ScaeInputError(f"{foreign}: is {what}, and the study replaces the whole {name} folder when it "
+                                     "finishes; move it or choose another output directory")
     return out_dir
 
 
@@ -466,17 +483,18 @@ FILE_BROWSER_LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 """Files a file browser leaves in a folder it showed (with macOS's ``._*``): an output folder may hold them."""
 
 
-def _not_written_by_a_study(folder: Path, suffix: str) -> Path | None:
-    """The first entry of ``folder`` that is not a file named ``*suffix`` (a folder, a note, …),
-    file-browser litter aside (:data:`FILE_BROWSER_LITTER`)."""
+def _not_written_by_a_study(folder: Path, names: frozenset[str]) -> Path | None:
+    """The first entry of ``folder`` that is not a file a study writes there (one of ``names``):
+    a folder, a note, a user's own figure or model; file-browser litter aside
+    (:data:`FILE_BROWSER_LITTER`). ``folder`` itself when it cannot be read."""
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
-                ours = entry.name.endswith(suffix) or entry.name in FILE_BROWSER_LITTER or entry.name.startswith("._")
+                ours = entry.name in names or entry.name in FILE_BROWSER_LITTER or entry.name.startswith("._")
                 if not (ours and entry.is_file()):
                     return Path(entry.path)
-    except OSError:  # unreadable: replacing it fails later with its own message
-        pass
+    except OSError:
+        return folder
     return None
 
 
