@@ -368,15 +368,16 @@ def test_the_command_line_compares_the_default_methods_by_default():
 
 @pytest.mark.parametrize("kwargs, needle", [
     ({"datasets": "d"}, "datasets must be a non-empty dict of name → scae.Dataset; got 'd'"),
-    ({"datasets": {}}, "datasets must be a non-empty dict"),
+    ({"datasets": {}}, "datasets must be a non-empty dict of name → scae.Dataset; got an empty dict"),
     ({"datasets": {"d": "AnnData?"}}, "datasets['d'] must be a scae.Dataset"),
     ({"methods": "pca10"}, "methods must be a list of method names or Methods; got 'pca10'"),
     ({"methods": []}, "methods must be a non-empty list"),
     ({"methods": [10]}, "methods must be a non-empty list of method names or Methods; got [10]"),
     ({"seeds": 3}, "seeds must be a list of seeds; got 3"),
     ({"seeds": np.array(3)}, "seeds must be a list of seeds; got a ndarray"),
-    ({"seeds": [-1]}, "seeds must be an integer in [0, "),
-    ({"seeds": [0.5]}, "seeds must be an integer"),
+    ({"seeds": [-1]}, "each seed must be an integer in [0, "),
+    ({"seeds": [0.5]}, "each seed must be an integer"),
+    ({"datasets": {1: "d"}}, "datasets must be named by strings (the names in the results); got the key 1"),
     ({"seeds": []}, "seeds must hold at least one seed"),
     ({"top_genes": 0}, "top_genes must be an integer"),
 ])

@@ -832,7 +832,7 @@ def test_a_study_whose_error_stream_reader_leaves_finishes(sim_dir, tmp_path):
     from conftest import REPO, scae_env
 
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "scae.cli", *study_args(sim_dir, out)]
+    command = [str(Path(sys.executable).with_name("scae")), *study_args(sim_dir, out)]  # the console script
     command.remove("--quiet")
     proc = subprocess.Popen(command, cwd=REPO, env=scae_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.stderr.readline().startswith(b"scae: ")  # the first line; then the reader leaves
@@ -895,7 +895,8 @@ def test_an_output_path_through_a_folder_that_does_not_exist_makes_only_the_fold
 
 
 @pytest.mark.parametrize("entry", ["figures/notes.txt", "figures/q1_loss_history.png/keep", "models/ae10.pt/keep",
-                                   "models/readme.md", "figures/my_own_plot.png", "models/my_model.pt"])
+                                   "models/readme.md", "figures/my_own_plot.png", "models/my_model.pt",
+                                   "models/._notes"])
 def test_a_study_refuses_an_output_folder_holding_files_it_did_not_write(sim_dir, tmp_path, capsys, entry):
     """OUT/figures and OUT/models are replaced whole when a study finishes: anything in them that is not a
     figure (.png) or a model (.pt) is refused before the run, and stays."""
@@ -906,6 +907,7 @@ def test_a_study_refuses_an_output_folder_holding_files_it_did_not_write(sim_dir
     (out / "figures").mkdir(exist_ok=True)
     (out / "figures" / "q4_latent_2d.png").write_bytes(b"png")  # a figure of an earlier run is the study's own
     (out / "figures" / ".DS_Store").write_bytes(b"")  # and a file browser's litter goes with the folder
+    (out / "figures" / "._q4_latent_2d.png").write_bytes(b"")  # (macOS's companion of a file)
     assert main(["study", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
                  "--epochs", "1", "--quiet", "--out", str(out)]) == 2
     err = capsys.readouterr().err

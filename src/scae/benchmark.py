@@ -235,11 +235,14 @@ def _checked_arguments(datasets, methods, seeds, top_genes) -> tuple[list, list[
     """:func:`run_benchmark`'s arguments checked (``ScaeInputError``, a ``ValueError``, naming the
     one that is wrong); the methods and seeds as lists."""
     if not isinstance(datasets, Mapping) or not datasets:
-        raise ScaeInputError(f"datasets must be a non-empty dict of name → scae.Dataset; got {_shown(datasets)}")
+        got = "an empty dict" if isinstance(datasets, Mapping) else _shown(datasets)
+        raise ScaeInputError(f"datasets must be a non-empty dict of name → scae.Dataset; got {got}")
     for name, dataset in datasets.items():
-        if not isinstance(name, str) or not isinstance(dataset, Dataset):
-            raise ScaeInputError(f"datasets[{name!r}] must be a scae.Dataset under a string name (scae.read_h5ad, "
-                                 f"scae.read_counts_labels); got {_shown(dataset)}")
+        if not isinstance(name, str):
+            raise ScaeInputError(f"datasets must be named by strings (the names in the results); got the key {name!r}")
+        if not isinstance(dataset, Dataset):
+            raise ScaeInputError(f"datasets[{name!r}] must be a scae.Dataset (scae.read_h5ad, scae.read_counts_labels); "
+                                 f"got {_shown(dataset)}")
     if isinstance(methods, (str, Method)) or not isinstance(methods, Iterable):
         raise ScaeInputError(f"methods must be a list of method names or Methods; got {_shown(methods)}")
     methods = list(methods)
@@ -252,7 +255,7 @@ def _checked_arguments(datasets, methods, seeds, top_genes) -> tuple[list, list[
     except TypeError:  # not iterable (a 0-D array too)
         raise ScaeInputError(f"seeds must be a list of seeds; got {_shown(seeds)}") from None
     # a repeated seed is fitted once (as a repeated method runs once): repeats would weigh it twice
-    seeds = list(dict.fromkeys(rules.check("seeds", seed, rules.study_seed()) for seed in seeds))
+    seeds = list(dict.fromkeys(rules.check("each seed", seed, rules.study_seed()) for seed in seeds))
     if not seeds:
         raise ScaeInputError("seeds must hold at least one seed; got none")
     if top_genes is not None:

@@ -479,8 +479,10 @@ def check_output_dir(out_dir: str | Path, written: tuple[str, ...] = MANAGED_NAM
     return out_dir
 
 
-FILE_BROWSER_LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
-"""Files a file browser leaves in a folder it showed (with macOS's ``._*``): an output folder may hold them."""
+FILE_BROWSER_LITTER = frozenset({".DS_Store", ".localized", "Icon\r", "Thumbs.db", "ehthumbs.db", "desktop.ini",
+                                 ".directory"})
+"""Files a file browser leaves in a folder it showed (and macOS's ``._NAME`` beside a file ``NAME``):
+an output folder may hold them."""
 
 
 def _not_written_by_a_study(folder: Path, names: frozenset[str]) -> Path | None:
@@ -490,7 +492,7 @@ def _not_written_by_a_study(folder: Path, names: frozenset[str]) -> Path | None:
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
-                ours = entry.name in names or entry.name in FILE_BROWSER_LITTER or entry.name.startswith("._")
+                ours = entry.name in names or entry.name in FILE_BROWSER_LITTER or entry.name.removeprefix("._") in names
                 if not (ours and entry.is_file()):
                     return Path(entry.path)
     except OSError:
