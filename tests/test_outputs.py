@@ -65,18 +65,18 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
 
 def test_commit_moves_everything_and_puts_the_report_last(tmp_path, monkeypatch):
     (tmp_path / "figures").mkdir()
-    (tmp_path / "figures" / "old.png").write_text("old")
+    (tmp_path / "figures" / "q4_latent_2d.png").write_text("old")  # a figure of an earlier run
     (tmp_path / "reconstructions.h5ad").write_text("stale")
     moved = []
     real_replace = os.replace
     monkeypatch.setattr(files.os, "replace", lambda a, b: (moved.append(os.path.basename(b)), real_replace(a, b)))
     with OutputDir(tmp_path).open() as output:
-        (output.staging / "figures" / "new.png").write_text("new")
+        (output.staging / "figures" / "q1_loss_history.png").write_text("new")
         (output.models / "ae10.pt").write_text("m")
         for name in ("results.h5ad", "metrics.json", "report.html"):
             (output.staging / name).write_text(name)
         output.commit()
-    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["new.png"]
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["q1_loss_history.png"]
     assert (tmp_path / "models" / "ae10.pt").read_text() == "m"
     assert not (tmp_path / "reconstructions.h5ad").exists()  # stale file of a larger input removed
     assert not (tmp_path / STAGING_NAME).exists()
