@@ -147,3 +147,35 @@ def test_torchrun_processes_on_one_gpu_stop_with_one_line_each(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(dist, "all_gather_object", broken)  # a comparison that fails is skipped
     assert init_distributed(torch.device("cuda", 0)).world_size == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", ["fit", "study"])
+def test_processes_given_different_settings_stop_with_the_same_line(raw_h5ad, tmp_path, command):
+    """Two processes of one group, the second given --epochs 4: they would wait for ever in mismatched
+    exchanges (or, for a seed or another file, train apart); both stop at once, naming the difference."""
+    port = _free_port()
+    procs = []
+    for rank, epochs in ((0, "3"), (1, "4")):
+        env = {**scae_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        argv = fit_args(raw_h5ad, tmp_path / "m.pt") if command == "fit" else [
+            "study", "--h5ad", str(raw_h5ad), "--label-key", "cell_type", "--out", str(tmp_path / "s"),
+            "--hidden", "32", "--device", "cpu", "--quiet", "--epochs", "3"]
+        argv[argv.index("--epochs") + 1] = epochs
+        procs.append(subprocess.Popen([sys.executable, "-m", "scae.cli", *argv], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, err[-2000:]
+        assert err.strip().splitlines()[-1] == (
+            "scae: error: the processes of the torchrun group were not given the same job: process 1 differs from "
+            "process 0 in epochs; give every process the same command and the same input file")
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "s" / "report.html").exists()

@@ -685,3 +685,33 @@ def test_reads_refuse_rows_that_are_not_strictly_increasing(raw_counts, tmp_path
     for source in (ArraySource(raw_counts[0].toarray()), read_h5ad(tmp_path / "x.h5ad", "cell_type", stream=True).X):
         with pytest.raises(ValueError, match="rows must be sorted and distinct"):
             source.read(np.array(rows))
+
+
+@pytest.mark.parametrize("kind", ["npy", "csr", "dense"])
+def test_a_file_cut_short_while_it_is_read_is_an_error_not_zeros_or_a_crash(tmp_path, raw_counts, kind):
+    """Another program truncating a streamed file: HDF5 read zeros past the new end (a study finished
+    on them) and a memory map died of SIGBUS; every read first checks the size the file had."""
+    import pickle
+
+    from scae.sources import FileShrankError, H5DenseSource
+
+    counts = raw_counts[0]
+    if kind == "npy":
+        path = tmp_path / "x.npy"
+        np.save(path, counts.toarray())
+        source = NpySource(path)
+    else:
+        path = tmp_path / "x.h5ad"
+        write_h5ad(path, counts if kind == "csr" else counts.toarray(), raw_counts[1])
+        source = H5CSRSource(path) if kind == "csr" else H5DenseSource(path)
+    first = source.read(np.arange(5))
+    assert (first.toarray() if sp.issparse(first) else first).shape == (5, GENES)
+    elsewhere = pickle.loads(pickle.dumps(source))  # as handed to another process: the size first seen
+    size = path.stat().st_size
+    with open(path, "r+b") as handle:
+        handle.truncate(size // 2)
+    for reader in (source, elsewhere):
+        with pytest.raises(FileShrankError, match=rf"x\.(npy|h5ad): the file became shorter while scae was reading "
+                                                   rf"it \({size // 2:,} bytes, {size:,} when opened\)"):
+            reader.read(np.arange(CELLS - 5, CELLS))
+    assert issubclass(FileShrankError, ScaeInputError)  # one line and exit 2 on the command line

@@ -459,6 +459,36 @@ def _background_jobs(args: argparse.Namespace, n_cells: int):
     return BackgroundTSNE(None, args.seed, TSNEConfig(), workers, progress=not args.quiet)
 
 
+MACHINE_SPECIFIC = ("file", "mtime_ns")
+"""Parts of an input's fingerprint that differ between copies of one file on several machines."""
+
+
+def _same_in_every_process(settings: dict, distributed) -> None:
+    """Refuse, in every process of a torchrun group alike, a group whose processes were given
+    different settings or input (``settings``: what decides the results, the input's fingerprint
+    included): they would train apart, or wait for ever in mismatched exchanges."""
+    if distributed is None:
+        return
+    import torch.distributed as dist
+
+    def portable(value):  # a copy of the file on another machine has its own path and time
+        if isinstance(value, dict):
+            return {k: portable(v) for k, v in value.items() if k not in MACHINE_SPECIFIC}
+        return list(value) if isinstance(value, tuple) else value
+
+    mine = portable(settings)
+    everyone = [None] * distributed.world_size
+    dist.all_gather_object(everyone, mine, group=distributed.group)
+    for rank, theirs in enumerate(everyone):
+        differ = sorted(key for key in everyone[0].keys() | theirs.keys() if theirs.get(key) != everyone[0].get(key))
+        if differ:
+            raise ScaeInputError(
+                f"the processes of the torchrun group were not given the same job: process {rank} differs from process 0 "
+                f"in {', '.join('the input' if key == 'input' else key for key in differ)}; give every process the same "
+                "command and the same input file"
+            )
+
+
 def _study(args: argparse.Namespace, dataset, load_seconds: float, distributed, jobs, started: float) -> None:
     """The study on a loaded dataset, with its background ``jobs`` started (the heavy imports happen here)."""
     from scae.parallel import resolve_device
@@ -488,6 +518,7 @@ def _study(args: argparse.Namespace, dataset, load_seconds: float, distributed, 
         resume=args.resume,
         top_genes=args.top_genes,
     )
+    _same_in_every_process({**config.to_dict(), "input": dataset.fingerprint()}, distributed)
     run_study(dataset, args.out, config, data_seconds=load_seconds, distributed=distributed, jobs=jobs)
     if main:
         _say_done(f"scae: study finished in {time.perf_counter() - started:.1f} s; report: {args.out / 'report.html'}")
@@ -544,6 +575,8 @@ def _fit_into(args: argparse.Namespace, device, distributed) -> int:
                 raise ScaeInputError(f"{given}: is the input, and fit would overwrite it with the model; choose another --out")
         params = model_params(args)
         dataset = load_input(args)
+        _same_in_every_process({**params, "seed": args.seed, "top_genes": args.top_genes, "input": dataset.fingerprint()},
+                               distributed)
         train_idx, test_idx = stratified_split(dataset.labels, 0.2, args.seed)
         if args.top_genes is not None:
             from scae.genes import highly_variable_genes
@@ -900,6 +933,12 @@ def _leave_now(status: int) -> NoReturn:
     pytorch/pytorch#179291), HDF5 after a failed write, a pool whose worker died (its threads
     may be stuck), or a late signal.
     """
+    helpers = sys.modules.get("multiprocessing.util")
+    if helpers is not None:  # what exiting would do for the background pool's semaphores (unlinked, not
+        try:  # left to the resource tracker, which then warned of "leaked semaphore objects")
+            helpers._run_finalizers(0)
+        except Exception:  # noqa: BLE001 (leaving anyway)
+            pass
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import queue
 import threading
 import warnings
@@ -41,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+from scae.errors import ScaeInputError
 
 TARGET_SUM = 1e4
 """Library size that raw counts are scaled to before ``log1p`` (counts per 10,000)."""
@@ -450,6 +453,47 @@ def _runs(rows: np.ndarray, max_gap: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
+class FileShrankError(ScaeInputError):
+    """A file being read became shorter: another program cut it short or rewrote it in place."""
+
+
+class _SizeWatch:
+    """The size a file had when a source opened it, compared before every read.
+
+    A file cut short while it is read reads as zeros past its new end through HDF5 (a study then
+    finished on zeros) and kills the process through a memory map (SIGBUS, no message); checked
+    before each read, it is :class:`FileShrankError` instead (replacing the file by another, as
+    ``mv`` does, is harmless: the open one is still read). Handed to another process, it keeps
+    the size first seen.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._fd = path, None
+        self.size = os.fstat(self._descriptor()).st_size
+
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def check(self) -> None:
+        """Raise :class:`FileShrankError` if the file is now shorter than when first opened."""
+        now = os.fstat(self._descriptor()).st_size
+        if now < self.size:
+            raise FileShrankError(f"{self.path}: the file became shorter while scae was reading it ({now:,} bytes, "
+                                  f"{self.size:,} when opened): another program changed it; run again on a complete file")
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "size": self.size, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+
 class _H5Matrix(RowSource):
     """A matrix at ``key`` of an HDF5 (``.h5ad``) file, read by contiguous row ranges
     (:meth:`read_range`; rows close together are read as one range).
@@ -467,6 +511,7 @@ class _H5Matrix(RowSource):
         self.path, self.key, self.counts = Path(path), key, counts
         self._handle = None
         self._lock = threading.Lock()
+        self._size = _SizeWatch(self.path)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -482,7 +527,9 @@ class _H5Matrix(RowSource):
     chunks one block of rows touches in a compressed dense matrix: 1.4× faster reads measured)."""
 
     def group(self):
-        """The open HDF5 group (CSR) or dataset (dense) of the matrix (opened on first use, in this process)."""
+        """The open HDF5 group (CSR) or dataset (dense) of the matrix (opened on first use, in this
+        process); the file checked not to have become shorter (:class:`_SizeWatch`)."""
+        self._size.check()
         if self._handle is None:
             import h5py
 
@@ -601,6 +648,7 @@ class NpySource(RowSource):
 
     def __init__(self, path: str | Path, counts: bool = False) -> None:
         self.path, self.counts = Path(path), counts
+        self._size = _SizeWatch(self.path)
         self._array = np.load(self.path, mmap_mode="r", allow_pickle=False)
         self.n_rows, self.n_cols = (int(v) for v in self._array.shape)
 
@@ -619,6 +667,7 @@ class NpySource(RowSource):
         return self._array
 
     def _read(self, rows: np.ndarray) -> np.ndarray:
+        self._size.check()  # pages past a new end would kill the process (SIGBUS)
         if rows.size and rows[-1] - rows[0] + 1 == rows.size:
             return np.asarray(self._array[int(rows[0]) : int(rows[-1]) + 1], dtype=np.float32)
         return np.asarray(self._array[rows], dtype=np.float32)
