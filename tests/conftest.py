@@ -108,3 +108,12 @@ def write_h5ad(path, X, labels, layer: str | None = None) -> None:
     if layer is not None:
         adata.layers[layer] = X
     adata.write_h5ad(path)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a torchrun group's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

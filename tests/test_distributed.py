@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import scae
-from conftest import REPO, scae_env, write_h5ad
+from conftest import REPO, free_port, scae_env, write_h5ad
 from scae.cli import main
 
 
@@ -149,19 +149,11 @@ def test_torchrun_processes_on_one_gpu_stop_with_one_line_each(monkeypatch):
     assert init_distributed(torch.device("cuda", 0)).world_size == 2
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("command", ["fit", "study"])
 def test_processes_given_different_settings_stop_with_the_same_line(raw_h5ad, tmp_path, command):
     """Two processes of one group, the second given --epochs 4: they would wait for ever in mismatched
     exchanges (or, for a seed or another file, train apart); both stop at once, naming the difference."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank, epochs in ((0, "3"), (1, "4")):
         env = {**scae_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),

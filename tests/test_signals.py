@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import free_port
 from scae.embeddings import BackgroundTSNE
 from scae.files import OutputDir, atomic_path
 from scae.interrupts import Interrupted, raise_if_interrupted, signals_raise_interrupted
@@ -138,14 +139,6 @@ def test_a_signal_during_training_stops_the_study(sim_dir, tmp_path, signum):
     assert staged and all(name.startswith("models/") for name in staged)  # kept for --resume, nothing else
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_a_torchrun_process_waiting_for_its_group_stops_on_a_signal(sim_dir, tmp_path, rank):
     """Without the other processes the rendezvous waits (30 minutes by default) in C++, where
@@ -154,7 +147,7 @@ def test_a_torchrun_process_waiting_for_its_group_stops_on_a_signal(sim_dir, tmp
     (the test stands in for rank 0's port, and waits for the connection)."""
     import socket
 
-    port = _free_port()
+    port = free_port()
     stand_in = None
     if rank == "1":
         stand_in = socket.socket()
