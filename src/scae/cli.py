@@ -422,7 +422,7 @@ def run_study_command(args: argparse.Namespace) -> int:
 def _run_study_into(args: argparse.Namespace) -> int:
     """:func:`run_study_command` once ``--out`` is checked (and made)."""
     distributed = None
-    if _in_process_group():  # join the group first, so that no process is left waiting for one that stopped
+    if rules.launched_by_torchrun():  # join the group first, so that no process is left waiting for one that stopped
         distributed = _join_process_group(args.device)
     try:
         main = distributed is None or distributed.is_main
@@ -947,16 +947,11 @@ def _leave_now(status: int) -> NoReturn:
     os._exit(status)
 
 
-def _in_process_group() -> bool:
-    """Whether this process was started by torchrun in a group of several (without importing
-    torch; a malformed ``WORLD_SIZE`` or ``RANK`` is the one-line error it raises)."""
-    return rules.torchrun_world_size() > 1
-
-
 def _maybe_in_process_group() -> bool:
-    """:func:`_in_process_group` where an error is already being reported: a malformed variable counts as no."""
+    """:func:`~scae.params.launched_by_torchrun` where an error is already being reported: a
+    malformed variable counts as no."""
     try:
-        return _in_process_group()
+        return rules.launched_by_torchrun()
     except ScaeInputError:
         return False
 

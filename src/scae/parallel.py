@@ -18,7 +18,7 @@ from datetime import timedelta
 import torch
 
 from scae.errors import ScaeInputError
-from scae.params import torchrun_world_size
+from scae.params import launched_by_torchrun
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -84,12 +84,6 @@ def broadcast_from_main(value, distributed: Distributed | None):
     box = [value]
     dist.broadcast_object_list(box, src=0, group=distributed.group)
     return box[0]
-
-
-def launched_by_torchrun() -> bool:
-    """Whether this process was started by ``torchrun`` with more than one process (a malformed
-    ``WORLD_SIZE``, ``RANK`` or ``LOCAL_RANK`` is :class:`~scae.errors.ScaeInputError`)."""
-    return torchrun_world_size() > 1
 
 
 WAITING_NOTE_SECONDS = 30.0

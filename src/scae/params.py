@@ -262,6 +262,13 @@ def torchrun_world_size() -> int:
     return world
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process was started by ``torchrun`` with more than one process (a malformed
+    ``WORLD_SIZE``, ``RANK`` or ``LOCAL_RANK`` is :class:`~scae.errors.ScaeInputError`); without
+    importing PyTorch, so the command line can ask before its heavy imports."""
+    return torchrun_world_size() > 1
+
+
 def _whole_number_variable(name: str) -> int | None:
     """The environment variable ``name`` as a whole number (``None`` when unset)."""
     text = os.environ.get(name)
