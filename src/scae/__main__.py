@@ -60,11 +60,7 @@ class _ErrorStreamOutlivingItsReader:
             self._to_null_device()
 
     def _to_null_device(self) -> None:
-        null = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(null, self._stream.fileno())
-        finally:
-            os.close(null)
+        point_at_null_device(self._stream)
         try:  # what the broken pipe refused now goes to the null device
             self._stream.flush()
         except OSError:
@@ -72,6 +68,16 @@ class _ErrorStreamOutlivingItsReader:
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
+
+
+def point_at_null_device(stream) -> None:
+    """Point ``stream``'s file descriptor at the null device (for a stream whose reader is gone:
+    later writes, Python's exit flush included, then succeed and go nowhere)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, stream.fileno())
+    finally:
+        os.close(null)
 
 
 def keep_error_stream_when_its_reader_leaves() -> None:
@@ -119,14 +125,20 @@ def _positive_counts(text: str) -> bool:
     return all(p.strip().isascii() and p.strip().isdigit() and int(p) > 0 for p in parts)
 
 
-def console() -> None:
-    """Entry point of the ``scae`` console script."""
+def prepare_process() -> None:
+    """What every way of starting the command does first: standard streams that can be written
+    whatever became of them, then :func:`prepare_environment` (a problem there is one line, exit 2)."""
     open_closed_standard_streams()
     keep_error_stream_when_its_reader_leaves()
     problem = prepare_environment()
     if problem is not None:
         print(f"scae: error: {problem}", file=sys.stderr)
         sys.exit(2)
+
+
+def console() -> None:
+    """Entry point of the ``scae`` console script."""
+    prepare_process()
     from scae.interrupts import watched_signals  # standard library only: as cheap as this module
 
     for signum in watched_signals():  # nohup's SIGHUP stays ignored

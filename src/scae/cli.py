@@ -873,10 +873,10 @@ def _say_done(message: str) -> None:
     try:
         print(message, flush=True)
     except OSError:
+        from scae.__main__ import point_at_null_device
+
         with contextlib.suppress(OSError, ValueError):
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, sys.stdout.fileno())
-            os.close(null)
+            point_at_null_device(sys.stdout)
 
 
 _NOT_WRITTEN_WHEN_INTERRUPTED = {
@@ -957,11 +957,7 @@ def _maybe_in_process_group() -> bool:
 
 
 if __name__ == "__main__":
-    from scae.__main__ import keep_error_stream_when_its_reader_leaves, open_closed_standard_streams, prepare_environment
+    from scae.__main__ import prepare_process
 
-    open_closed_standard_streams()
-    keep_error_stream_when_its_reader_leaves()
-    if (problem := prepare_environment()) is not None:
-        print(f"scae: error: {problem}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+    prepare_process()
     sys.exit(main())
