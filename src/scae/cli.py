@@ -15,6 +15,7 @@ import signal
 import sys
 import warnings
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -463,10 +464,11 @@ MACHINE_SPECIFIC = ("file", "mtime_ns")
 """Parts of an input's fingerprint that differ between copies of one file on several machines."""
 
 
-def _same_in_every_process(settings: dict, distributed) -> None:
+def _same_in_every_process(settings: Callable[[], dict], distributed) -> None:
     """Refuse, in every process of a torchrun group alike, a group whose processes were given
-    different settings or input (``settings``: what decides the results, the input's fingerprint
-    included): they would train apart, or wait for ever in mismatched exchanges."""
+    different settings or input (``settings()``: what decides the results, the input's fingerprint
+    included; only called in a group, since hashing a matrix in memory takes time): they would
+    train apart, or wait for ever in mismatched exchanges."""
     if distributed is None:
         return
     import torch.distributed as dist
@@ -476,7 +478,7 @@ def _same_in_every_process(settings: dict, distributed) -> None:
             return {k: portable(v) for k, v in value.items() if k not in MACHINE_SPECIFIC}
         return list(value) if isinstance(value, tuple) else value
 
-    mine = portable(settings)
+    mine = portable(settings())
     everyone = [None] * distributed.world_size
     dist.all_gather_object(everyone, mine, group=distributed.group)
     for rank, theirs in enumerate(everyone):
@@ -518,7 +520,7 @@ def _study(args: argparse.Namespace, dataset, load_seconds: float, distributed, 
         resume=args.resume,
         top_genes=args.top_genes,
     )
-    _same_in_every_process({**config.to_dict(), "input": dataset.fingerprint()}, distributed)
+    _same_in_every_process(lambda: {**config.to_dict(), "input": dataset.fingerprint()}, distributed)
     run_study(dataset, args.out, config, data_seconds=load_seconds, distributed=distributed, jobs=jobs)
     if main:
         _say_done(f"scae: study finished in {time.perf_counter() - started:.1f} s; report: {args.out / 'report.html'}")
@@ -575,8 +577,8 @@ def _fit_into(args: argparse.Namespace, device, distributed) -> int:
                 raise ScaeInputError(f"{given}: is the input, and fit would overwrite it with the model; choose another --out")
         params = model_params(args)
         dataset = load_input(args)
-        _same_in_every_process({**params, "seed": args.seed, "top_genes": args.top_genes, "input": dataset.fingerprint()},
-                               distributed)
+        _same_in_every_process(
+            lambda: {**params, "seed": args.seed, "top_genes": args.top_genes, "input": dataset.fingerprint()}, distributed)
         train_idx, test_idx = stratified_split(dataset.labels, 0.2, args.seed)
         if args.top_genes is not None:
             from scae.genes import highly_variable_genes
