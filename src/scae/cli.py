@@ -37,15 +37,22 @@ class OneLineParser(argparse.ArgumentParser):
     ranges depend on each other (the network's size) are checked after parsing.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # '--epoch 5' is not '--epochs 5': a later option could make it mean another
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str, prog: str | None = None) -> NoReturn:
         message = " ".join(message.split())  # one line, whatever the value held
         self.exit(EXIT_USAGE, f"scae: error: {message} (see '{prog or self.prog} --help')\n")
 
     def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        args = sys.argv[1:] if args is None else list(args)
         parsed, unknown = self.parse_known_args(args, namespace)
-        if unknown:  # argparse's own message, pointing at the command's help rather than scae's
+        if unknown:  # argparse's own message, pointing at the help of the command the first one followed
             command = getattr(parsed, "command", None)
-            self.error(f"unrecognized arguments: {' '.join(unknown)}", prog=f"{self.prog} {command}" if command else None)
+            after_command = command in args and args.index(unknown[0]) > args.index(command)
+            self.error(f"unrecognized arguments: {' '.join(unknown)}",
+                       prog=f"{self.prog} {command}" if after_command else None)
         hidden = getattr(parsed, "hidden", None)
         if hidden is not None:  # the part of the network's size that does not depend on the genes
             problem = rules.network_too_large(getattr(parsed, "latent", STUDY_MAX_LATENT) or 10, tuple(hidden))
