@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -13,7 +15,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+import scae
 from scae import Autoencoder, Dataset, ScaeInputError, make_dataset, read_counts_labels, read_h5ad
+from conftest import scae_env
 from scae.data import (
     MAX_ABS_VALUE,
     as_matrix,
@@ -1277,3 +1281,50 @@ def test_an_anndata_without_x_a_backed_one_and_a_nullable_table_get_their_own_me
     for other in (pd.DataFrame({"a": ["1", "2"], "b": ["3", "4"]}), pd.DataFrame({"a": pd.to_timedelta([1, 2], unit="s")}),
                   pd.DataFrame({"a": pd.to_datetime(["2020-01-01", "2021-01-01"]), "b": [1.0, 2.0]})):
         assert "matrix has dtype" in input_error(as_matrix, other)
+
+
+def test_values_beyond_a_log_scale_used_as_given_get_a_note():
+    rng = np.random.default_rng(0)
+    corrected = rng.poisson(50.0, size=(60, 12)) * 0.85  # counts that are not whole numbers
+    labels = np.repeat(["a", "b", "c"], 20)
+    note = scae.make_dataset(corrected, labels).scale_note()
+    assert note is not None and f"they reach {corrected.max():.4g}" in note and "--normalize log1p" in note
+    assert scae.make_dataset(corrected, labels).summary()["scale_note"] == note
+    assert scae.make_dataset(corrected, labels, normalize="log1p").scale_note() is None  # taken as counts
+    assert scae.make_dataset(np.log1p(corrected), labels).scale_note() is None  # a log scale
+    assert scae.make_dataset(corrected - 50.0, labels).scale_note() is None  # negative: not counts
+
+
+def test_counts_raw_reads_the_old_anndata_layout_of_raw(tmp_path):
+    """Files of older anndata versions (scanpy's pbmc68k_reduced) keep adata.raw as raw.X and raw.var
+    at the top level; anndata reads them, and so does --counts-raw."""
+    import anndata as ad
+    import h5py
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    counts = rng.poisson(3.0, size=(90, 10)).astype(np.float32)
+    lognorm = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4).astype(np.float32)
+    adata = ad.AnnData(lognorm, obs=pd.DataFrame({"cell_type": np.repeat(["a", "b", "c"], 30)},
+                                                 index=[f"c{i}" for i in range(90)]),
+                       var=pd.DataFrame(index=[f"g{j}" for j in range(10)]))
+    adata.raw = ad.AnnData(counts, var=adata.var)
+    path = tmp_path / "old.h5ad"
+    adata.write_h5ad(path)
+    with h5py.File(path, "r+") as handle:
+        for key in ("X", "var", "varm"):
+            if f"raw/{key}" in handle:
+                handle.move(f"raw/{key}", f"raw.{key}")
+        del handle["raw"]
+    assert np.array_equal(ad.read_h5ad(path).raw.X, counts)  # anndata's own reading
+    data = scae.read_h5ad(path, "cell_type", counts_raw=True)
+    assert data.raw_origin == "adata.raw"
+    assert np.array_equal(np.asarray(data.raw.toarray() if hasattr(data.raw, "toarray") else data.raw), counts)
+
+
+def test_submodules_are_reached_from_the_package_without_importing_them_first():
+    code = "import scae, sys; f = scae.genes.highly_variable_genes; print(callable(f), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=scae_env(), timeout=120)
+    assert out.stdout.split() == ["True", "False"], out.stderr
+    with pytest.raises(AttributeError, match="module 'scae' has no attribute 'no_such_module'"):
+        scae.no_such_module  # noqa: B018

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import html
 import re
 from dataclasses import replace
@@ -162,9 +163,13 @@ def test_summary_has_one_line_per_question_with_its_numbers(page, metrics):
     acc, pcs = reps["ae2_latent"]["linear_accuracy"], reps["original_pca2"]["linear_accuracy"]
     assert f"is {acc:.3f} (chance {1 / 3:.3f}; in the first two PCs {pcs:.3f})" in q4
 
-    for kind in ("latent", "reconstruction"):
-        a, b = reps[f"ae10_nonzero_{kind}"]["ari"], reps[f"ae10_{kind}"]["ari"]
-        assert f"{a:.3f} vs {b:.3f} ({kind})" in q5
+    labels = {"ari": "k-means ARI", "nmi": "NMI", "silhouette": "silhouette"}
+    for kind in ("latent", "reconstruction"):  # the scores beyond their noise, else ARI said to be within it
+        a, b = reps[f"ae10_nonzero_{kind}"], reps[f"ae10_{kind}"]
+        noise = {"silhouette": 0.01, **{s: max(0.02, a[f"{s}_std"] + b[f"{s}_std"]) for s in ("ari", "nmi")}}
+        decisive = [s for s in labels if abs(a[s] - b[s]) > noise[s]]
+        shown = ", ".join(f"{labels[s]} {a[s]:.3f} vs {b[s]:.3f}" for s in decisive or ["ari"])
+        assert f"{kind}: {shown}{'' if decisive else ', within noise'}" in q5
     nonzero = [runs[n]["errors"]["test"]["nonzero_mse"] for n in ("ae10_nonzero", "ae10")]
     assert f"test nonzero MSE {nonzero[0]:.4g} vs {nonzero[1]:.4g}" in q5
 
@@ -210,6 +215,31 @@ def test_q1_summary_names_the_faster_run_and_its_epochs(epochs, line):
     a, b = stand_in("ae10", epochs[0], epochs[1]), stand_in("ae50", epochs[2], epochs[3])
     summary = _q1_summary(_Race.of(a, b, "convergence_epoch"), _Race.of(a, b, "near_best_epoch"))
     assert f"{summary.answer}: {summary.evidence}" == line
+
+
+def test_a_test_loss_that_never_fell_below_the_untrained_networks_reads_never(result, metrics, images):
+    """No None in the tables, and the lowest test loss is the untrained network's, as the
+    "within 1% of best" column already counts it."""
+    model = copy.copy(result.runs["ae10"].model)
+    model.history_ = [{"epoch": 0, "train_loss": 1.0, "test_loss": 0.184},
+                      {"epoch": 1, "train_loss": 0.9, "test_loss": 0.2516},
+                      {"epoch": 2, "train_loss": 0.8, "test_loss": 0.1992}]
+    run = replace(result.runs["ae10"], model=model, convergence_epoch=None, near_best_epoch=0)
+    page = build_report(replace(result, runs={**result.runs, "ae10": run}), metrics, images)
+    assert "None" not in page
+    q1 = section_html(page, "Q1 ")
+    assert ["ae10", "never", "0", "0.8", "0.1992", "0.184 (0, before training)"] in table_rows(q1)
+    assert ("lowest test loss 0.1992 at epoch 2 (the untrained network's, at epoch 0, was lower still: 0.184; "
+            "training did not improve on it)") in html.unescape(q1)
+    assert next(row for row in table_rows(section_html(page, "Q2 ")) if row[0] == "ae10")[-1] == "never"
+
+
+def test_a_scale_note_on_the_input_is_shown_escaped(result, metrics, images):
+    note = f"the values were used as given, but they reach 276.2 {SCRIPT}"
+    page = build_report(result, {**metrics, "dataset": {**metrics["dataset"], "scale_note": note}}, images)
+    assert f"Note: the values were used as given, but they reach 276.2 {SCRIPT_ESCAPED}." in page
+    assert page.index("Note: the values") < page.index("<h2>Q1 ")
+    assert "Note: the values" not in build_report(result, metrics, images)  # the built-in data: log-normalised
 
 
 # ---------------------------------------------------------------- train-only labels
@@ -323,6 +353,31 @@ def test_beyond_summary_line_names_the_latent_verdicts(page, result):
             f"(the top 10 PCs) and {reps['ae10_latent']['knn_accuracy']:.3f} (ae10 latent)") in line
     median = result.denoising["scores"]["recommended"]["median_abs_error"]
     assert f"median |error| on hidden entries {median:.3g}" in line
+
+
+@pytest.mark.parametrize("moved", [None, "silhouette"])
+def test_beyond_summary_cites_the_scores_behind_its_verdict(result, moved):
+    """Only a silhouette beyond its noise (0.01): the line cites it, not ARI or 15-NN accuracy within
+    theirs; nothing beyond: 15-NN accuracy and ARI, said to be within the noise."""
+    reps = copy.deepcopy(result.representations)
+    latent, pca, ae10 = reps["recommended_latent"], reps["original_pca10"], reps["ae10_latent"]
+    for score in ("ari", "nmi", "silhouette", "knn_accuracy"):
+        latent[score] = pca[score] = ae10[score] = 0.5
+    for rep in (latent, pca, ae10):
+        rep["ari_std"] = rep["nmi_std"] = 0.0
+    latent["ari"] = 0.515  # within ARI's noise (0.02) of both
+    if moved:
+        latent[moved] = 0.55
+    line = next(s for s in summary_lines(replace(result, representations=reps)) if s.question == "Beyond")
+    if moved:
+        assert line.answer == "the recommended latent is better than the top 10 PCs, better than ae10 latent"
+        assert line.evidence.startswith("silhouette 0.550 vs 0.500 (the top 10 PCs) and 0.500 (ae10 latent); ")
+        assert "ARI" not in line.evidence and "15-NN" not in line.evidence
+    else:
+        assert line.answer.startswith("the recommended latent is no clear difference from the top 10 PCs")
+        assert line.evidence.startswith("15-NN accuracy 0.500 vs 0.500 (the top 10 PCs) and 0.500 (ae10 latent); "
+                                        "k-means ARI 0.515 vs 0.500 (the top 10 PCs) and 0.500 (ae10 latent) "
+                                        "(differences within the scores' noise); ")
 
 
 def test_model_description_comes_from_the_parameters(page, result):

@@ -227,3 +227,15 @@ def test_a_study_of_cells_too_sparse_to_hide_entries_completes(tmp_path):
     assert f"Not measured: the {d['n_cells']} evaluated test cells" in (tmp_path / "out" / "report.html").read_text()
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["denoising"]["scores"] == {} and metrics["denoising"]["n_hidden"] == 0
+
+
+def test_non_integer_counts_taken_as_counts_run_the_count_model_and_its_denoising():
+    """--normalize log1p takes non-integer counts (ambient-RNA corrected, say) as counts: the count
+    model trains on them and the imputation measure reconstructs them, as it does whole numbers."""
+    simulated = scae.simulate_dataset(150, 30, 3, seed=0)
+    counts = simulated.raw.toarray() * 0.85  # not whole numbers
+    dataset = scae.make_dataset(counts, simulated.labels, normalize="log1p")
+    result = scae.run_study(dataset, None, fast_config(runs=(RECOMMENDED_RUN,)))
+    assert set(result.runs) == {"recommended"}
+    assert set(result.denoising["scores"]) >= {"recommended", "gene_mean", "pca10"}
+    assert np.isfinite(result.denoising["scores"]["recommended"]["median_abs_error"])

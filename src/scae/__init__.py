@@ -10,6 +10,7 @@ t-SNE worker process) does not pay for importing PyTorch.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,8 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name.isidentifier() and not name.startswith("_") and importlib.util.find_spec(f"scae.{name}") is not None:
+        return importlib.import_module(f"scae.{name}")  # a module: scae.genes works without importing it first
     raise AttributeError(f"module 'scae' has no attribute {name!r}")
 
 

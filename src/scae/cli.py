@@ -513,6 +513,9 @@ def _study(args: argparse.Namespace, dataset, load_seconds: float, distributed, 
         procs = f"; {distributed.world_size} processes" if distributed else ""
         print(f"scae: {dataset.name}: {dataset.n_cells} cells × {dataset.n_genes} genes, "
               f"{len(dataset.classes)} labels ({mode}{counts}); device {device}{procs}", file=sys.stderr)
+        note = dataset.scale_note() if args.normalize != "none" else None
+        if note is not None:
+            print(f"scae: note: {note}", file=sys.stderr)
     config = StudyConfig(
         epochs=args.epochs,
         seed=args.seed,

@@ -38,6 +38,9 @@ MAX_ABS_VALUE = 1e12
 """Largest magnitude accepted in a matrix. Training and scoring compute in 32-bit floats, where
 squared errors of values much above this overflow to infinity (raw counts, normalised
 expression and intensities stay far below it)."""
+LOG_SCALE_MAX = 30.0
+"""Non-negative values taken as given that reach above this are not on a log scale (log1p of
+counts per 10⁴ stays below about 10, log2 of counts per million below 20): :meth:`Dataset.scale_note`."""
 CONTINUOUS_MIN_DISTINCT = 50
 """A numeric label column with more distinct values than this is taken as a continuous
 measurement (and refused) when it holds non-whole numbers or more distinct values than half its
@@ -220,6 +223,24 @@ class Dataset:
         nonzero = self.X.count_nonzero() if sp.issparse(self.X) else np.count_nonzero(self.X)
         return 1.0 - nonzero / (self.n_cells * self.n_genes)
 
+    def value_range(self) -> tuple[float, float]:
+        """Smallest and largest value of the matrix (implicit zeros included)."""
+        if self.on_disk:
+            return float(self._measured["value_min"]), float(self._measured["value_max"])
+        return float(self.X.min()), float(self.X.max())
+
+    def scale_note(self) -> str | None:
+        """A note for values taken as given (not as counts) that are non-negative but beyond any
+        log scale (above :data:`LOG_SCALE_MAX`): likely counts that are not whole numbers."""
+        if self.counts:
+            return None
+        low, high = self.value_range()
+        if low < 0 or high <= LOG_SCALE_MAX:
+            return None
+        return (f"the values were used as given, but they reach {high:.4g}, beyond a log-normalised scale "
+                "(log1p of counts per 10⁴ stays below about 10): if they are counts (whole numbers or not), "
+                "give --normalize log1p")
+
     def summary(self) -> dict:
         """Plain-number description for the report and ``metrics.json``."""
         classes, counts = np.unique(self.labels, return_counts=True)
@@ -230,10 +251,9 @@ class Dataset:
             kind = ("sparse CSR" if hasattr(stored, "indptr") else "dense" if isinstance(stored, H5DenseSource)
                     else "dense, memory-mapped")
             storage = f"{kind}, streamed from {getattr(stored, 'path', 'disk')}"
-            low, high = self._measured["value_min"], self._measured["value_max"]
         else:
             storage = "sparse CSR" if sp.issparse(self.X) else "dense"
-            low, high = float(self.X.min()), float(self.X.max())
+        low, high = self.value_range()
         selection = self.gene_selection
         return {
             "name": self.name,
@@ -249,6 +269,7 @@ class Dataset:
             "zero_fraction": round(self.zero_fraction(), 6),
             "value_min": float(low),
             "value_max": float(high),
+            "scale_note": self.scale_note(),
             "constant_genes": self.constant_genes(),
             "label_counts": {str(c): int(n) for c, n in zip(classes, counts)},
         }
@@ -1208,13 +1229,14 @@ def _h5ad_counts_place(path: Path, counts_layer: str | None, counts_raw: bool) -
             )
         return _H5Counts(key, f"{path} layer '{counts_layer}'", f"layer '{counts_layer}'", encoding, shape)
     if counts_raw:
-        encoding, shape = _h5ad_matrix_kind(path, "raw/X")
-        if encoding == "missing":
-            raise ScaeInputError(
-                f"{path}: has no adata.raw for the raw counts; expected a file whose adata.raw.X holds "
-                "raw counts, or a layer of counts (--counts-layer)"
-            )
-        return _H5Counts("raw/X", f"{path} raw.X", "adata.raw", encoding, shape, var_key="raw/var")
+        for key, var_key in (("raw/X", "raw/var"), ("raw.X", "raw.var")):  # anndata's layout, then its old one
+            encoding, shape = _h5ad_matrix_kind(path, key)
+            if encoding != "missing":
+                return _H5Counts(key, f"{path} raw.X", "adata.raw", encoding, shape, var_key=var_key)
+        raise ScaeInputError(
+            f"{path}: has no adata.raw for the raw counts; expected a file whose adata.raw.X holds "
+            "raw counts, or a layer of counts (--counts-layer)"
+        )
     return None
 
 
@@ -1225,7 +1247,7 @@ STREAMABLE = ("csr_matrix", "array")
 def _check_streamable(encoding: str, shape: tuple[int, ...], where: str) -> None:
     """Refuse to stream a matrix that is stored neither as CSR nor dense by rows, with the remedy."""
     if encoding not in STREAMABLE or len(shape) != 2:
-        stored = {"csc_matrix": "as CSC (column-compressed)"}.get(
+        stored = {"csc_matrix": "as CSC (column-compressed)", "unknown": "in an older AnnData layout"}.get(
             encoding, f"as a {len(shape)}-D array" if encoding == "array" else f"as '{encoding}'")
         raise ScaeInputError(
             f"{where}: is stored {stored}; streaming from disk needs a CSR (row-compressed) sparse "

@@ -30,6 +30,7 @@ most this much below the input's (Q3 says so when this verdict differs from the 
 KNN_NOISE = 0.01
 """Smallest difference in 15-NN label accuracy between two representations that counts as real."""
 SCORES = ("ari", "nmi", "silhouette", "knn_accuracy")
+SCORE_LABELS = {"ari": "k-means ARI", "nmi": "NMI", "silhouette": "silhouette", "knn_accuracy": "15-NN accuracy"}
 """The cluster scores compared between representations (k-means ARI and NMI, silhouette, 15-NN)."""
 SEPARABLE_ACCURACY = 0.9
 PARTLY_SEPARABLE_ACCURACY = 0.7
@@ -339,6 +340,11 @@ def _q1_summary(convergence: _Race, near_best: _Race) -> SummaryLine:
                        f"{both} and are within 1% of their lowest test loss by epoch {near_best.epoch_a}")
 
 
+def _epoch_cell(epoch: int | None) -> str:
+    """A convergence epoch in a table: ``never`` when the test loss never fell below its start."""
+    return "never" if epoch is None else str(epoch)
+
+
 def _q1_run_finding(r: RunResult) -> str:
     """Final and lowest losses of one run, and whether it overfits or could use more epochs."""
     h = r.model.history_
@@ -348,6 +354,9 @@ def _q1_run_finding(r: RunResult) -> str:
         f"{r.spec.name}: final training loss {_f(last['train_loss'])}, final test loss {_f(last['test_loss'])} "
         f"(test − train = {_f(gap, 3)}); lowest test loss {_f(best['test_loss'])} at epoch {best['epoch']}"
     )
+    if h[0]["test_loss"] <= best["test_loss"]:
+        text += (f" (the untrained network's, at epoch 0, was lower still: {_f(h[0]['test_loss'])}; training did "
+                 "not improve on it)")
     rise = (last["test_loss"] - best["test_loss"]) / best["test_loss"]
     train_at_best = h[best["epoch"]]["train_loss"]
     if best["epoch"] < last["epoch"] and rise > 0.01:
@@ -377,9 +386,10 @@ def _section_q1(result: StudyResult) -> Section | None:
     rows = []
     for r in runs:
         h = r.model.history_
-        best = min(h[1:], key=lambda row: row["test_loss"])
-        rows.append([r.spec.name, str(r.convergence_epoch), str(r.near_best_epoch), _f(h[-1]["train_loss"]),
-                     _f(h[-1]["test_loss"]), f"{_f(best['test_loss'])} ({best['epoch']})"])
+        best = min(h, key=lambda row: row["test_loss"])  # as "within 1% of best": the untrained network included
+        untrained = ", before training" if best["epoch"] == 0 else ""
+        rows.append([r.spec.name, _epoch_cell(r.convergence_epoch), str(r.near_best_epoch), _f(h[-1]["train_loss"]),
+                     _f(h[-1]["test_loss"]), f"{_f(best['test_loss'])} ({best['epoch']}{untrained})"])
     return Section(
         summary=_q1_summary(convergence, near_best),
         findings=items,
@@ -396,7 +406,7 @@ def _section_q2(result: StudyResult) -> Section:
     rows, items = [], []
     for name, r in result.runs.items():
         rows.append([name, str(r.spec.latent_dim), r.spec.loss, _f(r.errors["test"]["mse"]), _f(r.errors["train"]["mse"]),
-                     _f(r.errors["test"]["nonzero_mse"]), _f(r.errors["train"]["nonzero_mse"]), str(r.convergence_epoch)])
+                     _f(r.errors["test"]["nonzero_mse"]), _f(r.errors["train"]["nonzero_mse"]), _epoch_cell(r.convergence_epoch)])
     for name, e in result.pca_baselines.items():
         rows.append([f"PCA baseline ({name})", name[3:], "linear", _f(e["test"]["mse"]), _f(e["train"]["mse"]),
                      _f(e["test"]["nonzero_mse"]), _f(e["train"]["nonzero_mse"]), "–"])
@@ -546,6 +556,18 @@ def _structure_verdict(reps: dict, run: str, reference: str, kind: str) -> tuple
     return _verdict(reps[f"{run}_{kind}"], reps[f"{reference}_{kind}"], ("ari", "nmi", "silhouette"))
 
 
+def _decisive_scores(a: dict, b: dict, scores: tuple[str, ...]) -> list[str]:
+    """The ``scores`` (of those both have) on which ``a`` and ``b`` differ beyond their noise (:func:`_noise`)."""
+    return [s for s in scores if s in a and s in b and abs(a[s] - b[s]) > _noise(a, b, s)]
+
+
+def _scores_evidence(a: dict, b: dict, scores: tuple[str, ...]) -> str:
+    """``a`` vs ``b`` on the scores that differ beyond their noise, or on k-means ARI, said to be within it."""
+    decisive = _decisive_scores(a, b, scores)
+    text = ", ".join(f"{SCORE_LABELS[s]} {a[s]:.3f} vs {b[s]:.3f}" for s in decisive or ["ari"])
+    return text if decisive else text + ", within noise"
+
+
 def _verdict(a: dict, b: dict, scores: tuple[str, ...]) -> tuple[str, int, int]:
     """Whether representation ``a`` scores better than ``b``: ``(word, scores up, scores down)``
     over ``scores`` (those both have), each beyond its noise (:func:`_noise`)."""
@@ -593,9 +615,9 @@ def _section_q5(result: StudyResult) -> Section | None:
         summary = SummaryLine(
             "Q5",
             ", ".join(f"{word} in the {kind}" for kind, (word, _, _) in verdicts.items()) + f" ({n} vs {m})",
-            "k-means ARI " + ", ".join(
-                f"{reps[f'{n}_{kind}']['ari']:.3f} vs {reps[f'{m}_{kind}']['ari']:.3f} ({kind})" for kind in verdicts
-            ) + f"; test nonzero MSE {_f(e['nonzero_mse'])} vs {_f(f_['nonzero_mse'])}",
+            "; ".join(f"{kind}: " + _scores_evidence(reps[f"{n}_{kind}"], reps[f"{m}_{kind}"], ("ari", "nmi", "silhouette"))
+                      for kind in verdicts)
+            + f"; test nonzero MSE {_f(e['nonzero_mse'])} vs {_f(f_['nonzero_mse'])}",
         )
     else:
         summary = SummaryLine(
@@ -839,10 +861,16 @@ def _beyond_summary(result: StudyResult, run: RunResult, refs: dict, names: dict
         _verdict_phrase(_verdict(latent, reps[key], SCORES)[0], name) for key, name in others
     ) if others else f"the {n} model"
     evidence_parts = []
-    for score, label in (("knn_accuracy", "15-NN accuracy"), ("ari", "k-means ARI")):
+    # the scores behind the verdicts: those differing beyond their noise from one of the others
+    # (none: 15-NN accuracy and k-means ARI, said to be within it)
+    decisive = [s for s in SCORES if any(s in _decisive_scores(latent, reps[key], SCORES) for key, _ in others)]
+    for score in decisive or ["knn_accuracy", "ari"]:
+        label = SCORE_LABELS[score]
         if score in latent:
             vs = " and ".join(f"{reps[key][score]:.3f} ({name})" for key, name in others if score in reps[key])
             evidence_parts.append(f"{label} {latent[score]:.3f}" + (f" vs {vs}" if vs else ""))
+    if others and not decisive and evidence_parts:
+        evidence_parts[-1] += " (differences within the scores' noise)"
     denoising = result.denoising["scores"] if result.denoising else {}
     if n in denoising:
         mine = denoising[n]["median_abs_error"]
@@ -958,6 +986,7 @@ def build_report(result: StudyResult, metrics: dict, images: dict[str, bytes]) -
             "value_min": f"{d['value_min']:.3g}",
             "value_max": f"{d['value_max']:.3g}",
             "label_counts": list(d["label_counts"].items()),
+            "scale_note": d.get("scale_note"),
         },
         "input": _input_facts(result, metrics),
         "split": metrics["split"],

@@ -34,7 +34,7 @@ from scae.results import (  # noqa: F401 (re-exported)
     StudyConfig,
     StudyResult,
 )
-from scae.sources import RowSource, eval_batch_rows, library_sizes
+from scae.sources import ArraySource, RowSource, eval_batch_rows, library_sizes
 
 INPUT_PCS = 50
 """Principal components of the input: coordinates for plots, and the space in which the input
@@ -597,7 +597,9 @@ def _denoising(dataset: Dataset, runs: dict[str, RunResult], train_idx, test_idx
     train_values = dataset.source().matrix(train_cells)  # log-normalised as the MSE runs saw them
     scores = {}
     for name, run in runs.items():
-        given = hidden.counts if run.spec.counts else hidden.values
+        # the counts as a counts source: the dataset vouched for them (whole numbers, or taken as counts
+        # by --normalize log1p), so the model does not check them again as a plain matrix
+        given = ArraySource(hidden.counts, counts=True) if run.spec.counts else hidden.values
         reconstruction = run.model.reconstruct(given)
         if run.spec.counts and library is not None:  # on the MSE runs' scale: per 10⁴ of the whole library
             reconstruction = _on_full_library(reconstruction, selected_library, corrupted_library)
