@@ -282,6 +282,9 @@ def test_method_names_and_kinds():
     assert benchmark.method("scvi").peer and benchmark.method("scvi").needs_counts
     with pytest.raises(scae.ScaeInputError, match="unknown method 'pca'"):
         benchmark.method("pca")
+    for suffix in ("", "_scaled"):  # more digits than int() converts: one line, not Python's limit
+        with pytest.raises(scae.ScaeInputError, match=r"^method 'pca9{17}…': at most 9999999 principal components$"):
+            benchmark.method("pca" + "9" * 5000 + suffix)
 
 
 def test_prepare_keeps_top_genes_of_a_larger_dataset(files):
@@ -322,6 +325,30 @@ def test_run_benchmark_fits_the_prepared_dataset_with_each_seed(files):
     assert seen == [(CELLS, 8, 3), (CELLS, 8, 4)] and skipped == []
     assert [(r["method"], r["seed"]) for r in results] == [("probe", 3), ("probe", 4)]
     assert len(lines) == 2 and lines[0].startswith("d probe seed 3: ARI ")
+
+
+@pytest.mark.parametrize(("returned", "problem"), [
+    (np.zeros((3, 2)), f"returned a latent of shape (3, 2); expected ({CELLS}, k) with k ≥ 1, one row per cell"),
+    (np.zeros(CELLS), f"returned a latent of shape ({CELLS},); expected ({CELLS}, k) with k ≥ 1, one row per cell"),
+    (np.zeros((CELLS, 0)), f"returned a latent of shape ({CELLS}, 0); expected ({CELLS}, k) with k ≥ 1"),
+    (np.full((CELLS, 2), np.nan), "returned a latent with NaN or infinite values"),
+    (None, f"returned None; expected a latent of shape ({CELLS}, k), one row per cell"),
+    ([["a", "b"]] * CELLS, "returned list, not a numeric matrix"),
+])
+def test_a_custom_method_returning_no_latent_of_the_cells_is_one_clear_error(files, returned, problem):
+    """Scored as it came, 3 rows would have been compared with the first 3 labels (ARI 0, 15-NN 1.0)."""
+    dataset = scae.read_counts_labels(files.npy, files.labels_file)
+    with pytest.raises(scae.ScaeInputError) as err:
+        benchmark.run_benchmark({"d": dataset}, [benchmark.Method("m", lambda data, seed: returned)], [0])
+    assert str(err.value).startswith(f"method 'm' on dataset 'd': {problem}")
+
+
+def test_a_log_that_is_not_a_function_is_refused_before_any_fit(files):
+    fitted = []
+    dataset = scae.read_counts_labels(files.npy, files.labels_file)
+    with pytest.raises(scae.ScaeInputError, match=r"^log must be None or a function taking one line of text; got int$"):
+        benchmark.run_benchmark({"d": dataset}, [benchmark.Method("m", lambda d, s: fitted.append(s))], [0], log=5)
+    assert fitted == []
 
 
 def test_benchmark_runs_scvi_when_installed(files, tmp_path):

@@ -307,14 +307,15 @@ def test_embed_api_stays_callable_after_its_module_is_imported(files):
 
 @pytest.mark.parametrize(("option", "key"), [("--latent-key", ""), ("--denoised-layer", ""), ("--latent-key", "a/b"),
                                              ("--denoised-layer", " "), ("--latent-key", "."),
-                                             ("--denoised-layer", "..")])
+                                             ("--denoised-layer", ".."), ("--latent-key", "a\nb"),
+                                             ("--denoised-layer", "\x1b[31m"), ("--latent-key", "k" * 201)])
 def test_embed_refuses_keys_an_h5ad_cannot_hold(files, tmp_path, capsys, option, key):
     """"" would be written as the obsm group itself and "a/b" as nested groups: anndata could not
     read the file back."""
     out = tmp_path / "out.h5ad"
     assert _embed(files.dir / "counts.h5ad", out, option, key) == 2
-    assert_one_line_error(capsys, f"{option} must be a non-empty name without '/', not '.' or '..' (an .h5ad key); "
-                                  f"got {key!r}")
+    assert_one_line_error(capsys, f"{option} must be a non-empty name without '/', not '.' or '..' (an .h5ad key) "
+                                  f"and of at most 200 printable characters; got {key!r:.120}")
     assert not out.exists()
 
 

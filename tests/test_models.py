@@ -449,6 +449,10 @@ def _write_case(case: str, path, state: dict, fitted) -> None:
         torch.save(fitted.net_.state_dict(), path)
     elif case == "other format":
         torch.save({"format": "something/1", "state_dict": {}}, path)
+    elif case == "non-ASCII version digit":  # str.isdigit() takes it, int() does not
+        torch.save(edited(state, format="scae.Autoencoder/²"), path)
+    elif case == "version of 5000 digits":  # more than int() converts
+        torch.save(edited(state, format="scae.Autoencoder/" + "9" * 5000), path)
     elif case == "newer version":
         torch.save(edited(state, format="scae.Autoencoder/3"), path)
     elif case == "no state_dict":
@@ -504,6 +508,8 @@ MALFORMED = {
     "tensor": "a PyTorch file but not an scae model (Tensor without a format entry); " + EXPECTED,
     "state dict only": "a PyTorch file but not an scae model (OrderedDict without a format entry); " + EXPECTED,
     "other format": "not an scae model file (format 'something/1'); " + EXPECTED,
+    "non-ASCII version digit": "not an scae model file (format 'scae.Autoencoder/²'); " + EXPECTED,
+    "version of 5000 digits": "not an scae model file (format 'scae.Autoencoder/99999999999999",
     "newer version": "written in model format version 3 by a newer scae; this scae reads version 2: upgrade scae to load it",
     "no state_dict": "incomplete scae model file: no 'state_dict' entry",
     "unknown entry": "unexpected entries 'optimizer' in an scae model file; " + EXPECTED,
@@ -539,6 +545,25 @@ def test_load_malformed_file_is_one_clear_error(case, saved_state, fitted, tmp_p
     message = str(err.value)
     assert message.startswith(f"{path}: {MALFORMED[case]}"), message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(("path", "message"), [
+    (None, "path must be a file name (str or pathlib.Path); got NoneType"),
+    (3, "path must be a file name (str or pathlib.Path); got int"),
+    (b"model.pt", "path must be a file name (str or pathlib.Path); got bytes"),
+    ("a\0b.pt", "path 'a\\x00b.pt' holds a NUL character; expected a file name"),
+    ("n" * 5000, "n" * 120 + ": cannot be read (File name too long); " + EXPECTED),
+])
+def test_load_of_a_path_that_names_no_file_is_one_clear_error(path, message):
+    with pytest.raises(ScaeInputError) as err:
+        Autoencoder.load(path)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("name", [["nb_dae"], 3, None])
+def test_a_preset_named_by_something_else_than_a_string_is_a_value_error(name):
+    with pytest.raises(ScaeInputError, match=r"^a preset is named by a string; got "):
+        Autoencoder.from_preset(name)
 
 
 def test_load_accepts_the_file_the_malformed_cases_start_from(saved_state, fitted, tmp_path):

@@ -132,6 +132,16 @@ def test_abbreviated_options_are_refused(tmp_path, capsys, argv):
     assert not out.exists()
 
 
+def test_control_characters_of_a_file_name_stay_escaped_on_the_error_line(tmp_path, capsys):
+    """A line break in a path would split the error line; an escape code would move the terminal's cursor."""
+    counts = tmp_path / "mi\nssing\x1b[2J.npy"
+    (tmp_path / "l.txt").write_text("a\nb\n")
+    code, stdout, stderr = run_cli(["study", "--counts", str(counts), "--labels", str(tmp_path / "l.txt"),
+                                    "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and stdout == ""
+    assert stderr == f"scae: error: {tmp_path}/mi\\nssing\\x1b[2J.npy: counts file not found\n"
+
+
 def test_no_command_is_one_line(capsys):
     code, _, stderr = run_cli([], capsys)
     assert code == 2

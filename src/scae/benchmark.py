@@ -123,12 +123,18 @@ def _scvi_method() -> Method:
     return Method("scvi", fit, needs_counts=True, peer=True)
 
 
+PCA_MAX_DIGITS = 7
+"""``pca<k>`` takes ``k`` of at most this many digits (a longer one is no matrix's size)."""
+
+
 def method(name: str, device: str = "auto") -> Method:
     """The method called ``name`` (see the module docstring), or :class:`ScaeInputError`;
     autoencoders train on ``device``."""
     from scae.likelihoods import get_likelihood
 
     digits, scaled = name[3:].removesuffix("_scaled"), name.endswith("_scaled")
+    if name.startswith("pca") and digits.isascii() and digits.isdigit() and len(digits) > PCA_MAX_DIGITS:
+        raise ScaeInputError(f"method '{name[:20]}…': at most {10 ** PCA_MAX_DIGITS - 1} principal components")
     if name.startswith("pca") and digits.isascii() and digits.isdigit() and int(digits) >= 1:
         k = int(digits)
         canonical = f"pca{k}_scaled" if scaled else f"pca{k}"
@@ -200,6 +206,8 @@ def run_benchmark(
     a peer tool that is not installed).
     """
     methods, seeds = _checked_arguments(datasets, methods, seeds, top_genes)
+    if log is not None and not callable(log):
+        raise ScaeInputError(f"log must be None or a function taking one line of text; got {type(log).__name__}")
     resolved: list[Method] = []
     for given in methods:
         found = given if isinstance(given, Method) else method(given)
@@ -219,16 +227,33 @@ def run_benchmark(
                 continue
             for seed in seeds:
                 started = time.perf_counter()
-                latent = m.fit(dataset, seed)
+                latent = _checked_latent(m.fit(dataset, seed), m.name, data_name, dataset.n_cells)
                 seconds = time.perf_counter() - started
                 record = {"dataset": data_name, "method": m.name, "seed": int(seed),
-                          **score_latent(np.asarray(latent, dtype=np.float32), dataset.labels, seed),
+                          **score_latent(latent, dataset.labels, seed),
                           "fit_seconds": seconds}
                 results.append(record)
                 if log:
                     log(f"{data_name} {m.name} seed {seed}: ARI {record['ari']:.3f}, 15-NN {record['knn_accuracy']:.3f}, "
                         f"fit {seconds:.1f} s")
     return results, skipped
+
+
+def _checked_latent(latent, method_name: str, data_name: str, n_cells: int) -> np.ndarray:
+    """What a method returned, as a float32 matrix of one finite row per cell, or one line naming the method."""
+    where = f"method '{method_name}' on dataset '{data_name}'"
+    if latent is None:
+        raise ScaeInputError(f"{where}: returned None; expected a latent of shape ({n_cells}, k), one row per cell")
+    try:
+        values = np.asarray(latent, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise ScaeInputError(f"{where}: returned {type(latent).__name__}, not a numeric matrix ({err})") from None
+    if values.ndim != 2 or values.shape[0] != n_cells or values.shape[1] < 1:
+        raise ScaeInputError(f"{where}: returned a latent of shape {values.shape}; expected ({n_cells}, k) with "
+                             "k ≥ 1, one row per cell")
+    if not np.isfinite(values).all():
+        raise ScaeInputError(f"{where}: returned a latent with NaN or infinite values")
+    return values
 
 
 def _checked_arguments(datasets, methods, seeds, top_genes) -> tuple[list, list[int]]:

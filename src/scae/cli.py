@@ -15,6 +15,7 @@ import signal
 import sys
 import warnings
 import time
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -511,8 +512,8 @@ def _study(args: argparse.Namespace, dataset, load_seconds: float, distributed, 
         mode = "streamed from disk" if dataset.on_disk else "in memory"
         counts = "; raw counts, models see log1p(counts / library size × 1e4)" if dataset.counts else ""
         procs = f"; {distributed.world_size} processes" if distributed else ""
-        print(f"scae: {dataset.name}: {dataset.n_cells} cells × {dataset.n_genes} genes, "
-              f"{len(dataset.classes)} labels ({mode}{counts}); device {device}{procs}", file=sys.stderr)
+        print(printable(f"scae: {dataset.name}: {dataset.n_cells} cells × {dataset.n_genes} genes, "
+                        f"{len(dataset.classes)} labels ({mode}{counts}); device {device}{procs}"), file=sys.stderr)
         note = dataset.scale_note() if args.normalize != "none" else None
         if note is not None:
             print(f"scae: note: {note}", file=sys.stderr)
@@ -767,7 +768,7 @@ def _benchmark_into(args: argparse.Namespace, datasets: dict, paths: dict, metho
                 (args.out / name).unlink(missing_ok=True)
         except OSError as err:
             raise ScaeInputError(f"{args.out}: cannot remove the previous benchmark's results ({err.strerror or err})") from None
-        log = None if args.quiet else (lambda line: print(f"scae: {line}", file=sys.stderr, flush=True))
+        log = None if args.quiet else (lambda line: print(printable(f"scae: {line}"), file=sys.stderr, flush=True))
         seeds = list(range(args.seeds))
         results, skipped = run_benchmark(datasets, methods, seeds, top_genes=args.top_genes, log=log)
         try:
@@ -868,6 +869,12 @@ def main(argv: list[str] | None = None) -> int:
         return status
 
 
+def printable(text: str) -> str:
+    """``text`` on one line: control characters (a line break in a file name, an escape code) written as
+    escapes (``\\n``, ``\\x1b``), so that a message stays one line and cannot move the terminal's cursor."""
+    return "".join(repr(ch)[1:-1] if unicodedata.category(ch) == "Cc" else ch for ch in text)
+
+
 def _os_error_line(err: OSError) -> str:
     """``path: reason`` of an operating-system error, a very long path shortened in the middle."""
     reason = err.strerror or str(err) or type(err).__name__
@@ -883,7 +890,7 @@ def _say_done(message: str) -> None:
     cannot take the line (a closed pipe, a full disk) loses only the line: the status stays 0, and
     the output is pointed at the null device so that Python's exit does not fail on it again."""
     try:
-        print(message, flush=True)
+        print(printable(message), flush=True)
     except OSError:
         from scae.__main__ import point_at_null_device
 
@@ -920,10 +927,10 @@ def _run_command_checked(args: argparse.Namespace) -> int:
             return run_benchmark_command(args)
         return run_simulate_command(args)
     except ScaeInputError as err:
-        print(f"scae: error: {err}", file=sys.stderr)
+        print(f"scae: error: {printable(str(err))}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as err:  # a path the system refuses (a name too long, an I/O error, …): one line
-        print(f"scae: error: {_os_error_line(err)}", file=sys.stderr)
+        print(f"scae: error: {printable(_os_error_line(err))}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as err:
         if not _maybe_in_process_group():

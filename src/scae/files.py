@@ -200,13 +200,18 @@ def write_h5ad(adata, path: str | Path) -> None:
             sys.unraisablehook, sys.excepthook = hooks
 
 
+MAX_KEY_CHARS = 200
+"""Longest ``obsm``/``layers`` key :func:`check_h5ad_key` accepts."""
+
+
 def check_h5ad_key(name: str, key) -> None:
     """Refuse an ``obsm``/``layers`` key an ``.h5ad`` file cannot hold: it must be a non-empty
     string without "/", not "." or ".." (HDF5 makes "a/b" nested groups, and "" or "." the group
     itself: anndata cannot read them back). ``name`` is what the message calls the key."""
-    if not isinstance(key, str) or not key.strip() or "/" in key or key.strip() in (".", ".."):
-        raise ScaeInputError(f"{name} must be a non-empty name without '/', not '.' or '..' (an .h5ad key); "
-                             f"got {key!r}")
+    if (not isinstance(key, str) or not key.strip() or "/" in key or key.strip() in (".", "..")
+            or not key.isprintable() or len(key) > MAX_KEY_CHARS):
+        raise ScaeInputError(f"{name} must be a non-empty name without '/', not '.' or '..' (an .h5ad key) and of "
+                             f"at most {MAX_KEY_CHARS} printable characters; got {key!r:.120}")
 
 
 def hdf5_write_failed() -> bool:

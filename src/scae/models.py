@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import time
 from itertools import pairwise
@@ -541,6 +542,10 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         stored architecture, a newer format version — raises
         :class:`~scae.errors.ScaeInputError` naming the file and the problem.
         """
+        if not isinstance(path, (str, os.PathLike)) or isinstance(fspath := os.fspath(path), bytes):
+            raise ScaeInputError(f"path must be a file name (str or pathlib.Path); got {type(path).__name__}")
+        if "\0" in fspath:
+            raise ScaeInputError(f"path {fspath!r} holds a NUL character; expected a file name")
         state = _read_model_file(Path(path))
         params = _model_params(path, state["params"])
         try:
@@ -597,7 +602,11 @@ def _load_device(name: str, strict: bool) -> torch.device:
 def _read_model_file(path: Path) -> dict:
     """The dict a model file holds, read weights-only, with its format and entries checked."""
     expected = f"expected a model file written by scae's Autoencoder.save (format {MODEL_FORMAT})"
-    if path.is_dir():
+    try:
+        directory = path.is_dir()
+    except OSError as err:  # a name too long, a loop of links, …
+        raise ScaeInputError(f"{str(path)[:120]}: cannot be read ({err.strerror or err}); {expected}") from None
+    if directory:
         raise ScaeInputError(f"{path}: is a directory; {expected}")
     kind = irregular_kind(path)  # a named pipe without a writer would block the read below
     if kind is not None:
@@ -629,8 +638,8 @@ def _read_model_file(path: Path) -> dict:
         raise ScaeInputError(f"{path}: a PyTorch file but not an scae model ({type(state).__name__} without "
                              f"a format entry); {expected}")
     name, _, version = state["format"].partition("/")
-    if name != MODEL_FORMAT_NAME or not version.isdigit():
-        raise ScaeInputError(f"{path}: not an scae model file (format {state['format']!r}); {expected}")
+    if name != MODEL_FORMAT_NAME or not re.fullmatch(r"[0-9]{1,9}", version):  # ASCII digits, a sane length
+        raise ScaeInputError(f"{path}: not an scae model file (format {state['format'][:80]!r}); {expected}")
     if int(version) > MODEL_FORMAT_VERSION:
         raise ScaeInputError(
             f"{path}: written in model format version {int(version)} by a newer scae; this scae reads "

@@ -37,6 +37,8 @@ assignment's ``ae10``, the recommended preset and scvi-tools' SCVI."""
 
 def preset(name: str) -> dict:
     """A copy of the parameters of preset ``name`` (``"recommended"`` is :data:`RECOMMENDED`)."""
+    if not isinstance(name, str):
+        raise ValueError(f"a preset is named by a string; got {type(name).__name__} {name!r:.80}")
     key = RECOMMENDED if name == "recommended" else name
     if key not in PRESETS:
         raise ValueError(f"unknown preset '{name}'; expected one of: recommended, {', '.join(PRESETS)}")
