@@ -413,3 +413,77 @@ def test_no_output_for_bad_options_even_via_fit_command(tmp_path, capsys):
     code, _, stderr = run_cli(["fit", "--out", str(model), "--learning-rate", "inf"], capsys)
     assert code == 2 and stderr.count("\n") == 1
     assert not model.parent.exists()
+
+
+# ---------------------------------------------------------------- memory and libraries
+def _raising(error: BaseException):
+    def run(args):
+        raise error
+    return run
+
+
+@pytest.mark.parametrize(("error", "line"), [
+    (MemoryError(), "out of memory: the input or the network does not fit; try --stream for a large input, fewer "
+                    "genes (--top-genes), a smaller --hidden or --batch-size, or a machine with more memory"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 9600000000 bytes."), "out of memory: the input or the network does not fit; try"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of memory on the GPU: the input or"),
+    (ImportError("libtorch_cpu.so: failed to map segment from shared object", name="torch._C"),
+     "cannot load torch._C (libtorch_cpu.so: failed to map segment from shared object); reinstall scae and its "
+     "dependencies (see the README's set-up)"),
+])
+def test_running_out_of_memory_or_a_library_that_cannot_load_is_one_line(tmp_path, capsys, monkeypatch, error, line):
+    monkeypatch.setattr("scae.__main__.address_space_limit", lambda: None)
+    with mock.patch.object(cli, "run_study_command", _raising(error)):
+        code, stdout, stderr = run_cli(["study", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and stdout == ""
+    assert stderr.startswith(f"scae: error: {line}") and stderr.count("\n") == 1, stderr
+
+
+def test_an_address_space_limit_is_named_in_the_out_of_memory_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("scae.__main__.address_space_limit", lambda: 4 * 2**30)
+    with mock.patch.object(cli, "run_study_command", _raising(MemoryError())):
+        code, _, stderr = run_cli(["study", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert stderr.startswith("scae: error: out of memory (the process's address space is limited to 4,096 MiB "
+                             "(ulimit -v)): the input")
+
+
+def test_an_address_space_too_small_for_the_libraries_is_refused_before_anything(tmp_path):
+    """Under ``ulimit -v`` of about 1 GiB PyTorch's import aborted natively (std::bad_alloc) or SciPy's
+    OpenBLAS retried for ever: the command refuses first, one line, nothing written."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import REPO, scae_env
+
+    limit = 1024 * 2**20
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "scae.cli", "study", "--out", str(out)], cwd=REPO, env=scae_env(),
+        capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == ("scae: error: the process's address space is limited to 1,024 MiB (ulimit -v); scae needs "
+                           "at least 1,280 MiB to load PyTorch and its libraries: raise the limit\n")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("limited", [True, False])
+def test_openblas_runs_single_threaded_under_an_address_space_limit(limited):
+    """SciPy's OpenBLAS, unable to map its threads' buffers under ``ulimit -v``, retried for ever."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import scae_env
+
+    env = {k: v for k, v in scae_env().items() if k != "OPENBLAS_NUM_THREADS"}
+    limit = 4 * 2**30
+    code = ("from scae.__main__ import prepare_environment; prepare_environment(); import os; "
+            "print(os.environ.get('OPENBLAS_NUM_THREADS'))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                          preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))) if limited else None)
+    assert proc.stdout.strip() == ("1" if limited else "None"), proc.stderr

@@ -101,6 +101,10 @@ def prepare_environment() -> str | None:
       time): errors only, unless ``TORCH_CPP_LOG_LEVEL`` says otherwise.
     - matplotlib's warnings about an unusable configuration or cache folder: it falls back to a
       temporary one by itself.
+    - A limit on the process's address space (``ulimit -v``): OpenBLAS single-threaded
+      (``OPENBLAS_NUM_THREADS=1`` unless set). Its threads' buffers may not fit under the limit,
+      and SciPy's OpenBLAS then retried mapping them for ever while loading, deaf to signals;
+      single-threaded, a library that does not fit fails to load, which is one line.
     """
     try:
         os.getcwd()
@@ -113,10 +117,22 @@ def prepare_environment() -> str | None:
     if threads is not None and not _positive_counts(threads):
         del os.environ["OMP_NUM_THREADS"]
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    if address_space_limit() is not None:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import logging
 
     logging.getLogger("matplotlib").setLevel(logging.ERROR)
     return None
+
+
+def address_space_limit() -> int | None:
+    """The process's limit on its address space in bytes (``ulimit -v``), ``None`` when there is none."""
+    try:
+        import resource
+    except ImportError:  # not a Unix system
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 def _positive_counts(text: str) -> bool:

@@ -840,6 +840,10 @@ def main(argv: list[str] | None = None) -> int:
     second one after an interrupt) ends the process as signals do: status 130, 143 or 129, no message.
     """
     args = build_parser().parse_args(argv)
+    problem = _address_space_problem()
+    if problem is not None:
+        print(f"scae: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     with signals_raise_interrupted(restore=argv is not None):
         try:
             status = _run_command(args)
@@ -932,7 +936,16 @@ def _run_command_checked(args: argparse.Namespace) -> int:
     except OSError as err:  # a path the system refuses (a name too long, an I/O error, …): one line
         print(f"scae: error: {printable(_os_error_line(err))}", file=sys.stderr)
         return EXIT_USAGE
+    except ImportError as err:  # a library that cannot load: not installed, or no room to map it
+        print(f"scae: error: {printable(_import_error_line(err))}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print(f"scae: error: {_out_of_memory_line()}", file=sys.stderr)
+        return EXIT_USAGE
     except RuntimeError as err:
+        if _out_of_memory(err):  # PyTorch's allocators say it with a RuntimeError
+            print(f"scae: error: {_out_of_memory_line(err)}", file=sys.stderr)
+            return EXIT_USAGE
         if not _maybe_in_process_group():
             raise
         # a collective failed: another process of the torchrun group died or stopped
@@ -941,6 +954,55 @@ def _run_command_checked(args: argparse.Namespace) -> int:
         print(f"scae: error: process {rank}: the torchrun group broke off (another process failed or was "
               f"stopped; see its message); stopping. ({first[:200]})", file=sys.stderr)
         return EXIT_USAGE
+
+
+MIN_ADDRESS_SPACE = 1280 * 2**20
+"""Least address space (``ulimit -v``) scae runs under. Below it PyTorch and SciPy's libraries
+could not all be mapped, and some failed natively while loading (``std::bad_alloc``, a process
+aborted) instead of raising an error: measured on the CPU build, 0.6–1.2 GiB."""
+
+
+def _address_space_problem() -> str | None:
+    """Why the process's address-space limit is too small to run in, or ``None``."""
+    from scae.__main__ import address_space_limit
+
+    limit = address_space_limit()
+    if limit is None or limit >= MIN_ADDRESS_SPACE:
+        return None
+    return (f"the process's address space is limited to {limit / 2**20:,.0f} MiB (ulimit -v); scae needs at least "
+            f"{MIN_ADDRESS_SPACE / 2**20:,.0f} MiB to load PyTorch and its libraries: raise the limit")
+
+
+def _limit_text() -> str:
+    """The process's address-space limit in words, or ``""`` when it has none."""
+    from scae.__main__ import address_space_limit
+
+    limit = address_space_limit()
+    return "" if limit is None else f"the process's address space is limited to {limit / 2**20:,.0f} MiB (ulimit -v)"
+
+
+def _import_error_line(err: ImportError) -> str:
+    """One line for a library that failed to load, with the likely remedy."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    limit = _limit_text()
+    remedy = (f"{limit}, too little to load it: raise the limit" if limit
+              else "reinstall scae and its dependencies (see the README's set-up)")
+    return f"cannot load {err.name or 'a library scae needs'} ({first}); {remedy}"
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    """Whether ``err`` is an allocator that ran out of memory (PyTorch's CPU or GPU one)."""
+    text = str(err)
+    return type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _out_of_memory_line(err: BaseException | None = None) -> str:
+    """One line for a run that ran out of memory, with what would make it fit."""
+    limit = _limit_text()
+    where = f" ({limit})" if limit else ""
+    device = " on the GPU" if err is not None and "CUDA" in str(err) else ""
+    return (f"out of memory{device}{where}: the input or the network does not fit; try --stream for a large "
+            "input, fewer genes (--top-genes), a smaller --hidden or --batch-size, or a machine with more memory")
 
 
 def _leave_now(status: int) -> NoReturn:
