@@ -417,3 +417,27 @@ def test_run_benchmark_checks_its_arguments(files, kwargs, needle):
     with pytest.raises(ScaeInputError) as caught:
         benchmark.run_benchmark(**arguments)
     assert needle in str(caught.value)
+
+
+def test_the_benchmarks_three_files_are_written_together_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails (a full disk, ``ulimit -f``) on the last file left this run's chart and page
+    beside the previous run's results; now the previous set stays whole."""
+    import errno
+    from pathlib import Path
+
+    records = [{"dataset": "d", "method": m, "seed": s, "ari": 0.5 + s / 10, "nmi": 0.5, "silhouette": 0.1,
+                "knn_accuracy": 0.9, "fit_seconds": 1.0} for m in ("pca10", "ae10") for s in (0, 1)]
+    benchmark.write_benchmark(tmp_path, records, [], {"seeds": [0, 1]})
+    before = {name: (tmp_path / name).read_bytes() for name in ("benchmark.png", "benchmark.html", "benchmark.json")}
+    write_bytes = Path.write_bytes
+
+    def full_at_json(self, data):
+        if self.name.startswith(".benchmark.json."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_at_json)
+    with pytest.raises(OSError, match="No space left on device"):
+        benchmark.write_benchmark(tmp_path, records[:2], [], {"seeds": [0]})
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)  # no temporary left either

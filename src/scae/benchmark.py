@@ -337,8 +337,9 @@ def _table_rows(rows: list[dict]) -> list[tuple[str, list[list[str]]]]:
 
 def write_benchmark(out_dir, results: list[dict], skipped: list[dict], settings: dict,
                     data_notes: dict[str, str] | None = None) -> dict:
-    """Write ``benchmark.png``, ``benchmark.html`` and, last, ``benchmark.json`` into
-    ``out_dir`` (each file atomically); returns the JSON content.
+    """Write ``benchmark.png``, ``benchmark.html`` and ``benchmark.json`` into ``out_dir``, all
+    three or none (:func:`~scae.files.atomic_paths`: a write that fails leaves the previous set);
+    returns the JSON content.
 
     ``benchmark.json`` holds ``"results"`` (one record per fit), ``"summary"`` (mean and sd over
     seeds), ``"skipped"`` and ``"settings"``.
@@ -350,7 +351,7 @@ def write_benchmark(out_dir, results: list[dict], skipped: list[dict], settings:
     from pathlib import Path
 
     from scae import __version__
-    from scae.files import write_bytes, write_text
+    from scae.files import atomic_paths
     from scae.plots import benchmark_bars, png_bytes
     from scae.report import render_template
 
@@ -359,11 +360,11 @@ def write_benchmark(out_dir, results: list[dict], skipped: list[dict], settings:
     rows = summarize(results)
     content = {"scae_version": __version__, "settings": settings, "results": results, "summary": rows,
                "skipped": skipped}
-    images = {}
+    images, files = {}, {}
     if rows:
         png = png_bytes(benchmark_bars(rows, [("ari", "k-means ARI"), ("knn_accuracy", "15-NN accuracy")],
                                        "Latent representations against the known labels"))
-        write_bytes(out / "benchmark.png", png)
+        files["benchmark.png"] = png
         images["benchmark"] = base64.b64encode(png).decode("ascii")
     html = render_template("benchmark.html.j2", {
         "version": __version__,
@@ -378,8 +379,13 @@ def write_benchmark(out_dir, results: list[dict], skipped: list[dict], settings:
         "data_notes": data_notes or {},
         "skipped": skipped,
     })
-    write_text(out / "benchmark.html", html)
-    write_text(out / "benchmark.json", json.dumps(content, indent=2, allow_nan=False) + "\n")  # last: complete
+    files["benchmark.html"] = html.encode("utf-8")
+    files["benchmark.json"] = (json.dumps(content, indent=2, allow_nan=False) + "\n").encode("utf-8")
+    with atomic_paths([out / name for name in files]) as temporaries:
+        for temporary, data in zip(temporaries, files.values()):
+            temporary.write_bytes(data)
+    if "benchmark.png" not in files:  # no chart this time: not the previous run's beside this run's page
+        (out / "benchmark.png").unlink(missing_ok=True)
     return content
 
 
