@@ -185,6 +185,8 @@ def test_benchmark_html_escapes_a_hostile_dataset_name(files, tmp_path, no_scvi)
     ("unknown_label_key", "no obs column 'celltype'"),
     ("unpaired", "--counts and --labels go in pairs: one labels file after each counts file"),
     ("no_dataset", "give at least one dataset"),
+    *((f"pair_with_{option}", "--label-key, --counts-layer and --counts-raw go with --h5ad; a --counts file's labels "
+                              "are its --labels file") for option in ("label_key", "counts_layer", "counts_raw")),
 ])
 def test_benchmark_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys, case, needle):
     out = tmp_path / "out"
@@ -201,6 +203,9 @@ def test_benchmark_bad_input_is_one_line_and_writes_nothing(files, tmp_path, cap
         "pca_scaled": ["--h5ad", str(files.h5ad), "--label-key", "ct", "--methods", "pca_scaled"],
         "pca_superscript": ["--h5ad", str(files.h5ad), "--label-key", "ct", "--methods", "pca²"],
         "few_cells": ["--counts", str(tmp_path / "small19.npy"), "--labels", str(tmp_path / "small19.txt")],
+        **{f"pair_with_{option}": ["--counts", str(files.npy), "--labels", str(files.labels_file), *extra]
+           for option, extra in (("label_key", ["--label-key", "ct"]), ("counts_layer", ["--counts-layer", "umi"]),
+                                 ("counts_raw", ["--counts-raw"]))},
     }[case]
     _small(tmp_path, 19)
     assert main([*base, *args]) == 2

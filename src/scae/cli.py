@@ -728,6 +728,9 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         raise ScaeInputError("give at least one dataset: --h5ad FILE --label-key KEY, or --counts FILE --labels FILE")
     if args.h5ad and not args.label_key:
         raise ScaeInputError("--label-key is required with --h5ad (the obs column of cell labels)")
+    if not args.h5ad and (args.label_key or args.counts_layer is not None or args.counts_raw):
+        raise ScaeInputError("--label-key, --counts-layer and --counts-raw go with --h5ad; a --counts file's "
+                             "labels are its --labels file")
     from scae.benchmark import method
     from scae.files import refuse_inputs_inside
 
