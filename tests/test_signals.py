@@ -115,8 +115,10 @@ def _interrupt_and_check(proc: subprocess.Popen, out: Path, signum: int, to_grou
     assert not [*out.rglob("report.html"), *out.rglob("metrics.json")]
 
 
-@pytest.mark.parametrize(("signum", "to_group"), [(signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGHUP, True)],
-                         ids=["SIGTERM-to-main", "SIGINT-to-group", "SIGHUP-to-group"])
+@pytest.mark.parametrize(("signum", "to_group"), [(signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGHUP, True),
+                                                  (signal.SIGQUIT, True), (signal.SIGXCPU, False)],
+                         ids=["SIGTERM-to-main", "SIGINT-to-group", "SIGHUP-to-group", "SIGQUIT-to-group",
+                              "SIGXCPU-to-main"])
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the study starts background workers from 2 cores")
 def test_signal_during_tsne_stops_every_process(tsne_sim_dir, tmp_path, signum, to_group):
     out = tmp_path / "out"
@@ -127,9 +129,11 @@ def test_signal_during_tsne_stops_every_process(tsne_sim_dir, tmp_path, signum, 
     _interrupt_and_check(proc, out, signum, to_group)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2],
+                         ids=["SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2"])
 def test_a_signal_during_training_stops_the_study(sim_dir, tmp_path, signum):
-    """SIGHUP is what a closed terminal or ssh session sends: handled as SIGTERM is (status 129)."""
+    """SIGHUP is what a closed terminal or ssh session sends, SIGUSR1/2 what a batch system sends before
+    it stops a job: handled as SIGTERM is (status 128 + the signal's number)."""
     out = tmp_path / "out"
     proc = _start_study(sim_dir, out, epochs=30)  # the second model trains for seconds after the first is saved
     _wait_for(lambda: any(out.rglob("ae10.pt")), 120, proc)

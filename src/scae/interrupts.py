@@ -1,8 +1,9 @@
-"""SIGINT, SIGTERM and SIGHUP as an exception, and worker processes that leave only when told to.
+"""SIGINT, SIGTERM, SIGHUP (and the other signals of :data:`HANDLED_SIGNALS`) as an exception, and
+worker processes that leave only when told to.
 
 The command line turns these signals into :class:`Interrupted`, raised in the main thread, so
 every ``finally`` block and context manager on the way out runs (worker processes are killed,
-partial outputs removed) and the process exits with ``128 + signal number`` (130, 143, 129).
+partial outputs removed) and the process exits with ``128 + signal number`` (130, 143, 129, …).
 Worker processes are started with the signals blocked, so a Ctrl-C sent to the whole
 foreground process group (or the hang-up of a closed terminal) reaches only the main process,
 which then stops them.
@@ -17,8 +18,12 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-HANDLED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-"""Ctrl-C, ``kill``/``timeout``/schedulers, and a closed terminal or ssh session."""
+HANDLED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1",
+                                                            "SIGUSR2", "SIGXCPU") if hasattr(signal, name))
+"""Ctrl-C, ``kill``/``timeout``/schedulers, a closed terminal or ssh session, Ctrl-\\, the user
+signals batch systems send before they stop a job (Grid Engine's ``-notify``), and a CPU-time limit
+reached (``ulimit -S -t``, a queue's soft limit): every one of them would end the process at once,
+leaving its workers' resources to the system, so each stops it as SIGTERM does."""
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
