@@ -51,7 +51,7 @@ class OneLineParser(argparse.ArgumentParser):
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:  # argparse's own message, pointing at the help of the command the first one followed
             command = getattr(parsed, "command", None)
-            after_command = command in args and args.index(unknown[0]) > args.index(command)
+            after_command = command in args and (unknown[0] not in args or args.index(unknown[0]) > args.index(command))
             self.error(f"unrecognized arguments: {' '.join(unknown)}",
                        prog=f"{self.prog} {command}" if after_command else None)
         hidden = getattr(parsed, "hidden", None)
