@@ -631,6 +631,15 @@ def test_kl_weight_warms_up_linearly():
     assert scae.training.kl_weight(1, 0) == 1.0
 
 
+def test_early_stopping_on_a_single_cell_says_what_to_do(small_dense):
+    with pytest.raises(ScaeInputError) as err:
+        Autoencoder(early_stopping=True, epochs=1).fit(small_dense[:1])
+    assert str(err.value) == ("the training matrix has 1 cell; early stopping (early_stopping, --early-stopping, on in "
+                              "the presets) holds some of them out, so it needs at least 2: give more cells, or turn "
+                              "it off (early_stopping=False, --no-early-stopping)")
+    Autoencoder(early_stopping=False, epochs=1).fit(small_dense[:1])  # without it, one cell trains
+
+
 def test_early_stopping_keeps_the_best_epoch(small_dense):
     model = Autoencoder(latent_dim=4, hidden=(32,), epochs=60, batch_size=32, learning_rate=0.05,
                         early_stopping=True, patience=3, validation_fraction=0.2)

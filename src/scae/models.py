@@ -774,7 +774,9 @@ def _validation_split(train: RowSource, fraction: float, seed: int) -> tuple[Row
     n = train.n_rows
     n_val = min(n - 1, max(1, round(fraction * n)))
     if n_val < 1:
-        raise ScaeInputError(f"early_stopping needs at least 2 training cells to hold some out; got {n}")
+        raise ScaeInputError(f"the training matrix has {n} cell{'s' if n != 1 else ''}; early stopping (early_stopping, "
+                             "--early-stopping, on in the presets) holds some of them out, so it needs at least 2: "
+                             "give more cells, or turn it off (early_stopping=False, --no-early-stopping)")
     rng = np.random.default_rng([seed, 1])  # a stream of its own: the batch order is unchanged
     held = np.zeros(n, dtype=bool)
     held[rng.choice(n, n_val, replace=False)] = True
