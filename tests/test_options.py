@@ -487,3 +487,11 @@ def test_openblas_runs_single_threaded_under_an_address_space_limit(limited):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
                           preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))) if limited else None)
     assert proc.stdout.strip() == ("1" if limited else "None"), proc.stderr
+
+
+def test_fit_settings_that_do_not_go_together_are_refused_before_the_input_is_read(tmp_path, capsys):
+    code, _, stderr = run_cli(["fit", "--counts", str(tmp_path / "missing.npy"), "--labels", str(tmp_path / "l.txt"),
+                               "--log-mse-weight", "1", "--out", str(tmp_path / "m.pt")], capsys)
+    assert code == 2
+    assert stderr.startswith("scae: error: log_mse_weight must be 0 with loss 'mse'")
+    assert not (tmp_path / "m.pt").exists()

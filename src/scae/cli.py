@@ -587,6 +587,8 @@ def _fit_into(args: argparse.Namespace, device, distributed) -> int:
             if given is not None and _resolved(given) == out_resolved:
                 raise ScaeInputError(f"{given}: is the input, and fit would overwrite it with the model; choose another --out")
         params = model_params(args)
+        model = Autoencoder(**params, random_state=args.seed, device=args.device, progress=not args.quiet and main)
+        model._check_params()  # settings that do not go together, before the input is read
         dataset = load_input(args)
         _same_in_every_process(
             lambda: {**params, "seed": args.seed, "top_genes": args.top_genes, "input": dataset.fingerprint()}, distributed)
@@ -595,8 +597,6 @@ def _fit_into(args: argparse.Namespace, device, distributed) -> int:
             from scae.genes import highly_variable_genes
 
             dataset = dataset.select_genes(highly_variable_genes(dataset, args.top_genes, train_idx))
-        model = Autoencoder(**params, random_state=args.seed, device=args.device, progress=not args.quiet and main)
-        model._check_params()
         if get_likelihood(model.loss).counts:
             source = dataset.count_source()
             if source is None:
