@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import shutil
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1051,3 +1053,77 @@ def test_outputs_go_through_a_link_followed_by_dotdot_where_the_system_says(sim_
     assert main(["fit", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
                  "--epochs", "1", "--quiet", "--out", "lnk/../m.pt"]) == 0
     assert (tmp_path / "deep" / "m.pt").is_file() and not (tmp_path / "m.pt").exists()
+
+
+# ---------------------------------------------------------------- the process's surroundings
+def _run_scae(args: list[str], cwd: Path, **kwargs):
+    import subprocess
+    import sys
+
+    from conftest import scae_env
+
+    env = {**scae_env(), **kwargs.pop("env", {})}
+    return subprocess.run([sys.executable, "-m", "scae.cli", *args], cwd=cwd, env=env, timeout=300, **kwargs)
+
+
+def test_an_input_whose_name_is_not_utf8_is_read_and_named_with_escapes(sim_dir, tmp_path):
+    """Its name went into results.h5ad, metrics.json and a benchmark's figure, which cannot hold
+    undecodable bytes: a traceback after the training."""
+    import os
+
+    counts = tmp_path / os.fsdecode(b"\xff\xfe.npy")
+    shutil.copy(sim_dir / "counts.npy", counts)
+    labels = str(sim_dir / "labels.txt")
+    out = tmp_path / "out"
+    assert main(["study", "--counts", str(counts), "--labels", labels, "--out", str(out), "--epochs", "1",
+                 "--quiet", "--hidden", "8"]) == 0
+    assert strict_json(out / "metrics.json")["dataset"]["name"] == "\\xff\\xfe.npy + labels.txt"
+    assert ad.read_h5ad(out / "results.h5ad").uns["scae"]["input"] == "\\xff\\xfe.npy + labels.txt"
+    bench = tmp_path / "bench"
+    assert main(["benchmark", "--counts", str(counts), "--labels", labels, "--methods", "pca10", "--seeds", "1",
+                 "--quiet", "--out", str(bench)]) == 0
+    assert [r["dataset"] for r in strict_json(bench / "benchmark.json")["results"]] == ["\\xff\\xfe"]
+
+
+def test_a_standard_error_that_cannot_be_written_does_not_stop_the_command(sim_dir, tmp_path):
+    """2>/dev/full (or a full disk under 2>>log): the progress lines are lost, the command is not."""
+    args = ["fit", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"), "--epochs", "1",
+            "--out", str(tmp_path / "m.pt")]
+    with open(os.devnull if not Path("/dev/full").exists() else "/dev/full", "w") as full:
+        done = _run_scae(args, tmp_path, stderr=full, stdout=subprocess.PIPE, text=True)
+        assert done.returncode == 0 and (tmp_path / "m.pt").is_file()
+        refused = _run_scae([*args[:2], str(tmp_path / "missing.npy"), *args[3:]], tmp_path, stderr=full)
+        assert refused.returncode == 2
+
+
+@pytest.mark.parametrize(("env", "line"), [
+    ({"PYTHONOPTIMIZE": "2"}, "scae: error: Python runs with -OO (PYTHONOPTIMIZE=2), which strips the docstrings "
+                              "anndata needs to load; unset PYTHONOPTIMIZE (or set it to 1)\n"),
+    ({"TORCH_LOGS": "garbage"}, "scae: error: PyTorch cannot load with TORCH_LOGS='garbage' (Invalid log settings: "
+                                "garbage); unset it or fix it\n"),
+])
+def test_an_environment_that_breaks_a_library_is_one_line_before_any_work(tmp_path, env, line):
+    out = tmp_path / "out"
+    done = _run_scae(["study", "--out", str(out)], tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr == line
+    assert not out.exists()
+
+
+def test_a_study_into_the_folder_above_the_working_directory_it_replaces(sim_dir, tmp_path):
+    """--out .. from inside OUT/models: the commit moves that folder, and '..' moved with it."""
+    out = tmp_path / "out"
+    first = study_args(sim_dir, out)
+    assert main(first) == 0
+    args = [*first[:first.index("--out")], "--out", "..", *first[first.index("--out") + 2:]]
+    done = _run_scae(args, out / "models", capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (out / "report.html").is_file() and not (out / ".scae-staging").exists()
+    assert {p.name for p in (out / "models").iterdir()} == {f"{spec.name}.pt" for spec in DEFAULT_RUNS}
+
+
+def test_a_model_file_name_of_252_bytes_is_written(sim_dir, tmp_path):
+    """Its temporary beside it (.NAME.xxxxxxxx.part) was longer than the system's 255 bytes."""
+    out = tmp_path / ("é" * 124 + ".pt")  # 252 bytes
+    assert main(["fit", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
+                 "--epochs", "1", "--quiet", "--out", str(out)]) == 0
+    assert out.is_file() and [p.name for p in tmp_path.iterdir()] == [out.name]

@@ -1328,3 +1328,20 @@ def test_submodules_are_reached_from_the_package_without_importing_them_first():
     assert out.stdout.split() == ["True", "False"], out.stderr
     with pytest.raises(AttributeError, match="module 'scae' has no attribute 'no_such_module'"):
         scae.no_such_module  # noqa: B018
+
+
+def test_the_fingerprint_of_raw_counts_does_not_depend_on_how_their_path_is_spelt(tmp_path, monkeypatch):
+    """--resume compares fingerprints: raw_counts.npy given as an absolute path, then as a relative
+    one (or from another folder), refused every model as trained on another input."""
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(3.0, size=(40, 6)).astype(np.float32)
+    lognorm = np.log1p(counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) * 1e4).astype(np.float32)
+    np.save(tmp_path / "x.npy", lognorm)
+    np.save(tmp_path / "raw.npy", counts)
+    (tmp_path / "l.txt").write_text("\n".join("ab"[i % 2] for i in range(40)) + "\n")
+    absolute = read_counts_labels(tmp_path / "x.npy", tmp_path / "l.txt", raw_counts_path=tmp_path / "raw.npy")
+    monkeypatch.chdir(tmp_path)
+    relative = read_counts_labels("x.npy", "l.txt", raw_counts_path="raw.npy")
+    assert absolute.fingerprint() == relative.fingerprint()
+    np.save(tmp_path / "raw.npy", counts + 1)  # other counts: another fingerprint
+    assert read_counts_labels("x.npy", "l.txt", raw_counts_path="raw.npy").fingerprint() != absolute.fingerprint()

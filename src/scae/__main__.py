@@ -39,9 +39,10 @@ def open_closed_standard_streams() -> None:
 
 class _ErrorStreamOutlivingItsReader:
     """Standard error that outlives its reader (``scae study … 2>&1 | head -1``, a pager quit
-    early): on a broken pipe its descriptor is pointed at the null device and the run goes on
-    silently, as with a closed one (:func:`open_closed_standard_streams`). Otherwise the next
-    progress line failed, and so did the error message about it: exit 1 and nothing written."""
+    early) or its room (``2>/dev/full``, ``2>>log`` on a full disk, a terminal gone, ``2<file``):
+    when a write fails its descriptor is pointed at the null device and the run goes on silently,
+    as with a closed one (:func:`open_closed_standard_streams`). Otherwise the next progress line
+    failed, and so did the error message about it: exit 1 and nothing written."""
 
     def __init__(self, stream) -> None:
         self._stream = stream
@@ -49,14 +50,14 @@ class _ErrorStreamOutlivingItsReader:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
+        except OSError:
             self._to_null_device()
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
+        except OSError:
             self._to_null_device()
 
     def _to_null_device(self) -> None:
@@ -81,7 +82,7 @@ def point_at_null_device(stream) -> None:
 
 
 def keep_error_stream_when_its_reader_leaves() -> None:
-    """Make ``sys.stderr`` survive a broken pipe (:class:`_ErrorStreamOutlivingItsReader`)."""
+    """Make ``sys.stderr`` survive a broken pipe or a failed write (:class:`_ErrorStreamOutlivingItsReader`)."""
     if sys.stderr is not None and not isinstance(sys.stderr, _ErrorStreamOutlivingItsReader):
         sys.stderr = _ErrorStreamOutlivingItsReader(sys.stderr)
 
@@ -101,6 +102,10 @@ def prepare_environment() -> str | None:
       time): errors only, unless ``TORCH_CPP_LOG_LEVEL`` says otherwise.
     - matplotlib's warnings about an unusable configuration or cache folder: it falls back to a
       temporary one by itself.
+    - Python run with ``-OO`` (``PYTHONOPTIMIZE=2``): refused, since it strips the docstrings
+      anndata builds on while loading (it failed after the training).
+    - ``TORCH_LOGS``, which PyTorch reads as it loads and refuses if it names no log it knows:
+      checked by loading PyTorch now (only when it is set), so that a wrong one is one line.
     - A limit on the process's address space (``ulimit -v``): OpenBLAS single-threaded
       (``OPENBLAS_NUM_THREADS=1`` unless set). Its threads' buffers may not fit under the limit,
       and SciPy's OpenBLAS then retried mapping them for ever while loading, deaf to signals;
@@ -119,6 +124,15 @@ def prepare_environment() -> str | None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     if address_space_limit() is not None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    if sys.flags.optimize >= 2:
+        return ("Python runs with -OO (PYTHONOPTIMIZE=2), which strips the docstrings anndata needs to load; "
+                "unset PYTHONOPTIMIZE (or set it to 1)")
+    if os.environ.get("TORCH_LOGS"):
+        try:
+            import torch  # noqa: F401 (only to see whether it accepts TORCH_LOGS)
+        except Exception as err:  # noqa: BLE001 (PyTorch raises a ValueError listing the valid settings)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(", must be")[0][:200]
+            return f"PyTorch cannot load with TORCH_LOGS={os.environ['TORCH_LOGS']!r} ({first}); unset it or fix it"
     import logging
 
     logging.getLogger("matplotlib").setLevel(logging.ERROR)

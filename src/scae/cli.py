@@ -732,7 +732,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         raise ScaeInputError("--label-key, --counts-layer and --counts-raw go with --h5ad; a --counts file's "
                              "labels are its --labels file")
     from scae.benchmark import method
-    from scae.files import refuse_inputs_inside
+    from scae.files import path_text, refuse_inputs_inside
 
     methods = [method(name, args.device) for name in dict.fromkeys(args.methods)]  # unknown names refused first
     refuse_inputs_inside(args.out, [*args.h5ad, *args.counts, *args.labels], set(BENCHMARK_OUTPUTS), "the benchmark")
@@ -740,13 +740,13 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
 
     datasets, paths = {}, {}
     for path in args.h5ad:
-        name = _unique_name(path.stem, datasets)
+        name = _unique_name(path_text(path.stem), datasets)
         datasets[name] = read_h5ad(path, args.label_key, counts_layer=args.counts_layer, counts_raw=args.counts_raw)
-        paths[name] = str(path.resolve())
+        paths[name] = path_text(path.resolve())
     for counts, labels in zip(args.counts, args.labels):
-        name = _unique_name(counts.stem, datasets)
+        name = _unique_name(path_text(counts.stem), datasets)
         datasets[name] = read_counts_labels(counts, labels)
-        paths[name] = f"{counts.resolve()} + {labels.resolve()}"
+        paths[name] = f"{path_text(counts.resolve())} + {path_text(labels.resolve())}"
     for name, dataset in datasets.items():  # before any output is touched
         check_scorable(dataset, paths[name])
     from scae.parallel import resolve_device

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from scae import params as rules
 from scae.errors import ScaeInputError
-from scae.files import irregular_kind
+from scae.files import irregular_kind, path_text
 
 Matrix = np.ndarray | sp.csr_matrix
 
@@ -205,8 +205,8 @@ class Dataset:
                     "selected_from": self.gene_selection["from"], "genes": selection}
         fingerprint = {"shape": shape, "counts": self.counts, "labels_names_sha256": names.hexdigest(),
                        "matrix": _matrix_fingerprint(self.X, self.stats)}
-        if self.raw is not None:
-            fingerprint["raw"] = {"origin": self.raw_origin, "matrix": _matrix_fingerprint(self.raw, None)}
+        if self.raw is not None:  # the counts themselves: not where they came from, whose path may be spelt otherwise
+            fingerprint["raw"] = {"matrix": _matrix_fingerprint(self.raw, None)}
         return fingerprint
 
     @functools.cached_property
@@ -330,7 +330,7 @@ def _matrix_fingerprint(X, stats: dict | None) -> dict:
     columns = getattr(X, "columns", None)
     stored = X.parent if columns is not None else X
     stat = Path(stored.path).stat()
-    matrix = {"file": str(Path(stored.path).resolve()), "bytes": stat.st_size,
+    matrix = {"file": path_text(Path(stored.path).resolve()), "bytes": stat.st_size,
               "mtime_ns": stat.st_mtime_ns, "key": getattr(stored, "key", None), "stats": stats}
     indptr = getattr(stored, "indptr", None)
     if indptr is not None:
@@ -836,7 +836,7 @@ def read_counts_labels(
             f"{labels_path}: {len(labels)} labels, but {counts_path} has {X.shape[0]} cells "
             f"(rows, shape {X.shape}); expected one label per line per cell"
         )
-    name = f"{counts_path.name} + {labels_path.name}"
+    name = f"{path_text(counts_path.name)} + {path_text(labels_path.name)}"
     origin = _LabelOrigin(
         str(labels_path), "the labels file",
         numbers_hint="write labels that are numbers with a letter in front (e.g. c1.5) if they really are labels",
@@ -850,7 +850,7 @@ def read_counts_labels(
         return _validated(X, labels, name, None, None, str(counts_path), normalize, origin, str(counts_path), given)
     stats, profile = _scan_dense(X, str(counts_path))
     X.counts = decide_counts(normalize, profile, str(counts_path))
-    raw, raw_origin = _count_data(X.counts, str(counts_path), given)
+    raw, raw_origin = _count_data(X.counts, path_text(counts_path), given)
     return _labelled(X, labels, name, None, None, str(counts_path), X.counts, stats, origin, raw, raw_origin)
 
 
@@ -1543,7 +1543,7 @@ def anndata_counts(adata, counts_layer: str | None = None, counts_raw: bool = Fa
 
 
 def _h5ad_name(path: Path, label_key: str, layer: str | None) -> str:
-    return f"{path.name} (labels: obs['{label_key}']" + (f", layer '{layer}')" if layer else ")")
+    return f"{path_text(path.name)} (labels: obs['{label_key}']" + (f", layer '{layer}')" if layer else ")")
 
 
 def _read_h5ad_streamed(

@@ -23,6 +23,12 @@ from scae.errors import ScaeInputError
 from scae.interrupts import Interrupted, raise_if_interrupted, signals_deferred
 
 
+def path_text(path: str | os.PathLike) -> str:
+    """A file name as text that every output can hold (JSON, HDF5, HTML, a figure): bytes that are not
+    UTF-8 (a name made on another system, or read under a non-UTF-8 locale) written as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def special_file_kind(path: str | Path, follow: bool = False) -> str | None:
     """What ``path`` is when it exists but is neither a regular file nor a folder (nor a link,
     unless ``follow``: then what the link leads to): ``"a named pipe"``, ``"a socket"`` or
@@ -93,7 +99,7 @@ def atomic_paths(paths: list[str | Path]) -> Iterator[list[Path]]:
     temps: list[Path] = []
     try:
         for path in paths:
-            fd, tmp_name = _temporary_file(path.parent, f".{path.name}.", ".part")
+            fd, tmp_name = _temporary_file(path.parent, f".{_short_name(path.name)}.", ".part")
             os.close(fd)
             temps.append(tmp_name)
         yield temps
@@ -105,6 +111,19 @@ def atomic_paths(paths: list[str | Path]) -> Iterator[list[Path]]:
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
+
+
+TEMPORARY_NAME_BYTES = 200
+"""Longest part of a file's name in its temporary's name (``.NAME.xxxxxxxx.part``): a name of up
+to the system's 255 bytes then still leaves room for the rest."""
+
+
+def _short_name(name: str) -> str:
+    """``name``, cut to at most :data:`TEMPORARY_NAME_BYTES` bytes as the file system stores it."""
+    encoded = os.fsencode(name)
+    if len(encoded) <= TEMPORARY_NAME_BYTES:
+        return name
+    return os.fsdecode(encoded[:TEMPORARY_NAME_BYTES].decode("utf-8", "ignore").encode("utf-8"))
 
 
 def remove_stale_parts(folder: str | Path, names: tuple[str, ...]) -> None:
@@ -342,6 +361,7 @@ class OutputDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.shown = self.path  # as given, for messages
         self.staging = self.path / STAGING_NAME
         self._lock_fd: int | None = None
         self._committed = False
@@ -358,6 +378,10 @@ class OutputDir:
         ``--resume``); otherwise a stale staging folder is removed.
         """
         check_output_dir(self.path)
+        # from here on the folder as the system finds it: a relative --out ('..', run from inside
+        # OUT/models) would otherwise move with the working directory when the commit moves that folder
+        self.path = Path(os.path.realpath(self.path))
+        self.staging = self.path / STAGING_NAME
         self._lock()
         try:
             for name in ("report.html", "metrics.json"):
@@ -372,7 +396,7 @@ class OutputDir:
             self.models.mkdir(exist_ok=True)
         except OSError as err:
             self.close()
-            raise ScaeInputError(f"{self.path}: cannot prepare the output directory ({reason(err)})") from None
+            raise ScaeInputError(f"{self.shown}: cannot prepare the output directory ({reason(err)})") from None
         return self
 
     def _lock(self) -> None:
@@ -402,7 +426,7 @@ class OutputDir:
                 _remove(self.staging)
                 self._committed = True
         except OSError as err:
-            raise OutputWriteError(f"{self.path}: cannot move the finished outputs into place ({reason(err)})") from None
+            raise OutputWriteError(f"{self.shown}: cannot move the finished outputs into place ({reason(err)})") from None
         except Interrupted as stop:  # handled as the renames ended
             stop.outputs_written = self._committed
             raise

@@ -145,4 +145,4 @@ def write_outputs(result: StudyResult, output: OutputDir, watch: Stopwatch, mode
         write_text(staging / "report.html", html)
     except OSError as err:
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-        raise OutputWriteError(f"{output.path}: cannot write the outputs{where}: {reason(err)}") from None
+        raise OutputWriteError(f"{output.shown}: cannot write the outputs{where}: {reason(err)}") from None
