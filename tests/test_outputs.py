@@ -505,3 +505,25 @@ def test_a_link_to_a_pipe_at_a_study_or_benchmark_output_name_is_refused(tmp_pat
         assert main([command, *data, *extra, "--quiet", "--out", str(out)]) == 2
         assert f"{out / name}: is a link to a named pipe, where the output {name} goes" in capsys.readouterr().err
         assert (out / name).is_symlink()
+
+
+def test_an_output_folder_too_deep_for_its_longest_file_name_is_refused_before_training(tmp_path, monkeypatch):
+    """The staging folder's longest names are tried when the folder is opened: a path near the
+    system's limit failed only when the figures were written, after the training."""
+    from scae.files import OutputDir
+
+    made = []
+    real = scae.files._temporary_file
+
+    def too_long_for_figures(directory, prefix, suffix=""):
+        made.append(prefix)
+        if prefix.startswith(".q3_tsne_original_vs_reconstruction") or prefix.startswith(".q5_"):
+            raise OSError(errno.ENAMETOOLONG, "File name too long", str(directory))
+        return real(directory, prefix, suffix)
+
+    monkeypatch.setattr(scae.files, "_temporary_file", too_long_for_figures)
+    out = tmp_path / "out"
+    with pytest.raises(scae.ScaeInputError, match=r": cannot prepare the output directory \(File name too long\)$"):
+        OutputDir(out).open()
+    assert any(p.startswith(".q") for p in made)
+    assert not (out / ".scae-staging").exists() and not (out / ".scae.lock").exists()

@@ -7,6 +7,7 @@ can check paths before loading anything heavy.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
@@ -394,10 +395,23 @@ class OutputDir:
                         _remove(entry)
             (self.staging / "figures").mkdir(parents=True, exist_ok=True)
             self.models.mkdir(exist_ok=True)
+            self._probe_longest_names()
         except OSError as err:
+            with contextlib.suppress(OSError):
+                self.abort()  # the staging folders made here (models an earlier run left are kept)
             self.close()
             raise ScaeInputError(f"{self.shown}: cannot prepare the output directory ({reason(err)})") from None
         return self
+
+    def _probe_longest_names(self) -> None:
+        """Create and remove the temporary of the longest name to be written in each staging folder:
+        a folder path near the system's limit (4,096 bytes) then fails here, before any training,
+        and not when the figures are written."""
+        names = [name for name in MANAGED_NAMES if name not in OUTPUT_FOLDERS]
+        for folder, inside in ((self.staging, names), *((self.staging / sub, OUTPUT_FOLDERS[sub]) for sub in OUTPUT_FOLDERS)):
+            fd, probe = _temporary_file(folder, f".{max(inside, key=len)}.", ".part")
+            os.close(fd)
+            probe.unlink()
 
     def _lock(self) -> None:
         self._lock_fd = lock_folder(self.path, "study")
