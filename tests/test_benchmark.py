@@ -287,6 +287,8 @@ def test_method_names_and_kinds():
     assert benchmark.method("scvi").peer and benchmark.method("scvi").needs_counts
     with pytest.raises(scae.ScaeInputError, match="unknown method 'pca'"):
         benchmark.method("pca")
+    with pytest.raises(scae.ScaeInputError, match=r"^method 'pca00000001': write it pca1$"):
+        benchmark.method("pca00000001")
     for suffix in ("", "_scaled"):  # more digits than int() converts: one line, not Python's limit
         with pytest.raises(scae.ScaeInputError, match=r"^method 'pca9{17}…': at most 9999999 principal components$"):
             benchmark.method("pca" + "9" * 5000 + suffix)
@@ -336,7 +338,7 @@ def test_run_benchmark_fits_the_prepared_dataset_with_each_seed(files):
     (np.zeros((3, 2)), f"returned a latent of shape (3, 2); expected ({CELLS}, k) with k ≥ 1, one row per cell"),
     (np.zeros(CELLS), f"returned a latent of shape ({CELLS},); expected ({CELLS}, k) with k ≥ 1, one row per cell"),
     (np.zeros((CELLS, 0)), f"returned a latent of shape ({CELLS}, 0); expected ({CELLS}, k) with k ≥ 1"),
-    (np.full((CELLS, 2), np.nan), "returned a latent with NaN or infinite values"),
+    (np.full((CELLS, 2), np.nan), "returned a latent with NaN or infinite values (or beyond 32-bit floats' range)"),
     (None, f"returned None; expected a latent of shape ({CELLS}, k), one row per cell"),
     ([["a", "b"]] * CELLS, "returned list, not a numeric matrix"),
 ])

@@ -1079,6 +1079,13 @@ def test_an_input_whose_name_is_not_utf8_is_read_and_named_with_escapes(sim_dir,
                  "--quiet", "--hidden", "8"]) == 0
     assert strict_json(out / "metrics.json")["dataset"]["name"] == "\\xff\\xfe.npy + labels.txt"
     assert ad.read_h5ad(out / "results.h5ad").uns["scae"]["input"] == "\\xff\\xfe.npy + labels.txt"
+    raw = tmp_path / os.fsdecode(b"r\xfe.npy")
+    shutil.copy(sim_dir / "raw_counts.npy", raw)
+    streamed = tmp_path / "streamed"  # its storage line and the raw counts' origin name the files too
+    assert main(["study", "--counts", str(counts), "--labels", labels, "--raw-counts", str(raw), "--stream",
+                 "--out", str(streamed), "--epochs", "1", "--quiet", "--hidden", "8"]) == 0
+    dataset = strict_json(streamed / "metrics.json")["dataset"]
+    assert dataset["storage"].endswith("\\xff\\xfe.npy") and dataset["count_data"].endswith("r\\xfe.npy")
     bench = tmp_path / "bench"
     assert main(["benchmark", "--counts", str(counts), "--labels", labels, "--methods", "pca10", "--seeds", "1",
                  "--quiet", "--out", str(bench)]) == 0
@@ -1121,9 +1128,9 @@ def test_a_study_into_the_folder_above_the_working_directory_it_replaces(sim_dir
     assert {p.name for p in (out / "models").iterdir()} == {f"{spec.name}.pt" for spec in DEFAULT_RUNS}
 
 
-def test_a_model_file_name_of_252_bytes_is_written(sim_dir, tmp_path):
+def test_a_model_file_name_of_255_bytes_is_written(sim_dir, tmp_path):
     """Its temporary beside it (.NAME.xxxxxxxx.part) was longer than the system's 255 bytes."""
-    out = tmp_path / ("é" * 124 + ".pt")  # 252 bytes
+    out = tmp_path / ("é" * 126 + ".pt")  # 255 bytes, the most a name may have
     assert main(["fit", "--counts", str(sim_dir / "counts.npy"), "--labels", str(sim_dir / "labels.txt"),
                  "--epochs", "1", "--quiet", "--out", str(out)]) == 0
     assert out.is_file() and [p.name for p in tmp_path.iterdir()] == [out.name]

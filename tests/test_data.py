@@ -1291,6 +1291,7 @@ def test_values_beyond_a_log_scale_used_as_given_get_a_note():
     assert note is not None and f"they reach {corrected.max():.4g}" in note and "--normalize log1p" in note
     assert scae.make_dataset(corrected, labels).summary()["scale_note"] == note
     assert scae.make_dataset(corrected, labels, normalize="log1p").scale_note() is None  # taken as counts
+    assert scae.make_dataset(corrected, labels, normalize="none").scale_note() is None  # as given, as asked
     assert scae.make_dataset(np.log1p(corrected), labels).scale_note() is None  # a log scale
     assert scae.make_dataset(corrected - 50.0, labels).scale_note() is None  # negative: not counts
 
@@ -1328,6 +1329,8 @@ def test_submodules_are_reached_from_the_package_without_importing_them_first():
     assert out.stdout.split() == ["True", "False"], out.stderr
     with pytest.raises(AttributeError, match="module 'scae' has no attribute 'no_such_module'"):
         scae.no_such_module  # noqa: B018
+    with pytest.raises(AttributeError, match="module 'scae' has no attribute 'templates'"):  # a folder, not a module
+        scae.templates  # noqa: B018
 
 
 def test_the_fingerprint_of_raw_counts_does_not_depend_on_how_their_path_is_spelt(tmp_path, monkeypatch):

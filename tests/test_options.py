@@ -472,7 +472,7 @@ def test_an_address_space_too_small_for_the_libraries_is_refused_before_anything
 
 
 @pytest.mark.parametrize("limited", [True, False])
-def test_openblas_runs_single_threaded_under_an_address_space_limit(limited):
+def test_openblas_runs_single_threaded_under_a_tight_address_space_limit(limited):
     """SciPy's OpenBLAS, unable to map its threads' buffers under ``ulimit -v``, retried for ever."""
     import resource
     import subprocess
@@ -481,7 +481,7 @@ def test_openblas_runs_single_threaded_under_an_address_space_limit(limited):
     from conftest import scae_env
 
     env = {k: v for k, v in scae_env().items() if k != "OPENBLAS_NUM_THREADS"}
-    limit = 4 * 2**30
+    limit = 1536 * 2**20  # tight: below 2 GiB and 128 MiB per core
     code = ("from scae.__main__ import prepare_environment; prepare_environment(); import os; "
             "print(os.environ.get('OPENBLAS_NUM_THREADS'))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
@@ -495,3 +495,16 @@ def test_fit_settings_that_do_not_go_together_are_refused_before_the_input_is_re
     assert code == 2
     assert stderr.startswith("scae: error: log_mse_weight must be 0 with loss 'mse'")
     assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize(("message", "remedy"), [
+    ("libtorch_cpu.so: failed to map segment from shared object", "the process's address space is limited to 4,096 "
+                                                                  "MiB (ulimit -v), too little to load it: raise the limit"),
+    ("No module named 'openTSNE'", "reinstall scae and its dependencies (see the README's set-up)"),
+])
+def test_a_library_that_cannot_load_is_blamed_on_the_address_space_only_when_it_lacked_room(
+        tmp_path, capsys, monkeypatch, message, remedy):
+    monkeypatch.setattr("scae.__main__.address_space_limit", lambda: 4 * 2**30)
+    with mock.patch.object(cli, "run_study_command", _raising(ImportError(message, name="x"))):
+        code, _, stderr = run_cli(["study", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and stderr == f"scae: error: cannot load x ({message}); {remedy}\n"

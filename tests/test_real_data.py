@@ -79,3 +79,16 @@ def test_cellbench_autoencoder_latent_separates_cell_lines():
     assert Z.shape == (274, 10)
     aris = [adjusted_rand_score(labels, KMeans(3, n_init=10, random_state=s).fit_predict(Z)) for s in range(3)]
     assert min(aris) > 0.8, aris
+
+
+def test_pbmc68k_reduced_old_layout_raw_is_reached_and_not_streamed():
+    """scanpy's example file keeps adata.raw in anndata's old layout (raw.X, raw.var as a record array):
+    --counts-raw reaches it (it holds log-normalised values, not counts, so it is refused as such),
+    and streaming the file says why it cannot instead of a reader's internal error."""
+    if not PBMC.is_file():
+        pytest.skip(f"{PBMC} not available")
+    with pytest.raises(scae.ScaeInputError, match=r"raw\.X: holds 2\.177 at row 0, column 764, which is not a count"):
+        scae.read_h5ad(PBMC, "bulk_labels", counts_raw=True)
+    with pytest.raises(scae.ScaeInputError, match=r"is in an older AnnData layout \(obs and var as record arrays\), "
+                                                   r"which scae cannot stream; load it without --stream"):
+        scae.read_h5ad(PBMC, "bulk_labels", stream=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import free_port
+from conftest import free_port, scae_env
 from scae.embeddings import BackgroundTSNE
 from scae.files import OutputDir, atomic_path
 from scae.interrupts import Interrupted, raise_if_interrupted, signals_raise_interrupted
@@ -362,3 +362,13 @@ def test_a_signal_ignored_at_start_stays_ignored(sim_dir, tmp_path):
     time.sleep(1.0)
     assert proc.poll() is None, proc.stderr.read()  # still running
     _interrupt_and_check(proc, out, signal.SIGTERM, to_group=False)
+
+
+def test_a_worker_ignores_the_signals_of_its_group_but_not_its_own_cpu_time_limit():
+    """A terminal's Ctrl-C or Ctrl-\\ and a batch system's SIGUSR1 reach the whole group: the parent
+    stops its workers. SIGXCPU is sent to the process over its own limit: a worker ends by it."""
+    code = ("import os, signal; from scae.interrupts import init_worker; init_worker(os.getppid()); "
+            "print(*(signal.getsignal(getattr(signal, n)) == signal.SIG_IGN for n in "
+            "('SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGUSR2', 'SIGXCPU')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=scae_env(), timeout=60)
+    assert out.stdout.split() == ["True"] * 6 + ["False"], out.stderr

@@ -44,8 +44,9 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name.isidentifier() and not name.startswith("_") and importlib.util.find_spec(f"scae.{name}") is not None:
-        return importlib.import_module(f"scae.{name}")  # a module: scae.genes works without importing it first
+    spec = importlib.util.find_spec(f"scae.{name}") if name.isidentifier() and not name.startswith("_") else None
+    if spec is not None and spec.origin is not None:  # a module (not the templates folder): scae.genes works unimported
+        return importlib.import_module(f"scae.{name}")
     raise AttributeError(f"module 'scae' has no attribute {name!r}")
 
 

@@ -50,6 +50,8 @@ class _ErrorStreamOutlivingItsReader:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
+        except BlockingIOError:  # a non-blocking descriptor, full for the moment: this text is lost, not the stream
+            return len(text)
         except OSError:
             self._to_null_device()
             return len(text)
@@ -57,6 +59,8 @@ class _ErrorStreamOutlivingItsReader:
     def flush(self) -> None:
         try:
             self._stream.flush()
+        except BlockingIOError:
+            pass
         except OSError:
             self._to_null_device()
 
@@ -104,10 +108,9 @@ def prepare_environment() -> str | None:
       temporary one by itself.
     - Python run with ``-OO`` (``PYTHONOPTIMIZE=2``): refused, since it strips the docstrings
       anndata builds on while loading (it failed after the training).
-    - ``TORCH_LOGS``, which PyTorch reads as it loads and refuses if it names no log it knows:
-      checked by loading PyTorch now (only when it is set), so that a wrong one is one line.
-    - A limit on the process's address space (``ulimit -v``): OpenBLAS single-threaded
-      (``OPENBLAS_NUM_THREADS=1`` unless set). Its threads' buffers may not fit under the limit,
+    - A tight limit on the process's address space (``ulimit -v``, below
+      :data:`OPENBLAS_THREADS_ROOM` and :data:`OPENBLAS_ROOM_PER_CORE` per core): OpenBLAS
+      single-threaded (``OPENBLAS_NUM_THREADS=1`` unless set). Its threads' buffers may not fit under the limit,
       and SciPy's OpenBLAS then retried mapping them for ever while loading, deaf to signals;
       single-threaded, a library that does not fit fails to load, which is one line.
     """
@@ -122,21 +125,23 @@ def prepare_environment() -> str | None:
     if threads is not None and not _positive_counts(threads):
         del os.environ["OMP_NUM_THREADS"]
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    if address_space_limit() is not None:
+    limit = address_space_limit()
+    if limit is not None and limit < OPENBLAS_THREADS_ROOM + OPENBLAS_ROOM_PER_CORE * (os.cpu_count() or 1):
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     if sys.flags.optimize >= 2:
         return ("Python runs with -OO (PYTHONOPTIMIZE=2), which strips the docstrings anndata needs to load; "
                 "unset PYTHONOPTIMIZE (or set it to 1)")
-    if os.environ.get("TORCH_LOGS"):
-        try:
-            import torch  # noqa: F401 (only to see whether it accepts TORCH_LOGS)
-        except Exception as err:  # noqa: BLE001 (PyTorch raises a ValueError listing the valid settings)
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(", must be")[0][:200]
-            return f"PyTorch cannot load with TORCH_LOGS={os.environ['TORCH_LOGS']!r} ({first}); unset it or fix it"
+
     import logging
 
     logging.getLogger("matplotlib").setLevel(logging.ERROR)
     return None
+
+
+OPENBLAS_THREADS_ROOM = 2 * 2**30
+OPENBLAS_ROOM_PER_CORE = 128 * 2**20
+"""Below this address space (plus the part per core) OpenBLAS runs single-threaded: each of its
+threads maps buffers of its own (SciPy's and NumPy's copies both), and under 1–2 GiB they did not fit."""
 
 
 def address_space_limit() -> int | None:

@@ -158,7 +158,7 @@ class BackgroundJobs:
         """Start the pool: ``workers`` spawned processes, each importing ``warm_up`` at once."""
         context = multiprocessing.get_context("spawn")  # no fork after OpenMP/torch threads
         try:
-            # workers ignore SIGINT, SIGTERM and SIGHUP from their first instruction: a Ctrl-C to the
+            # workers ignore the group signals (SIGINT, SIGTERM, SIGHUP, …) from their first instruction: a Ctrl-C to the
             # process group reaches only this process, which then stops them. Deferred too: a signal
             # the kernel hands to another thread (NumPy's BLAS threads do not block it) would still
             # raise here, between starting a worker and sending it what it starts from

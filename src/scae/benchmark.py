@@ -133,7 +133,7 @@ def method(name: str, device: str = "auto") -> Method:
     from scae.likelihoods import get_likelihood
 
     digits, scaled = name[3:].removesuffix("_scaled"), name.endswith("_scaled")
-    if name.startswith("pca") and digits.isascii() and digits.isdigit() and len(digits) > PCA_MAX_DIGITS:
+    if name.startswith("pca") and digits.isascii() and digits.isdigit() and len(digits.lstrip("0")) > PCA_MAX_DIGITS:
         raise ScaeInputError(f"method '{name[:20]}…': at most {10 ** PCA_MAX_DIGITS - 1} principal components")
     if name.startswith("pca") and digits.isascii() and digits.isdigit() and int(digits) >= 1:
         k = int(digits)
@@ -252,7 +252,7 @@ def _checked_latent(latent, method_name: str, data_name: str, n_cells: int) -> n
         raise ScaeInputError(f"{where}: returned a latent of shape {values.shape}; expected ({n_cells}, k) with "
                              "k ≥ 1, one row per cell")
     if not np.isfinite(values).all():
-        raise ScaeInputError(f"{where}: returned a latent with NaN or infinite values")
+        raise ScaeInputError(f"{where}: returned a latent with NaN or infinite values (or beyond 32-bit floats' range)")
     return values
 
 

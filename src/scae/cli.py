@@ -6,6 +6,11 @@ status 2 (no traceback).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m scae.cli: the process is prepared before NumPy loads (its threads)
+    from scae.__main__ import prepare_process
+
+    prepare_process()
+
 import argparse
 import contextlib
 import gc
@@ -19,8 +24,6 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
-
-import numpy as np
 
 from scae import __version__
 from scae import params as rules
@@ -43,7 +46,7 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str, prog: str | None = None) -> NoReturn:
-        message = " ".join(message.split())  # one line, whatever the value held
+        message = printable(" ".join(message.split()))  # one line, whatever the value held
         self.exit(EXIT_USAGE, f"scae: error: {message} (see '{prog or self.prog} --help')\n")
 
     def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
@@ -514,7 +517,7 @@ def _study(args: argparse.Namespace, dataset, load_seconds: float, distributed, 
         procs = f"; {distributed.world_size} processes" if distributed else ""
         print(printable(f"scae: {dataset.name}: {dataset.n_cells} cells × {dataset.n_genes} genes, "
                         f"{len(dataset.classes)} labels ({mode}{counts}); device {device}{procs}"), file=sys.stderr)
-        note = dataset.scale_note() if args.normalize != "none" else None
+        note = dataset.scale_note()
         if note is not None:
             print(f"scae: note: {note}", file=sys.stderr)
     config = StudyConfig(
@@ -812,6 +815,8 @@ def _simulate_into(args: argparse.Namespace) -> int:
     lock = lock_folder(args.out, "simulate")  # one writer at a time (refused before any work): never a mix
     try:  # the three files replace the old ones together (an interrupt leaves one set or the other)
         remove_stale_parts(args.out, SIMULATE_OUTPUTS)
+        import numpy as np
+
         dataset = simulate_dataset(args.cells, args.genes, args.populations, args.seed)
         with atomic_paths([args.out / name for name in SIMULATE_OUTPUTS]) as temps:
             for tmp, matrix in zip(temps, (dataset.X, dataset.raw)):
@@ -833,7 +838,7 @@ def _simulate_into(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scae`` command; returns the exit status.
 
-    SIGINT, SIGTERM and SIGHUP stop the command (worker processes included) with one line on stderr and
+    SIGINT, SIGTERM, SIGHUP (and the other signals of ``interrupts.HANDLED_SIGNALS``) stop the command (worker processes included) with one line on stderr and
     exit status 130, 143 or 129 (a signal the process was started ignoring, as under ``nohup``,
     stays ignored). Called with ``argv`` (tests, scripts), the previous signal handlers
     are restored on return; as the process's own command line, a signal that comes once its
@@ -843,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     second one after an interrupt) ends the process as signals do: status 130, 143 or 129, no message.
     """
     args = build_parser().parse_args(argv)
-    problem = _address_space_problem()
+    problem = _address_space_problem() if args.command != "simulate" else None  # simulate never loads PyTorch
     if problem is not None:
         print(f"scae: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
@@ -879,6 +884,10 @@ def main(argv: list[str] | None = None) -> int:
 def printable(text: str) -> str:
     """``text`` on one line: control characters (a line break in a file name, an escape code) written as
     escapes (``\\n``, ``\\x1b``), so that a message stays one line and cannot move the terminal's cursor."""
+    try:  # the bytes of a file name that is not UTF-8 (surrogate escapes) as \xNN, as in the outputs
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # another lone surrogate
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return "".join(repr(ch)[1:-1] if unicodedata.category(ch) == "Cc" else ch for ch in text)
 
 
@@ -924,6 +933,8 @@ def _run_command(args: argparse.Namespace) -> int:
 
 def _run_command_checked(args: argparse.Namespace) -> int:
     try:
+        if args.command != "simulate":
+            _check_torch_logs()
         if args.command == "study":
             return run_study_command(args)
         if args.command == "fit":
@@ -965,6 +976,23 @@ could not all be mapped, and some failed natively while loading (``std::bad_allo
 aborted) instead of raising an error: measured on the CPU build, 0.6–1.2 GiB."""
 
 
+def _check_torch_logs() -> None:
+    """Refuse, in one line, a ``TORCH_LOGS`` that PyTorch refuses as it loads (a ``ValueError``
+    listing the logs it knows, which came as a traceback); only when the variable is set, since
+    this loads PyTorch before the input is read."""
+    setting = os.environ.get("TORCH_LOGS")
+    if not setting:
+        return
+    try:
+        import torch  # noqa: F401 (to see whether it accepts TORCH_LOGS)
+    except ValueError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if "log settings" not in first:
+            raise
+        raise ScaeInputError(f"PyTorch cannot load with TORCH_LOGS={setting!r} ({first.split(', must be')[0][:200]}); "
+                             "unset it or fix it") from None
+
+
 def _address_space_problem() -> str | None:
     """Why the process's address-space limit is too small to run in, or ``None``."""
     from scae.__main__ import address_space_limit
@@ -988,7 +1016,8 @@ def _import_error_line(err: ImportError) -> str:
     """One line for a library that failed to load, with the likely remedy."""
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
     limit = _limit_text()
-    remedy = (f"{limit}, too little to load it: raise the limit" if limit
+    no_room = any(sign in str(err).lower() for sign in ("failed to map segment", "cannot allocate memory"))
+    remedy = (f"{limit}, too little to load it: raise the limit" if limit and no_room
               else "reinstall scae and its dependencies (see the README's set-up)")
     return f"cannot load {err.name or 'a library scae needs'} ({first}); {remedy}"
 
@@ -1041,7 +1070,4 @@ def _maybe_in_process_group() -> bool:
 
 
 if __name__ == "__main__":
-    from scae.__main__ import prepare_process
-
-    prepare_process()
     sys.exit(main())

@@ -91,6 +91,9 @@ class Dataset:
     raw: object = None
     raw_origin: str | None = None
     gene_selection: dict | None = None
+    normalize: str = "auto"
+    """How the reader was told to take the values (``--normalize``): ``"none"``, as given, silences
+    :meth:`scale_note`."""
 
     def __post_init__(self) -> None:
         if self.obs_names is None:
@@ -184,6 +187,7 @@ class Dataset:
         return Dataset(
             X=X, labels=self.labels, name=self.name, obs_names=self.obs_names, var_names=self.var_names[genes],
             counts=False, stats=None, raw=raw, raw_origin=self.raw_origin, gene_selection=selection,
+            normalize=self.normalize,
         )
 
     def fingerprint(self) -> dict:
@@ -232,7 +236,7 @@ class Dataset:
     def scale_note(self) -> str | None:
         """A note for values taken as given (not as counts) that are non-negative but beyond any
         log scale (above :data:`LOG_SCALE_MAX`): likely counts that are not whole numbers."""
-        if self.counts:
+        if self.counts or self.normalize == "none":
             return None
         low, high = self.value_range()
         if low < 0 or high <= LOG_SCALE_MAX:
@@ -250,7 +254,7 @@ class Dataset:
             stored = stored_source(self.X)
             kind = ("sparse CSR" if hasattr(stored, "indptr") else "dense" if isinstance(stored, H5DenseSource)
                     else "dense, memory-mapped")
-            storage = f"{kind}, streamed from {getattr(stored, 'path', 'disk')}"
+            storage = f"{kind}, streamed from {path_text(getattr(stored, 'path', 'disk'))}"
         else:
             storage = "sparse CSR" if sp.issparse(self.X) else "dense"
         low, high = self.value_range()
@@ -543,12 +547,13 @@ def _validated(
     check_varies(X, source)
     counts = decide_counts(normalize, value_profile(X.data if sp.issparse(X) else X), source)
     raw, raw_origin = _count_data(counts, x_origin, given)
-    return _labelled(X, labels, name, obs_names, var_names, source, counts, origin=origin, raw=raw, raw_origin=raw_origin)
+    return _labelled(X, labels, name, obs_names, var_names, source, counts, origin=origin, raw=raw, raw_origin=raw_origin,
+                     normalize=normalize)
 
 
 def _labelled(
     X, labels, name, obs_names, var_names, source: str, counts: bool, stats: dict | None = None,
-    origin: _LabelOrigin | None = None, raw=None, raw_origin: str | None = None,
+    origin: _LabelOrigin | None = None, raw=None, raw_origin: str | None = None, normalize: str = "auto",
 ) -> Dataset:
     origin = origin or _LabelOrigin.given()
     labels = _as_labels(labels, origin)
@@ -570,6 +575,7 @@ def _labelled(
         stats=stats,
         raw=raw,
         raw_origin=raw_origin,
+        normalize=normalize,
     )
 
 
@@ -845,13 +851,14 @@ def read_counts_labels(
     given = None
     if raw_counts_path is not None:
         raw_path, shape = Path(raw_counts_path), tuple(X.shape)
-        given = _GivenCounts(str(raw_path), lambda: _read_npy_counts(raw_path, not in_memory, shape, str(counts_path)))
+        given = _GivenCounts(path_text(raw_path), lambda: _read_npy_counts(raw_path, not in_memory, shape, str(counts_path)))
     if in_memory:  # already checked by as_matrix
-        return _validated(X, labels, name, None, None, str(counts_path), normalize, origin, str(counts_path), given)
+        return _validated(X, labels, name, None, None, str(counts_path), normalize, origin, path_text(counts_path), given)
     stats, profile = _scan_dense(X, str(counts_path))
     X.counts = decide_counts(normalize, profile, str(counts_path))
     raw, raw_origin = _count_data(X.counts, path_text(counts_path), given)
-    return _labelled(X, labels, name, None, None, str(counts_path), X.counts, stats, origin, raw, raw_origin)
+    return _labelled(X, labels, name, None, None, str(counts_path), X.counts, stats, origin, raw, raw_origin,
+                     normalize=normalize)
 
 
 def _read_npy_counts(path: Path, stream: bool, shape: tuple[int, int], against: str):
@@ -1232,6 +1239,8 @@ def _h5ad_counts_place(path: Path, counts_layer: str | None, counts_raw: bool) -
         for key, var_key in (("raw/X", "raw/var"), ("raw.X", "raw.var")):  # anndata's layout, then its old one
             encoding, shape = _h5ad_matrix_kind(path, key)
             if encoding != "missing":
+                if key == "raw.X":  # read by anndata in memory; its gene table is no data frame to stream beside
+                    encoding = "unknown"
                 return _H5Counts(key, f"{path} raw.X", "adata.raw", encoding, shape, var_key=var_key)
         raise ScaeInputError(
             f"{path}: has no adata.raw for the raw counts; expected a file whose adata.raw.X holds "
@@ -1561,6 +1570,12 @@ def _read_h5ad_streamed(
 
     try:
         with h5py.File(path, "r") as handle:
+            if any(isinstance(handle.get(name), h5py.Dataset) for name in ("obs", "var")):
+                raise ScaeInputError(  # tables as compound arrays: anndata before 0.7 wrote them so
+                    f"{path}: is in an older AnnData layout (obs and var as record arrays), which scae cannot "
+                    "stream; load it without --stream, or write it again with a current anndata "
+                    "(anndata.read_h5ad(path).write_h5ad(new_path))"
+                )
             obs = read_elem(handle["obs"])
             var_names = read_elem(handle["var"]).index.to_numpy() if "var" in handle else None
         if label_key not in obs.columns:
@@ -1587,7 +1602,7 @@ def _read_h5ad_streamed(
     raw, raw_origin = _count_data(source.counts, "X" if layer is None else f"layer '{layer}'", given)
     return _labelled(
         source, obs[label_key], _h5ad_name(path, label_key, layer), obs.index.to_numpy(), var_names,
-        where, source.counts, stats, _obs_label_origin(path, label_key, obs), raw, raw_origin,
+        where, source.counts, stats, _obs_label_origin(path, label_key, obs), raw, raw_origin, normalize=normalize,
     )
 
 

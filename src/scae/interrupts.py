@@ -24,11 +24,16 @@ HANDLED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", 
 signals batch systems send before they stop a job (Grid Engine's ``-notify``), and a CPU-time limit
 reached (``ulimit -S -t``, a queue's soft limit): every one of them would end the process at once,
 leaving its workers' resources to the system, so each stops it as SIGTERM does."""
+GROUP_SIGNALS = tuple(signum for signum in HANDLED_SIGNALS if signum != getattr(signal, "SIGXCPU", None))
+"""The handled signals that may come to a whole process group (a terminal's keys, a batch
+system): worker processes ignore them and leave when their parent stops them. SIGXCPU is for the
+process over its own CPU-time limit: a worker keeps its default action (it ends, and its parent
+reports a worker killed by it)."""
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class Interrupted(BaseException):
-    """SIGINT, SIGTERM or SIGHUP arrived; a ``BaseException``, so ``except Exception`` does not stop it.
+    """A handled signal (SIGINT, SIGTERM, SIGHUP, …: :data:`HANDLED_SIGNALS`) arrived; a ``BaseException``, so ``except Exception`` does not stop it.
 
     Parameters
     ----------
@@ -81,7 +86,7 @@ def raise_if_interrupted() -> None:
 
 @contextmanager
 def signals_raise_interrupted(restore: bool = True) -> Iterator[None]:
-    """Within the block, SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread.
+    """Within the block, the handled signals (:data:`HANDLED_SIGNALS`) raise :class:`Interrupted` in the main thread.
 
     Only the first signal raises: later ones are ignored while the exception unwinds, so a
     second Ctrl-C cannot break off the clean-up (stopping workers, removing partial outputs).
@@ -196,7 +201,7 @@ def signals_deferred() -> Iterator[None]:
 
 @contextmanager
 def signals_blocked_in_children() -> Iterator[None]:
-    """Processes started within the block begin with the handled signals blocked.
+    """Processes started within the block begin with the group signals (:data:`GROUP_SIGNALS`) blocked.
 
     A blocked signal mask is inherited through ``fork`` and ``exec``, so a spawned worker is
     immune from its first instruction (an ignore handler installed by the worker itself would
@@ -213,13 +218,13 @@ def signals_blocked_in_children() -> Iterator[None]:
     # (and the tracker ignores those two). SIGHUP, to a closed terminal's whole process group,
     # would kill it, and every later clean-up would print a traceback: it starts with SIGHUP
     # blocked, which it keeps
-    others = [signum for signum in HANDLED_SIGNALS if signum not in (signal.SIGINT, signal.SIGTERM)]
+    others = [signum for signum in GROUP_SIGNALS if signum not in (signal.SIGINT, signal.SIGTERM)]
     before = signal.pthread_sigmask(signal.SIG_BLOCK, others)
     try:
         resource_tracker.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
     try:
         yield
     finally:
@@ -227,7 +232,8 @@ def signals_blocked_in_children() -> Iterator[None]:
 
 
 def init_worker(parent_pid: int) -> None:
-    """Initializer of a worker process: ignore SIGINT, SIGTERM and SIGHUP, and die with the parent.
+    """Initializer of a worker process: ignore the signals a process group gets (:data:`GROUP_SIGNALS`),
+    and die with the parent.
 
     On Linux the worker asks the kernel for SIGKILL when its parent exits (``PR_SET_PDEATHSIG``),
     so not even a killed parent leaves it running; if the parent is already gone it exits.
@@ -237,7 +243,7 @@ def init_worker(parent_pid: int) -> None:
     parent_pid
         Process id of the process that started this worker.
     """
-    for signum in HANDLED_SIGNALS:
+    for signum in GROUP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     import logging
 

@@ -115,7 +115,7 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> Distrib
 
 
 def _join_group(backend: str, timeout_s: float, device: torch.device) -> None:
-    """``init_process_group``, waited for in slices, so that SIGINT, SIGTERM and SIGHUP still stop this
+    """``init_process_group``, waited for in slices, so that SIGINT, SIGTERM, SIGHUP (…) still stop this
     process while it waits for the others (Python runs signal handlers only between bytecodes,
     and the rendezvous waits in C++); its failures become one :class:`~scae.errors.ScaeInputError`.
 

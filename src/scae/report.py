@@ -354,7 +354,7 @@ def _q1_run_finding(r: RunResult) -> str:
         f"{r.spec.name}: final training loss {_f(last['train_loss'])}, final test loss {_f(last['test_loss'])} "
         f"(test − train = {_f(gap, 3)}); lowest test loss {_f(best['test_loss'])} at epoch {best['epoch']}"
     )
-    if h[0]["test_loss"] <= best["test_loss"]:
+    if h[0]["test_loss"] < best["test_loss"]:
         text += (f" (the untrained network's, at epoch 0, was lower still: {_f(h[0]['test_loss'])}; training did "
                  "not improve on it)")
     rise = (last["test_loss"] - best["test_loss"]) / best["test_loss"]
@@ -558,7 +558,8 @@ def _structure_verdict(reps: dict, run: str, reference: str, kind: str) -> tuple
 
 def _decisive_scores(a: dict, b: dict, scores: tuple[str, ...]) -> list[str]:
     """The ``scores`` (of those both have) on which ``a`` and ``b`` differ beyond their noise (:func:`_noise`)."""
-    return [s for s in scores if s in a and s in b and abs(a[s] - b[s]) > _noise(a, b, s)]
+    return [s for s in scores if s in a and s in b  # as _verdict compares: beyond the noise on either side
+            and (a[s] > b[s] + _noise(a, b, s) or a[s] < b[s] - _noise(a, b, s))]
 
 
 def _scores_evidence(a: dict, b: dict, scores: tuple[str, ...]) -> str:

@@ -21,7 +21,7 @@ from scae.background import available_cores, background_workers  # noqa: F401 (b
 from scae.data import Dataset, stratified_split
 from scae.embeddings import TSNE_WORKERS_FROM_CELLS, BackgroundTSNE, fit_pca, subsample_indices
 from scae.errors import ScaeInputError
-from scae.files import OutputDir
+from scae.files import OutputDir, path_text
 from scae.metrics import convergence_epoch, epochs_to_near_best, representation_scores
 from scae.models import Autoencoder
 from scae.outputs import import_writers, save_model, study_key, write_outputs, write_study  # noqa: F401 (write_study re-exported)
@@ -272,7 +272,7 @@ def _train_runs(dataset, specs, train_idx, test_idx, config, output, distributed
                 if output is not None and found_at.parent != output.models:
                     save_model(model, dataset, config, spec, output.models)
                 if config.progress:
-                    print(f"scae: reusing {spec.name} from {found_at} (--resume)", file=sys.stderr, flush=True)
+                    print(f"scae: reusing {spec.name} from {path_text(found_at)} (--resume)", file=sys.stderr, flush=True)
                 trained(spec, model, True)
             continue
         source = dataset.count_source() if spec.counts else dataset.source()
