@@ -27,8 +27,8 @@ leaving its workers' resources to the system, so each stops it as SIGTERM does."
 GROUP_SIGNALS = tuple(signum for signum in HANDLED_SIGNALS if signum != getattr(signal, "SIGXCPU", None))
 """The handled signals that may come to a whole process group (a terminal's keys, a batch
 system): worker processes ignore them and leave when their parent stops them. SIGXCPU is for the
-process over its own CPU-time limit: a worker keeps its default action (it ends, and its parent
-reports a worker killed by it)."""
+process over its own CPU-time limit: a worker keeps its default action (it ends as any worker that
+dies: its parent starts another for its jobs, and stops with one line if that one dies too)."""
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
