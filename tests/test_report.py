@@ -158,7 +158,7 @@ def test_summary_has_one_line_per_question_with_its_numbers(page, metrics):
 
     rec, orig = reps["ae10_reconstruction"]["ari"], reps["original"]["ari"]
     assert f"k-means ARI {rec:.3f} on the reconstruction vs {orig:.3f} on the original" in q3
-    assert ("survive" in q3) == (orig - rec <= 0.05)
+    assert ("survive" in q3) == (orig >= 0.05 and orig - rec <= _q3_allowed_drop(reps))
 
     acc, pcs = reps["ae2_latent"]["linear_accuracy"], reps["original_pca2"]["linear_accuracy"]
     assert f"is {acc:.3f} (chance {1 / 3:.3f}; in the first two PCs {pcs:.3f})" in q4
@@ -174,11 +174,18 @@ def test_summary_has_one_line_per_question_with_its_numbers(page, metrics):
     assert f"test nonzero MSE {nonzero[0]:.4g} vs {nonzero[1]:.4g}" in q5
 
 
+def _q3_allowed_drop(reps: dict) -> float:
+    """The report's rule: 0.05, or the k-means seed spread of the two when larger (at least 0.02)."""
+    return max(0.05, reps["original"]["ari_std"] + reps["ae10_reconstruction"]["ari_std"])
+
+
 def test_summary_repeats_the_sections_answers(page, result):
     """Each summary line's answer is the one its section's findings give."""
     lines = {line.question: line for line in summary_lines(result)}
     reps = result.representations
-    q3_finding = ("The clusters survive reconstruction" if reps["original"]["ari"] - reps["ae10_reconstruction"]["ari"] <= 0.05
+    q3_finding = ("The labels form no k-means clusters" if reps["original"]["ari"] < 0.05
+                  else "The clusters survive reconstruction"
+                  if reps["original"]["ari"] - reps["ae10_reconstruction"]["ari"] <= _q3_allowed_drop(reps)
                   else "The reconstruction loses cluster structure")
     assert q3_finding in page
     assert ("survive" in lines["Q3"].answer) == q3_finding.startswith("The clusters survive")
@@ -374,7 +381,7 @@ def test_beyond_summary_cites_the_scores_behind_its_verdict(result, moved):
         assert line.evidence.startswith("silhouette 0.550 vs 0.500 (the top 10 PCs) and 0.500 (ae10 latent); ")
         assert "ARI" not in line.evidence and "15-NN" not in line.evidence
     else:
-        assert line.answer.startswith("the recommended latent is no clear difference from the top 10 PCs")
+        assert line.answer.startswith("the recommended latent is about as good as the top 10 PCs")
         assert line.evidence.startswith("15-NN accuracy 0.500 vs 0.500 (the top 10 PCs) and 0.500 (ae10 latent); "
                                         "k-means ARI 0.515 vs 0.500 (the top 10 PCs) and 0.500 (ae10 latent) "
                                         "(differences within the scores' noise); ")
@@ -577,3 +584,59 @@ def test_q5_mentions_knn_only_where_it_points_the_other_way():
         "within 0.01 count as the same), unlike the verdict from ARI, NMI and silhouette (worse)."]
     agreeing = {"latent": ("better", 2, 0), "reconstruction": ("mixed", 1, 1)}
     assert _q5_knn_disagreements(reps, "nz", "ae", agreeing) == []
+
+
+@pytest.mark.parametrize(("original", "reconstruction", "answer", "finding"), [
+    ((0.387, 0.06), (0.303, 0.044), "the clusters survive the ae10 reconstruction",
+     "The clusters survive reconstruction: k-means on the reconstruction agrees with the labels at least as well as on "
+     "the original, within 0.104 ARI (the k-means seed spread, larger than 0.05)."),
+    ((0.387, 0.01), (0.303, 0.01), "the ae10 reconstruction loses cluster structure",
+     "The reconstruction loses cluster structure: its k-means ARI is 0.084 below the original's (more than 0.05)."),
+    ((-0.0001, 0.0), (-0.0004, 0.0), "no cluster structure to keep: the labels form no k-means clusters in the "
+     "original data", "The labels form no k-means clusters in the original data (ARI 0.000, below 0.05), so there is "
+     "no cluster structure for the reconstruction to keep or lose."),
+])
+def test_q3_verdict_counts_the_seed_spread_and_needs_clusters_to_keep(result, original, reconstruction, answer, finding):
+    """A drop within the k-means seed spread was called 'about the same' and 'loses' in two sentences; an input
+    without clusters (noise, random labels) was said to keep them."""
+    reps = copy.deepcopy(result.representations)
+    for key, (ari, std) in (("original", original), ("ae10_reconstruction", reconstruction)):
+        reps[key].update(ari=ari, ari_std=std)
+    changed = replace(result, representations=reps)
+    line = next(s for s in summary_lines(changed) if s.question == "Q3")
+    assert line.answer == answer
+    assert "-0.000" not in line.evidence
+    page = html.unescape(build_report(changed, result.metrics(), {}))
+    assert finding in page
+
+
+def test_q5_explains_a_higher_all_entries_error_only_when_it_is_higher(result, metrics):
+    """'over all entries it is the same (0.9023 vs 0.9022)' was followed by why it is higher."""
+    runs = dict(result.runs)
+    mse = runs["ae10"].errors["test"]["mse"]
+    errors = copy.deepcopy(runs["ae10_nonzero"].errors)
+    errors["test"]["mse"] = mse * 1.0001
+    runs["ae10_nonzero"] = replace(runs["ae10_nonzero"], errors=errors)
+    q5 = html.unescape(section_html(build_report(replace(result, runs=runs), metrics, {}), "Q5 "))
+    assert "over all entries it is the same (" in q5
+    assert "is not penalised for what it predicts where the input is zero" not in q5
+    assert "test MSE is the same than" not in q5
+
+
+def test_q2_leaves_capacity_out_when_the_smallest_latent_carries_all_the_variance(result, metrics):
+    variance = {k: 0.9997 for k in result.explained_variance}
+    q2 = html.unescape(section_html(build_report(replace(result, explained_variance=variance), metrics, {}), "Q2 "))
+    smallest = min(variance, key=lambda k: int(str(k)))
+    assert (f"the top {smallest} PCs already carry nearly all of it, so every latent size here has room for what "
+            "the data varies in") in q2
+    assert "as that predicts" not in q2 and "a larger bottleneck could keep more" not in q2
+
+
+def test_q1_says_levelled_off_not_still_falling_when_the_best_epoch_is_long_past(result, metrics):
+    model = copy.copy(result.runs["ae10"].model)
+    model.history_ = [{"epoch": e, "train_loss": 1.0 - e / 100, "test_loss": t}
+                      for e, t in enumerate([1.0, 0.8, 0.69, 0.70, 0.695, 0.6913])]
+    runs = {**result.runs, "ae10": replace(result.runs["ae10"], model=model)}
+    q1 = html.unescape(section_html(build_report(replace(result, runs=runs), metrics, {}), "Q1 "))
+    assert "lowest test loss 0.69 at epoch 2; the test loss has levelled off: the last epoch's is 0.2% above its lowest." in q1
+    assert "more epochs could help" not in q1.split("ae10: final training loss")[1].split("ae50")[0]

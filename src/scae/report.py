@@ -23,13 +23,18 @@ if TYPE_CHECKING:
     from scae.results import RunResult, StudyResult
 
 SURVIVES_ARI_DROP = 0.05
-"""A reconstruction 'keeps' the clusters when its k-means ARI is at most this much below the input's."""
+"""A reconstruction 'keeps' the clusters when its k-means ARI is at most this much below the input's
+(or the k-means seed spread of the two, when that is larger: a drop within it is not measured)."""
+NO_CLUSTERS_ARI = 0.05
+"""Below this k-means ARI on the input, the labels form no clusters for a reconstruction to keep or lose."""
 SURVIVES_KNN_DROP = 0.05
 """By 15-nearest-neighbour label accuracy, a reconstruction keeps the labels apart when its accuracy is at
 most this much below the input's (Q3 says so when this verdict differs from the ARI one)."""
 KNN_NOISE = 0.01
 """Smallest difference in 15-NN label accuracy between two representations that counts as real."""
 SCORES = ("ari", "nmi", "silhouette", "knn_accuracy")
+ALL_VARIANCE = 0.999
+"""Explained by the smallest latent size's PCs, this share of the variance leaves capacity out of Q2's answer."""
 SCORE_LABELS = {"ari": "k-means ARI", "nmi": "NMI", "silhouette": "silhouette", "knn_accuracy": "15-NN accuracy"}
 """The cluster scores compared between representations (k-means ARI and NMI, silhouette, 15-NN)."""
 SEPARABLE_ACCURACY = 0.9
@@ -221,13 +226,25 @@ def _f(x: float | None, digits: int = 4) -> str:
 
 
 def _pct_change(new: float, old: float) -> str:
-    """'12.3% lower' / '4.0% higher' of ``new`` relative to ``old``."""
-    if old == 0:
-        return "different"
+    """'12.3% lower' / '4.0% higher' of ``new`` relative to ``old`` ('the same' within 0.05%; against an
+    ``old`` of about 0, an exact fit whose error is rounding noise, no percentage)."""
+    if abs(old) < 1e-9:
+        return "the same" if abs(new) < 1e-9 else ("higher" if new > old else "lower")
     change = (new - old) / abs(old) * 100
     if abs(change) < 0.05:
         return "the same"
     return f"{abs(change):.1f}% {'lower' if change < 0 else 'higher'}"
+
+
+def _ari(value: float) -> str:
+    """An ARI to 3 decimals, without the sign of a negative zero ("-0.000")."""
+    return f"{value:.3f}".replace("-0.000", "0.000")
+
+
+def _than(new: float, old: float) -> str:
+    """:func:`_pct_change` to go before a noun: 'the same as' / '12.3% lower than'."""
+    change = _pct_change(new, old)
+    return "the same as" if change == "the same" else f"{change} than"
 
 
 def _score_rows(reps: dict, keys: list[str]) -> list[list[str]]:
@@ -240,7 +257,7 @@ def _score_rows(reps: dict, keys: list[str]) -> list[list[str]]:
         rows.append([
             r["description"],
             str(r["dims"]),
-            f"{r['ari']:.3f} ± {r['ari_std']:.3f}",
+            f"{_ari(r['ari'])} ± {r['ari_std']:.3f}",
             f"{r['nmi']:.3f} ± {r['nmi_std']:.3f}",
             f"{r['silhouette']:.3f}",
             f"{r['knn_accuracy']:.3f}" if "knn_accuracy" in r else "–",
@@ -264,9 +281,9 @@ def _compare_scores(reps: dict, a: str, b: str, name_a: str, name_b: str) -> str
     d_ari = rb["ari"] - ra["ari"]
     noise = _noise(ra, rb, "ari")
     if abs(d_ari) <= noise:
-        ari_text = f"k-means ARI is about the same ({ra['ari']:.3f} vs {rb['ari']:.3f}; the difference is within the k-means seed spread of {noise:.3f})"
+        ari_text = f"k-means ARI is about the same ({_ari(ra['ari'])} vs {_ari(rb['ari'])}; the difference is within the k-means seed spread of {noise:.3f})"
     else:
-        ari_text = f"k-means ARI {'rises' if d_ari > 0 else 'falls'} from {ra['ari']:.3f} ({name_a}) to {rb['ari']:.3f} ({name_b})"
+        ari_text = f"k-means ARI {'rises' if d_ari > 0 else 'falls'} from {_ari(ra['ari'])} ({name_a}) to {_ari(rb['ari'])} ({name_b})"
     d_sil = rb["silhouette"] - ra["silhouette"]
     sil_text = (
         f"the labels' silhouette {'rises' if d_sil > 0 else 'falls'} from {ra['silhouette']:.3f} to {rb['silhouette']:.3f}"
@@ -364,8 +381,10 @@ def _q1_run_finding(r: RunResult) -> str:
             return text + (f", after which it rose by {rise * 100:.1f}% while the training loss kept falling "
                            f"({_f(train_at_best)} → {_f(last['train_loss'])}): the model overfits the training cells.")
         return text + f", after which it rose by {rise * 100:.1f}% (the training loss did not fall either)."
-    if last["test_loss"] < h[-2]["test_loss"] - 0.001 * abs(h[-2]["test_loss"]):
+    if best["epoch"] == last["epoch"] and last["test_loss"] < h[-2]["test_loss"] - 0.001 * abs(h[-2]["test_loss"]):
         return text + "; the test loss was still falling in the last epoch, so more epochs could help."
+    if best["epoch"] < last["epoch"]:
+        return text + f"; the test loss has levelled off: the last epoch's is {max(rise, 0.0) * 100:.1f}% above its lowest."
     return text + "; the test loss has levelled off."
 
 
@@ -382,7 +401,7 @@ def _section_q1(result: StudyResult) -> Section | None:
         *(_q1_run_finding(r) for r in runs),
     ]
     la, lb = a.model.history_[-1]["test_loss"], b.model.history_[-1]["test_loss"]
-    items.append(f"{b.spec.name}'s final test loss is {_pct_change(lb, la)} than {a.spec.name}'s.")
+    items.append(f"{b.spec.name}'s final test loss is {_than(lb, la)} {a.spec.name}'s.")
     rows = []
     for r in runs:
         h = r.model.history_
@@ -425,7 +444,12 @@ def _section_q2(result: StudyResult) -> Section:
     if ev and mse_runs:
         ordered = all(a.errors["test"]["mse"] > b.errors["test"]["mse"] for a, b in pairwise(by_dim))
         variance = ", ".join(f"{k} PCs explain {v * 100:.1f}%" for k, v in ev.items())
-        if ordered:
+        smallest = min(ev, key=int)  # keys are the sizes as text
+        if ev[smallest] >= ALL_VARIANCE:
+            items.append(f"On this data the top {variance} of the variance: the top {smallest} PCs already carry "
+                         f"nearly all of it, so every latent size here has room for what the data varies in, and the "
+                         "differences in test MSE come from training, not from the bottleneck's capacity.")
+        elif ordered:
             items.append(f"Why: a bottleneck of k dimensions can keep at most what k directions carry; on this data the "
                          f"top {variance} of the variance, and the test MSE falls as the latent size grows, as that predicts.")
         else:
@@ -439,8 +463,7 @@ def _section_q2(result: StudyResult) -> Section:
                 f"the training cells): test MSE {_pct_change(r.errors['test']['mse'], base['test']['mse'])}."
             )
     for r in result.runs.values():
-        gap = _pct_change(r.errors["test"]["mse"], r.errors["train"]["mse"])
-        items.append(f"{r.spec.name}: test MSE is {gap} than train MSE.")
+        items.append(f"{r.spec.name}: test MSE is {_than(r.errors['test']['mse'], r.errors['train']['mse'])} train MSE.")
     return Section(summary=_q2_summary(result, mse_runs, ordered) if mse_runs else None,
                    findings=items, tables={"errors": rows})
 
@@ -478,20 +501,29 @@ def _section_q3(result: StudyResult) -> Section | None:
         _compare_scores(reps, "original", f"{n}_reconstruction", "the original data", f"the {n} reconstruction")
     ]
     drop = original - reconstruction
-    survives = drop <= SURVIVES_ARI_DROP
-    if survives:
+    allowed = max(SURVIVES_ARI_DROP, _noise(reps["original"], reps[f"{n}_reconstruction"], "ari"))
+    survives = drop <= allowed
+    no_clusters = original < NO_CLUSTERS_ARI
+    if no_clusters:
+        items.append(f"The labels form no k-means clusters in the original data (ARI {_ari(original)}, below "
+                     f"{NO_CLUSTERS_ARI}), so there is no cluster structure for the reconstruction to keep or lose.")
+    elif survives:
         items.append(f"The clusters survive reconstruction: k-means on the reconstruction agrees with the labels at least "
-                     f"as well as on the original, within {SURVIVES_ARI_DROP} ARI.")
+                     f"as well as on the original, within {allowed:.3g} ARI"
+                     + (f" (the k-means seed spread, larger than {SURVIVES_ARI_DROP})." if allowed > SURVIVES_ARI_DROP else "."))
     else:
-        items.append(f"The reconstruction loses cluster structure: its k-means ARI is {drop:.3f} below the original's.")
-    items += _q3_knn_disagreement(reps["original"], reps[f"{n}_reconstruction"], survives)
+        items.append(f"The reconstruction loses cluster structure: its k-means ARI is {drop:.3f} below the original's "
+                     f"(more than {allowed:.3g}).")
+    if not no_clusters:
+        items += _q3_knn_disagreement(reps["original"], reps[f"{n}_reconstruction"], survives)
     pcs = _largest_pca(reps)
     if pcs:
         items.append(_compare_scores(reps, pcs, f"{n}_reconstruction", f"the top {reps[pcs]['dims']} PCs of the input", f"the {n} reconstruction"))
     summary = SummaryLine(
         "Q3",
-        f"the clusters survive the {n} reconstruction" if survives else f"the {n} reconstruction loses cluster structure",
-        f"k-means ARI {reconstruction:.3f} on the reconstruction vs {original:.3f} on the original",
+        ("no cluster structure to keep: the labels form no k-means clusters in the original data" if no_clusters
+         else f"the clusters survive the {n} reconstruction" if survives else f"the {n} reconstruction loses cluster structure"),
+        f"k-means ARI {_ari(reconstruction)} on the reconstruction vs {_ari(original)} on the original",
     )
     return Section(summary=summary, findings=items, run=n,
                    tables={"scores": _score_rows(reps, ["original", pcs, f"{n}_reconstruction", f"{n}_latent"])})
@@ -533,7 +565,7 @@ def _section_q4(result: StudyResult) -> Section | None:
         (f"The 2-D latent space is {verdict}: a logistic regression fitted on the training cells' 2-D codes "
          f"classifies the held-out cells with balanced accuracy {acc:.3f} (chance: {chance:.3f}; ≥ {SEPARABLE_ACCURACY} "
          f"counts as largely separable, ≥ {PARTLY_SEPARABLE_ACCURACY} as partly)."),
-        f"k-means in the 2-D latent: ARI {r['ari']:.3f} ± {r['ari_std']:.3f}, NMI {r['nmi']:.3f}; silhouette of the labels {r['silhouette']:.3f}.",
+        f"k-means in the 2-D latent: ARI {_ari(r['ari'])} ± {r['ari_std']:.3f}, NMI {r['nmi']:.3f}; silhouette of the labels {r['silhouette']:.3f}.",
     ]
     evidence = f"a linear classifier's balanced accuracy on the test cells is {acc:.3f} (chance {chance:.3f}"
     if "original_pca2" in reps:
@@ -595,11 +627,11 @@ def _section_q5(result: StudyResult) -> Section | None:
         m = ref.spec.name
         e, f_ = run.errors["test"], ref.errors["test"]
         items.append(
-            f"On the nonzero entries, {n}'s test MSE is {_pct_change(e['nonzero_mse'], f_['nonzero_mse'])} than {m}'s "
+            f"On the nonzero entries, {n}'s test MSE is {_than(e['nonzero_mse'], f_['nonzero_mse'])} {m}'s "
             f"({_f(e['nonzero_mse'])} vs {_f(f_['nonzero_mse'])}); over all entries it is "
             f"{_pct_change(e['mse'], f_['mse'])} ({_f(e['mse'])} vs {_f(f_['mse'])})."
         )
-        if e["mse"] > f_["mse"]:
+        if "higher" in _pct_change(e["mse"], f_["mse"]):  # not when the two print the same
             items.append(f"{n} is not penalised for what it predicts where the input is zero, so its all-entries error "
                          "includes the zeros it fills in (which a denoising view may want, but MSE counts as error).")
         for kind in ("latent", "reconstruction"):
@@ -623,7 +655,7 @@ def _section_q5(result: StudyResult) -> Section | None:
     else:
         summary = SummaryLine(
             "Q5", f"no MSE run with latent size {run.spec.latent_dim} to compare {n} with",
-            f"k-means ARI {reps[f'{n}_latent']['ari']:.3f} in its latent vs {reps['original']['ari']:.3f} on the original",
+            f"k-means ARI {_ari(reps[f'{n}_latent']['ari'])} in its latent vs {_ari(reps['original']['ari'])} on the original",
         )
     items.append(_compare_scores(reps, "original", f"{n}_latent", "the original data", f"the {n} latent"))
     if ref is not None:
@@ -738,7 +770,7 @@ def _model_description(run: RunResult) -> list[str]:
                      f"(patience {p['patience']} epochs): it trained {trained} of at most {p['epochs']} epochs "
                      f"({stop}) and kept the weights of epoch {run.model.best_epoch_}")
     else:
-        training += f"; {trained} epochs"
+        training += f"; {trained} epoch{'s' if trained != 1 else ''}"
     lines.append(training + ".")
     if counts:
         lines.append("Its reconstruction is log1p(expected proportion of the library × 10⁴): the scale of the "
@@ -774,10 +806,11 @@ def _versus(reps: dict, a: str, b: str, name_a: str, name_b: str) -> tuple[Findi
 
 
 def _verdict_phrase(word: str, other: str) -> str:
-    """'better than X' / 'worse than X' / 'mixed against X' / 'no clear difference from X'."""
+    """What follows 'the latent is': 'better than X' / 'worse than X' / 'better than X on some scores and
+    worse on others' / 'about as good as X'."""
     if word in ("better", "worse"):
         return f"{word} than {other}"
-    return f"mixed against {other}" if word == "mixed" else f"no clear difference from {other}"
+    return f"better than {other} on some scores and worse on others" if word == "mixed" else f"about as good as {other}"
 
 
 def _denoising_rows(result: StudyResult) -> list[list[str]]:
