@@ -567,6 +567,7 @@ def test_gene_selection_is_stated_in_the_input_facts(result):
     (True, (0.90, 0.80), "disagrees: it falls from 0.900 on the original to 0.800 on the reconstruction (more than 0.05)"),
     (False, (0.90, 0.88), "disagrees: 0.880 on the reconstruction vs 0.900 on the original (at most 0.05 lower)"),
     (False, (0.90, 0.70), None),
+    (False, (0.88, 0.90), "disagrees: 0.900 on the reconstruction vs 0.880 on the original (not lower)"),
 ])
 def test_q3_mentions_knn_only_when_it_gives_the_other_verdict(survives, knn, expected):
     items = _q3_knn_disagreement({"knn_accuracy": knn[0]}, {"knn_accuracy": knn[1]}, survives)

@@ -541,9 +541,9 @@ def _q3_knn_disagreement(original: dict, reconstruction: dict, survives: bool) -
         return [f"15-nearest-neighbour label accuracy, which does not depend on k-means finding round clusters, "
                 f"disagrees: it falls from {before:.3f} on the original to {after:.3f} on the reconstruction "
                 f"(more than {SURVIVES_KNN_DROP}), so the labels mix more in the reconstruction's neighbourhoods."]
+    change = "not lower" if after >= before else f"at most {SURVIVES_KNN_DROP} lower"
     return [f"15-nearest-neighbour label accuracy, which does not depend on k-means finding round clusters, "
-            f"disagrees: {after:.3f} on the reconstruction vs {before:.3f} on the original (at most "
-            f"{SURVIVES_KNN_DROP} lower), so the labels stay apart in the reconstruction's neighbourhoods "
+            f"disagrees: {after:.3f} on the reconstruction vs {before:.3f} on the original ({change}), so the labels stay apart in the reconstruction's neighbourhoods "
             "even where k-means does not recover them."]
 
 
