@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from conftest import scae_env
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from torch import nn
@@ -776,3 +779,39 @@ def test_device_before_fit_is_not_fitted():
 
     with pytest.raises(NotFittedError):
         Autoencoder().device_
+
+
+# ---------------------------------------------------------------- the host session
+def test_a_float64_default_dtype_or_no_grad_in_the_caller_changes_nothing(small_dense, tmp_path):
+    """torch.set_default_dtype(torch.float64) made a float64 network meet float32 batches; fit within
+    torch.no_grad() or torch.inference_mode() had no gradients. Same numbers, the caller's settings back."""
+    reference = Autoencoder(epochs=2, random_state=0, progress=False).fit(small_dense).transform(small_dense)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = Autoencoder(epochs=2, random_state=0, progress=False).fit(small_dense)
+        assert torch.get_default_dtype() == torch.float64
+        np.testing.assert_array_equal(model.transform(small_dense), reference)
+        model.save(tmp_path / "m.pt")
+        np.testing.assert_array_equal(Autoencoder.load(tmp_path / "m.pt").transform(small_dense), reference)
+    finally:
+        torch.set_default_dtype(previous)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            model = Autoencoder(epochs=2, random_state=0, progress=False).fit(small_dense)
+            assert not torch.is_grad_enabled()
+        np.testing.assert_array_equal(model.transform(small_dense), reference)
+
+
+def test_fitting_without_a_progress_bar_leaves_multiprocessing_alone_and_needs_no_stderr():
+    """A disabled tqdm bar still fixed multiprocessing's start method (a later set_start_method failed);
+    an enabled one wrote to a sys.stderr that was None (pythonw, some services)."""
+    code = ("import multiprocessing as mp, sys, numpy as np, scae\n"
+            "X = np.random.default_rng(0).random((60, 8), dtype=np.float32)\n"
+            "scae.Autoencoder(epochs=1, progress=False).fit(X)\n"
+            "print(mp.get_start_method(allow_none=True))\n"
+            "sys.stderr = None\n"
+            "scae.Autoencoder(epochs=1, progress=True).fit(X)\n"
+            "print('fitted')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=scae_env(), timeout=120)
+    assert out.stdout.split() == ["None", "fitted"], out.stderr

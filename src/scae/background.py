@@ -18,10 +18,9 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Self
 
-from tqdm.auto import tqdm
-
 from scae.errors import ScaeInputError
 from scae.interrupts import init_worker, signals_blocked_in_children, signals_deferred
+from scae.progress import progress_bar
 
 
 POLL_SECONDS = 0.5
@@ -209,8 +208,7 @@ class BackgroundJobs:
         Jobs waiting here (all of them without workers; the light ones the workers had no room
         for) run in this process, one at a time, while every worker is busy; whenever one is idle,
         the next waiting job goes to it instead."""
-        bar = tqdm(total=len(self._keys), desc=self._description, unit="job", disable=not self._progress,
-                   leave=False)
+        bar = progress_bar(self._progress, total=len(self._keys), desc=self._description, unit="job", leave=False)
         out: dict[str, tuple[Any, float]] = {}
         try:
             dead_since = None
@@ -305,8 +303,11 @@ class BackgroundJobs:
                 "stopping. If memory is short, give the study more or a smaller input"
             )
         self._restarted = True
-        tqdm.write(f"scae: warning: a background worker process stopped unexpectedly ({_how(codes)}); "
-                   "restarting it", file=sys.stderr)
+        if sys.stderr is not None:
+            from tqdm.auto import tqdm  # its write keeps a progress bar on screen intact
+
+            tqdm.write(f"scae: warning: a background worker process stopped unexpectedly ({_how(codes)}); "
+                       "restarting it", file=sys.stderr)
         self._start_workers()
         self._futures = {}
         try:

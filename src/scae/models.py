@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -184,6 +185,25 @@ class AutoencoderNet(nn.Module):
             dropout_logit=None if self.dropout_head is None else self.dropout_head(h),
             kl=kl,
         )
+
+
+def _in_float32_with_grad(method):
+    """Run ``method`` with PyTorch's defaults a model needs, whatever the caller set: float32 as the
+    default dtype (a network built under ``torch.set_default_dtype(torch.float64)`` met float32
+    batches), and gradients on, outside inference mode (``fit`` called within ``torch.no_grad()``).
+    The caller's settings are back on return."""
+
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                return method(*args, **kwargs)
+        finally:
+            torch.set_default_dtype(previous)
+
+    return wrapped
 
 
 class Autoencoder(TransformerMixin, BaseEstimator):
@@ -385,6 +405,7 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         _check_counts(source, what, self.loss)
         return source
 
+    @_in_float32_with_grad
     def fit(
         self,
         X,
@@ -471,22 +492,26 @@ class Autoencoder(TransformerMixin, BaseEstimator):
         if source.n_cols != self.n_features_in_:
             raise ScaeInputError(f"X has {source.n_cols} genes (columns); the model expects {self.n_features_in_}")
 
+    @_in_float32_with_grad
     def transform(self, X) -> np.ndarray:
         """Latent representation, cells × ``latent_dim``."""
         source = self._source(X)
         return encode(self.net_, source, self.device_)
 
+    @_in_float32_with_grad
     def reconstruct(self, X) -> np.ndarray:
         """Reconstructed (denoised) expression, cells × genes; for a count loss on the
         log-normalised scale, ``log1p(ρ × 10⁴)`` with ρ the expected proportions."""
         source = self._source(X)
         return predict(self.net_, source, self.device_)[1]
 
+    @_in_float32_with_grad
     def transform_and_reconstruct(self, X) -> tuple[np.ndarray, np.ndarray]:
         """Latent representation and reconstruction in one pass."""
         source = self._source(X)
         return predict(self.net_, source, self.device_)
 
+    @_in_float32_with_grad
     def reconstruction_error(self, X) -> dict[str, float]:
         """MSE over all entries (``mse``) and over the nonzero entries (``nonzero_mse``) of what
         the network encodes (for a count loss: the log-normalised counts) and its reconstruction."""
@@ -528,6 +553,7 @@ class Autoencoder(TransformerMixin, BaseEstimator):
             tmp.write_bytes(buffer.getbuffer())
 
     @classmethod
+    @_in_float32_with_grad
     def load(cls, path: str | Path, device: str | None = None) -> Autoencoder:
         """Load a model written by :meth:`save` (weights-only loading: no code is executed).
 

@@ -327,7 +327,7 @@ class Stopwatch:
     @contextmanager
     def stage(self, name: str, message: str | None = None):
         raise_if_interrupted()
-        if self.verbose and message:
+        if self.verbose and message and sys.stderr is not None:  # None: print would write to stdout
             print(f"scae: {message}", file=sys.stderr, flush=True)
         started = time.perf_counter()
         yield

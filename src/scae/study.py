@@ -272,7 +272,9 @@ def _train_runs(dataset, specs, train_idx, test_idx, config, output, distributed
                 if output is not None and found_at.parent != output.models:
                     save_model(model, dataset, config, spec, output.models)
                 if config.progress:
-                    print(f"scae: reusing {spec.name} from {path_text(found_at)} (--resume)", file=sys.stderr, flush=True)
+                    if sys.stderr is not None:  # None: print would write to stdout
+                        print(f"scae: reusing {spec.name} from {path_text(found_at)} (--resume)", file=sys.stderr,
+                              flush=True)
                 trained(spec, model, True)
             continue
         source = dataset.count_source() if spec.counts else dataset.source()

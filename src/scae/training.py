@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from scae.errors import ScaeInputError
 from scae.interrupts import raise_if_interrupted
@@ -28,6 +27,7 @@ from scae.likelihoods import get_likelihood
 from scae.losses import LossTotals
 from scae.optim import Adam, CosineSchedule, PlateauSchedule
 from scae.parallel import Distributed, accumulator_dtype, all_reduce_sum
+from scae.progress import progress_bar
 from scae.sources import (
     DISK_BLOCK_ROWS,
     BatchLoader,
@@ -329,8 +329,7 @@ def train_network(
     history = [record(0, evaluate_losses(net, train, {"objective": objective["objective"]}, device, distributed)["objective"])]
     check_finite_record(history[0], learning_rate)
     show = progress and (distributed is None or distributed.is_main)
-    bar = tqdm(total=epochs * train.n_rows, desc=description, unit="cell", unit_scale=True,
-               disable=not show, leave=False)
+    bar = progress_bar(show, total=epochs * train.n_rows, desc=description, unit="cell", unit_scale=True, leave=False)
     train_seconds, trained_cells = 0.0, 0
     # dropout and latent samples draw from torch's generator: seeded here, the caller's state restored after
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
