@@ -27,7 +27,7 @@ from typing import NoReturn
 
 from scae import __version__
 from scae import params as rules
-from scae.errors import ScaeInputError
+from scae.errors import ScaeInputError, first_line
 from scae.interrupts import Interrupted, kill_child_processes, signals_raise_interrupted, watched_signals
 from scae.presets import BENCHMARK_METHODS, PRESETS, RECOMMENDED
 
@@ -964,9 +964,8 @@ def _run_command_checked(args: argparse.Namespace) -> int:
             raise
         # a collective failed: another process of the torchrun group died or stopped
         rank = os.environ.get("RANK", "?")
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"scae: error: process {rank}: the torchrun group broke off (another process failed or was "
-              f"stopped; see its message); stopping. ({first[:200]})", file=sys.stderr)
+              f"stopped; see its message); stopping. ({first_line(err)[:200]})", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -986,7 +985,7 @@ def _check_torch_logs() -> None:
     try:
         import torch  # noqa: F401 (to see whether it accepts TORCH_LOGS)
     except ValueError as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         if "log settings" not in first:
             raise
         raise ScaeInputError(f"PyTorch cannot load with TORCH_LOGS={setting!r} ({first.split(', must be')[0][:200]}); "
@@ -1000,8 +999,8 @@ def _address_space_problem() -> str | None:
     limit = address_space_limit()
     if limit is None or limit >= MIN_ADDRESS_SPACE:
         return None
-    return (f"the process's address space is limited to {limit / 2**20:,.0f} MiB (ulimit -v); scae needs at least "
-            f"{MIN_ADDRESS_SPACE / 2**20:,.0f} MiB to load PyTorch and its libraries: raise the limit")
+    return (f"{_limit_text()}; scae needs at least {MIN_ADDRESS_SPACE / 2**20:,.0f} MiB to load PyTorch and its "
+            "libraries: raise the limit")
 
 
 def _limit_text() -> str:
@@ -1014,7 +1013,7 @@ def _limit_text() -> str:
 
 def _import_error_line(err: ImportError) -> str:
     """One line for a library that failed to load, with the likely remedy."""
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    first = first_line(err)[:300]
     limit = _limit_text()
     no_room = any(sign in str(err).lower() for sign in ("failed to map segment", "cannot allocate memory"))
     remedy = (f"{limit}, too little to load it: raise the limit" if limit and no_room

@@ -233,12 +233,13 @@ class Dataset:
             return float(self._measured["value_min"]), float(self._measured["value_max"])
         return float(self.X.min()), float(self.X.max())
 
-    def scale_note(self) -> str | None:
+    def scale_note(self, value_range: tuple[float, float] | None = None) -> str | None:
         """A note for values taken as given (not as counts) that are non-negative but beyond any
-        log scale (above :data:`LOG_SCALE_MAX`): likely counts that are not whole numbers."""
+        log scale (above :data:`LOG_SCALE_MAX`): likely counts that are not whole numbers.
+        ``value_range``: :meth:`value_range`, when the caller has it already (it is a pass over the matrix)."""
         if self.counts or self.normalize == "none":
             return None
-        low, high = self.value_range()
+        low, high = self.value_range() if value_range is None else value_range
         if low < 0 or high <= LOG_SCALE_MAX:
             return None
         return (f"the values were used as given, but they reach {high:.4g}, beyond a log-normalised scale "
@@ -273,7 +274,7 @@ class Dataset:
             "zero_fraction": round(self.zero_fraction(), 6),
             "value_min": float(low),
             "value_max": float(high),
-            "scale_note": self.scale_note(),
+            "scale_note": self.scale_note((low, high)),
             "constant_genes": self.constant_genes(),
             "label_counts": {str(c): int(n) for c, n in zip(classes, counts)},
         }

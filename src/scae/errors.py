@@ -6,3 +6,8 @@ class ScaeInputError(ValueError):
 
     The command line prints the message as one line and exits with status 2.
     """
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line reports."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -17,7 +17,7 @@ from datetime import timedelta
 
 import torch
 
-from scae.errors import ScaeInputError
+from scae.errors import ScaeInputError, first_line
 from scae.params import launched_by_torchrun
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -156,7 +156,7 @@ def _join_group(backend: str, timeout_s: float, device: torch.device) -> None:
                   file=sys.stderr, flush=True)
     if failure:
         err = failure[0]
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        first = first_line(err)[:300]
         raise ScaeInputError(
             f"torchrun: process {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')} could not join its group "
             f"({first}); start every process with torchrun, or unset WORLD_SIZE and RANK to run one process"
