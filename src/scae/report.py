@@ -590,7 +590,7 @@ def _structure_verdict(reps: dict, run: str, reference: str, kind: str) -> tuple
 
 def _decisive_scores(a: dict, b: dict, scores: tuple[str, ...]) -> list[str]:
     """The ``scores`` (of those both have) on which ``a`` and ``b`` differ beyond their noise (:func:`_noise`)."""
-    return [s for s in scores if s in a and s in b  # as _verdict compares: beyond the noise on either side
+    return [s for s in scores if s in a and s in b
             and (a[s] > b[s] + _noise(a, b, s) or a[s] < b[s] - _noise(a, b, s))]
 
 
@@ -604,9 +604,9 @@ def _scores_evidence(a: dict, b: dict, scores: tuple[str, ...]) -> str:
 def _verdict(a: dict, b: dict, scores: tuple[str, ...]) -> tuple[str, int, int]:
     """Whether representation ``a`` scores better than ``b``: ``(word, scores up, scores down)``
     over ``scores`` (those both have), each beyond its noise (:func:`_noise`)."""
-    scores = tuple(s for s in scores if s in a and s in b)
-    up = [s for s in scores if a[s] > b[s] + _noise(a, b, s)]
-    down = [s for s in scores if a[s] < b[s] - _noise(a, b, s)]
+    decisive = _decisive_scores(a, b, scores)
+    up = [s for s in decisive if a[s] > b[s]]
+    down = [s for s in decisive if a[s] < b[s]]
     if up and not down:
         return "better", len(up), len(down)
     if down and not up:
